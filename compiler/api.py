@@ -1,0 +1,176 @@
+"""The Python entry point: ``sparsecc.compile`` runs the whole pipeline and returns an Artifact.
+
+The pipeline is an ordinary pipeline string (see ``pass_manager``), so what ``compile`` does is
+exactly what a build script gets from ``PassManager(default_pipeline(...))``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .artifact import Artifact
+from .capture import capture, from_exported
+from .errors import CalibrationError, SparseccError
+from .pass_manager import (
+    NumericsInstrument,
+    PassContext,
+    PassManager,
+    SnapshotInstrument,
+    TimingInstrument,
+    VerifyInstrument,
+    _compare,
+)
+from .plan import Plan
+from .program import Program, _flatten_outputs
+from .report import LayerReport, Report
+from .sparsity import check_sparsity_value
+
+METHODS = ("magnitude", "wanda")
+
+
+def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip: str = "") -> str:
+    """The pipeline ``compile`` runs, as a string a build script can reuse or edit."""
+    if method not in METHODS:
+        raise SparseccError(f"unknown pruning method {method!r}; choose one of: {', '.join(METHODS)}")
+    options = [f"sparsity={sparsity:g}", f"method={method}"]
+    if pattern:
+        options.append(f"pattern={pattern}")
+    if skip:
+        options.append(f"skip={skip}")
+    return f"calibrate,plan-uniform{{{','.join(options)}}},prune-{method},pack,lower,build"
+
+
+def _as_program(model: Any, example_inputs: Sequence[Any] | torch.Tensor | None) -> Program:
+    if isinstance(model, Program):
+        return model
+    if isinstance(model, torch.export.ExportedProgram):
+        return from_exported(model, example_inputs)
+    if example_inputs is None:
+        raise SparseccError("compile needs example_inputs to capture an nn.Module")
+    return capture(model, example_inputs)
+
+
+def _normalize_calibration(calibration: Any, program: Program) -> list[tuple[Any, ...]] | None:
+    if calibration is None:
+        return None
+    if isinstance(calibration, torch.Tensor):
+        raise CalibrationError("calibration must be a list of input tuples (one tuple per batch), "
+                               "not a single tensor")
+    batches = []
+    for i, batch in enumerate(calibration):
+        batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+        if not batch:
+            raise CalibrationError(f"calibration batch {i} is empty")
+        batches.append(batch)
+    if not batches:
+        raise CalibrationError("calibration data is an empty list; pass at least one batch")
+    return batches
+
+
+def _collect_packed_arrays(program: Program) -> dict[str, torch.Tensor]:
+    arrays = {}
+    for layer, info in program.sparsity.items():
+        for buf in info.buffers:
+            tensor = program.state.get(buf)
+            if tensor is None:
+                tensor = program.exported.constants[buf]
+            arrays[f"{layer}/{buf.rsplit('_', 1)[-1]}"] = tensor.detach().clone().contiguous()
+    return arrays
+
+
+def _layer_reports(plan: Plan, packed: Program, lowering: Any) -> list[LayerReport]:
+    kernels = lowering.kernels_by_layer() if lowering is not None and hasattr(lowering, "kernels_by_layer") else {}
+    reports = []
+    for lp in plan.layers.values():
+        info = packed.sparsity.get(lp.name)
+        dense_bytes = 4
+        for d in lp.shape:
+            dense_bytes *= d
+        if info is not None and info.packed_format:
+            reports.append(LayerReport(lp.name, lp.kind, lp.shape, "sparse", info.pattern, info.sparsity,
+                                       info.packed_format, dense_bytes, info.packed_bytes,
+                                       kernel=kernels.get(lp.name)))
+        else:
+            reason = lp.reason or "not packed (see diagnostics)"
+            reports.append(LayerReport(lp.name, lp.kind, lp.shape, "dense", None, 0.0, None, dense_bytes,
+                                       None, reason, kernels.get(lp.name)))
+    return reports
+
+
+def compile(  # noqa: A001 - the public name users expect
+    model_or_program: Any,
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
+    *,
+    target: str = "x86",
+    sparsity: float = 0.5,
+    pattern: str | None = None,
+    method: str = "wanda",
+    calibration: Sequence[Any] | None = None,
+    skip: str = "",
+    pipeline: str | None = None,
+    progress: bool = True,
+    dump_dir: str | pathlib.Path | None = None,
+) -> Artifact:
+    """Capture, calibrate, prune, pack, lower and build ``model_or_program`` for ``target``.
+
+    ``model_or_program`` is an ``nn.Module`` (captured with ``example_inputs``), an
+    ``ExportedProgram`` or a ``Program``. ``calibration`` is a list of input tuples; without it
+    the example inputs are used and a warning says so. ``pipeline`` replaces the default pipeline
+    string. Returns an Artifact whose ``report`` says what happened per layer.
+    """
+    from sparsecc.targets import get_target
+
+    check_sparsity_value(sparsity)
+    record = get_target(target)
+    program = _as_program(model_or_program, example_inputs)
+    batches = _normalize_calibration(calibration, program)
+    if batches is None:
+        warnings.warn("no calibration data given: pruning statistics come from the example inputs "
+                      "only; pass calibration=[...] (or --calib) with real samples", stacklevel=2)
+    text = pipeline or default_pipeline(sparsity=sparsity, pattern=pattern, method=method, skip=skip)
+    manager = PassManager(text)
+    timing, snapshots = TimingInstrument(), SnapshotInstrument(pathlib.Path(dump_dir) if dump_dir else None)
+    numerics = NumericsInstrument(program.example_inputs)
+    manager.instruments = [timing, snapshots, VerifyInstrument(), numerics]
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="sparsecc-"))
+    ctx = PassContext(record, calibration=batches, progress=progress, workdir=workdir)
+    result = manager.run(program, ctx)
+
+    stages = {res.program.stage: res.program for _, res in result.results}
+    final = result.program
+    if final.compiled is None:
+        raise SparseccError(f"pipeline {manager.pipeline!r} did not end with a build; "
+                            "add lower,build to produce an artifact")
+    pruned = stages.get("pruned") or stages.get("planned") or program
+    packed = stages.get("packed") or pruned
+    plan = final.plan or Plan(target=record.name, method=method)
+    report = Report(target=record.name, pipeline=manager.pipeline, method=method,
+                    layers=_layer_reports(plan, packed, final.lowered))
+    for (name, res), (_, seconds) in zip(result.results, timing.times, strict=True):
+        report.passes.append({"name": name, "seconds": round(seconds, 4), "changed": res.changed,
+                              "counters": res.counters})
+    report.numerics = [vars(r) for r in numerics.records]
+    report.diagnostics = [d.to_json() for d in result.diagnostics]
+    report.library_bytes = final.compiled.stat().st_size
+    artifact = Artifact(
+        target=record.name, library=final.compiled, pruned=pruned.exported, packed_program=packed.exported,
+        plan=plan, report=report, example_inputs=program.example_inputs,
+        stages=[(label, txt) for label, txt in snapshots.snapshots], packed_arrays=_collect_packed_arrays(packed),
+        pipeline=manager.pipeline)
+    if record.runs_here:
+        compiled = _flatten_outputs(artifact(*program.example_inputs))
+        reference = pruned.run_flat(*program.example_inputs)
+        max_abs, rel = _compare(reference, compiled)
+        report.compiled_vs_reference = {"rel": rel, "max_abs": max_abs}
+        if rel > 1e-4:
+            report.diagnostics.append({
+                "severity": "error", "pass_name": "build", "layer": None,
+                "message": f"compiled output differs from the masked-dense program by {rel:.3g} (relative); "
+                           "this is a kernel bug, please report it with the artifact"})
+    return artifact

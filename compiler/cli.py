@@ -1,0 +1,219 @@
+"""The ``sparsecc`` command line: compile, run, inspect, targets, passes, demo.
+
+Errors sparsecc raises on bad input print as one clear message and exit with status 2; any
+other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+from typing import Any
+
+from .errors import SparseccError
+
+
+def _load_tensors(path: str, what: str) -> Any:
+    import torch
+
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise SparseccError(f"{what} file {p} does not exist")
+    try:
+        return torch.load(p, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types
+        raise SparseccError(f"could not read {what} file {p} with torch.load: {exc}") from None
+
+
+def _as_input_tuple(value: Any, what: str) -> tuple[Any, ...]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    raise SparseccError(f"{what} must hold a tensor or a tuple of tensors")
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .api import compile as compile_model
+    from .capture import load_program
+
+    program = load_program(args.model)
+    calibration = None
+    if args.calib:
+        raw = _load_tensors(args.calib, "calibration")
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise SparseccError(f"calibration file {args.calib} must hold a non-empty list of input tuples")
+        calibration = [_as_input_tuple(b, f"calibration batch {i}") for i, b in enumerate(raw)]
+    else:
+        print("warning: no --calib given; calibrating on the model's example inputs only", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        artifact = compile_model(program, target=args.target, sparsity=args.sparsity, pattern=args.pattern,
+                                 method=args.method, calibration=calibration, skip=args.skip or "",
+                                 pipeline=args.pipeline, progress=not args.quiet, dump_dir=args.dump_dir)
+    out = artifact.save(args.output)
+    print(artifact.report.summary(), end="")
+    print(f"artifact written to {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .artifact import load
+
+    artifact = load(args.artifact)
+    inputs = _as_input_tuple(_load_tensors(args.inputs, "inputs"), "inputs")
+    engine = {"compiled": artifact, "reference": artifact.reference, "packed": artifact.packed}[args.engine]
+    output = engine(*inputs)
+    torch.save(output, args.output)
+    print(f"{args.engine} output written to {args.output}")
+    return 0
+
+
+def _stage_text(artifact: Any, stage: str) -> str:
+    for _, text in reversed(artifact.stages):
+        if text.splitlines()[0].endswith(f"stage {stage}"):
+            return text
+    known = sorted({t.splitlines()[0].rsplit(" ", 1)[-1] for _, t in artifact.stages})
+    raise SparseccError(f"artifact has no stage {stage!r}; stages: {', '.join(known)}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .artifact import load
+    from .inspect import diff_text, format_dot
+    from .program import Program
+
+    artifact = load(args.artifact)
+    if args.report:
+        print(artifact.report.summary(), end="")
+        return 0
+    if args.format == "dot":
+        exported = artifact.packed_program if args.stage == "packed" else artifact.pruned
+        program = Program(exported, artifact.example_inputs, stage=args.stage)
+        program.sparsity = _sparsity_from_report(artifact, program)
+        program.attach_meta()
+        print(format_dot(program), end="")
+        return 0
+    text = _stage_text(artifact, args.stage)
+    if args.diff:
+        base = "captured" if args.stage != "captured" else "packed"
+        print(diff_text(_stage_text(artifact, base), text, base, args.stage), end="")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _sparsity_from_report(artifact: Any, program: Any) -> dict[str, Any]:
+    """Rebuild per-layer sparsity facts of a saved program from the artifact's report."""
+    from sparsecc.passes.pack import buffer_prefix
+
+    from .program import SparsityInfo
+    from .sparsity import FORMAT_ARRAYS
+
+    facts = {}
+    for lr in artifact.report.layers:
+        if lr.decision != "sparse":
+            continue
+        if program.stage == "packed":
+            buffers = tuple(f"{buffer_prefix(lr.name)}_{key}" for key in FORMAT_ARRAYS[lr.packed_format])
+            facts[lr.name] = SparsityInfo(lr.pattern, lr.sparsity, "pack", lr.packed_format, lr.packed_bytes,
+                                          lr.dense_bytes, None, buffers)
+        else:
+            facts[lr.name] = SparsityInfo(lr.pattern, lr.sparsity, artifact.report.method)
+    return facts
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from sparsecc.targets import all_targets
+
+    for record in all_targets():
+        here = "runs here" if record.runs_here else "build only"
+        print(f"{record.name:12s} {record.summary} [patterns: {', '.join(record.patterns)}; "
+              f"default {record.default_pattern}; {here}]")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .pass_manager import all_passes
+
+    for cls in all_passes():
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        print(f"{cls.name:16s} {cls.summary}" + (f"  {{{options}}}" if options else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(pattern=args.pattern, sparsity=args.sparsity, output=args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsecc", description="hardware-aware sparsity compiler for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile a torch.export .pt2 model for a target")
+    p.add_argument("model", help="MODEL.pt2 written by torch.export.save")
+    p.add_argument("--target", default="x86")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero, in [0, 1)")
+    p.add_argument("--pattern", default=None, help="unstructured | blockRxC (e.g. block16x1) | N:M (e.g. 2:4)")
+    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda"])
+    p.add_argument("--calib", default=None, help="CALIB.pt: torch.save'd list of input tuples")
+    p.add_argument("--skip", default=None, help="layers to keep dense: fnmatch globs separated by ';'")
+    p.add_argument("--pipeline", default=None, help="a full pipeline string replacing the default")
+    p.add_argument("--dump-dir", default=None, help="write numbered before/after dumps of every pass here")
+    p.add_argument("-o", "--output", required=True, help="artifact folder (new, empty or an earlier artifact)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run an artifact on saved inputs")
+    p.add_argument("artifact")
+    p.add_argument("--inputs", required=True, help="IN.pt: torch.save'd tensor or tuple of tensors")
+    p.add_argument("--output", required=True, help="where to torch.save the output")
+    p.add_argument("--engine", default="compiled", choices=["compiled", "reference", "packed"],
+                   help="compiled code, the masked-dense program, or the packed program in torch")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="print an artifact's program at a stage, a diff, DOT, or its report")
+    p.add_argument("artifact")
+    p.add_argument("--stage", default="packed", choices=["captured", "pruned", "packed"])
+    p.add_argument("--diff", action="store_true", help="unified diff from the captured program to --stage")
+    p.add_argument("--format", default="text", choices=["text", "dot"])
+    p.add_argument("--report", action="store_true", help="print the compile report")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("targets", help="list targets")
+    p.set_defaults(func=cmd_targets)
+    p = sub.add_parser("passes", help="list passes and their options")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("demo", help="compile the bundled digits CNN for the host; print speed and accuracy")
+    p.add_argument("--pattern", default="block16x1")
+    p.add_argument("--sparsity", type=float, default=0.7)
+    p.add_argument("-o", "--output", default=None, help="also save the artifact here")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SparseccError as exc:
+        if os.environ.get("SPARSECC_DEBUG"):
+            raise
+        print(f"sparsecc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

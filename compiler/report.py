@@ -1,0 +1,92 @@
+"""Report: what a compile did, per layer and per pass, as JSON and as text a person reads.
+
+It answers the user's first question ("is it faster and smaller, and if a layer stayed dense,
+why?"): the plan per layer with pattern, sparsity and packed size, the reason for every dense
+layer, the pipeline timeline, numerics per pass and the diagnostics of every pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    shape: list[int]
+    decision: str  # "sparse" | "dense"
+    pattern: str | None
+    sparsity: float
+    packed_format: str | None = None
+    dense_bytes: int = 0
+    packed_bytes: int | None = None
+    reason: str = ""
+    kernel: str | None = None
+
+
+@dataclass
+class Report:
+    target: str
+    pipeline: str
+    method: str
+    layers: list[LayerReport] = field(default_factory=list)
+    passes: list[dict[str, Any]] = field(default_factory=list)  # name, seconds, changed, counters
+    numerics: list[dict[str, Any]] = field(default_factory=list)  # pass, tier, rel, max_abs
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    compiled_vs_reference: dict[str, float] = field(default_factory=dict)
+    library_bytes: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        data = dict(data)
+        data["layers"] = [LayerReport(**entry) for entry in data.get("layers", [])]
+        return cls(**data)
+
+    @property
+    def weight_bytes(self) -> tuple[int, int]:
+        """(dense bytes of all layers, bytes after packing) for the prunable layers."""
+        dense = sum(lr.dense_bytes for lr in self.layers)
+        after = sum(lr.packed_bytes if lr.packed_bytes is not None else lr.dense_bytes for lr in self.layers)
+        return dense, after
+
+    def summary(self) -> str:
+        lines = [f"sparsecc report: target {self.target}, method {self.method}",
+                 f"pipeline: {self.pipeline}", ""]
+        header = f"{'layer':40s} {'kind':7s} {'shape':>11s} {'decision':8s} {'pattern':12s} " \
+                 f"{'sparsity':>8s} {'bytes':>10s}  note"
+        lines += [header, "-" * len(header)]
+        for lr in self.layers:
+            shape = "x".join(str(d) for d in lr.shape)
+            size = lr.packed_bytes if lr.packed_bytes is not None else lr.dense_bytes
+            note = lr.reason if lr.decision == "dense" else (lr.kernel or lr.packed_format or "")
+            lines.append(f"{lr.name[:40]:40s} {lr.kind:7s} {shape:>11s} {lr.decision:8s} "
+                         f"{(lr.pattern or '-'):12s} {lr.sparsity * 100:7.1f}% {size:>10d}  {note}")
+        dense, after = self.weight_bytes
+        if dense:
+            lines.append("")
+            lines.append(f"prunable weights: {dense} B dense -> {after} B packed ({after / dense:.2f}x)")
+        if self.compiled_vs_reference:
+            lines.append("compiled vs masked-dense reference: relative error "
+                         f"{self.compiled_vs_reference.get('rel', float('nan')):.3g}, max abs "
+                         f"{self.compiled_vs_reference.get('max_abs', float('nan')):.3g}")
+        if self.passes:
+            lines += ["", "passes:"]
+            for entry in self.passes:
+                counters = ", ".join(f"{k}={v}" for k, v in entry.get("counters", {}).items())
+                lines.append(f"  {entry['name']:16s} {entry['seconds']:7.2f}s  "
+                             f"{'changed' if entry['changed'] else 'unchanged':9s}  {counters}")
+        if self.numerics:
+            lines += ["", "numerics (output change per pass, relative):"]
+            for entry in self.numerics:
+                lines.append(f"  {entry['pass_name']:16s} {entry['tier']:7s} {entry['rel']:.3g}")
+        if self.diagnostics:
+            lines += ["", "diagnostics:"]
+            for d in self.diagnostics:
+                where = f"{d['layer']}: " if d.get("layer") else ""
+                lines.append(f"  {d['severity']}: [{d.get('pass_name') or ''}] {where}{d['message']}")
+        return "\n".join(lines) + "\n"

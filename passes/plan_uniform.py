@@ -1,0 +1,87 @@
+"""plan-uniform: give every layer the target can make sparse the same pattern and sparsity.
+
+This is the planning stage before the per-layer search exists: one pattern and one sparsity for
+all layers, and for every layer that must stay dense a reason the user sees. Rules (also in the
+docs): a k x k, grouped or strided convolution stays dense (sparse kernels cover linear layers and
+pointwise convolutions); a weight the pattern cannot tile stays dense; layers matching ``skip``
+(fnmatch globs separated by ';') stay dense; a pattern the target lacks, or a sparsity the
+pattern cannot have, is an error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from sparsecc.errors import TargetError
+from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
+from sparsecc.plan import LayerPlan, Plan
+from sparsecc.program import Layer, Program
+from sparsecc.sparsity import PatternError, check_sparsity_value, parse_pattern
+
+
+def dense_reason(layer: Layer) -> str | None:
+    """Why a layer's op cannot become a sparse kernel at all, or None when it can."""
+    if layer.kind == "linear":
+        return None
+    if layer.conv.get("groups", 1) != 1:
+        return f"grouped convolution (groups={layer.conv['groups']}) has no sparse kernel; kept dense"
+    if tuple(layer.weight_shape[2:]) != (1, 1):
+        kh, kw = layer.weight_shape[2:]
+        return f"{kh}x{kw} convolution needs im2col lowering, which sparsecc does not have yet; kept dense"
+    if not layer.is_pointwise_conv:
+        return "strided or padded 1x1 convolution has no sparse kernel; kept dense"
+    return None
+
+
+@register_pass
+@dataclass(frozen=True)
+class PlanUniform(Pass):
+    """Uniform plan: the same pattern and sparsity for every layer that can take it."""
+
+    name = "plan-uniform"
+    summary = "plan one pattern and sparsity for every layer the target can make sparse"
+    numerics = "exact"
+
+    sparsity: float = 0.5
+    pattern: str = ""  # empty: the target's default pattern
+    method: str = "wanda"
+    skip: str = ""
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        check_sparsity_value(self.sparsity)
+        pattern_name = self.pattern or ctx.target.default_pattern
+        pattern = parse_pattern(pattern_name)
+        if not ctx.target.supports(pattern.name):
+            raise TargetError(
+                f"target {ctx.target.name!r} has no kernel for pattern {pattern.name!r}; "
+                f"it supports: {', '.join(ctx.target.patterns)}")
+        if (why := pattern.check_sparsity(self.sparsity)) is not None:
+            raise PatternError(why)
+        skips = [s.strip() for s in self.skip.split(";") if s.strip()]
+        plan = Plan(target=ctx.target.name, method=self.method)
+        diagnostics = []
+        for layer in program.layers():
+            reason = dense_reason(layer)
+            if reason is None and any(fnmatch.fnmatchcase(layer.name, s) for s in skips):
+                reason = "matches a skip pattern; kept dense"
+            if reason is None and self.sparsity == 0.0:
+                reason = "sparsity 0: dense build"
+            if reason is None:
+                reason = pattern.check_shape(layer.matrix_shape)
+                if reason is not None:
+                    reason += "; kept dense"
+            if reason is None:
+                plan.layers[layer.name] = LayerPlan(layer.name, layer.kind, list(layer.matrix_shape),
+                                                    pattern.name, float(self.sparsity))
+            else:
+                plan.layers[layer.name] = LayerPlan(layer.name, layer.kind, list(layer.matrix_shape),
+                                                    None, 0.0, reason)
+                if self.sparsity > 0:
+                    diagnostics.append(self.diag("info", reason, layer.name))
+        new = Program(program.exported, program.example_inputs, stage="planned", plan=plan,
+                      sparsity=program.sparsity)
+        return PassResult(new, changed=True,
+                          counters={"sparse_layers": len(plan.sparse_layers()),
+                                    "dense_layers": len(plan.dense_layers())},
+                          diagnostics=diagnostics)

@@ -1,0 +1,45 @@
+"""The target record: what a device can run and how sparsecc builds and runs code for it.
+
+A target is data, not a code path: capabilities, the sparsity patterns its kernels support, the
+TVM target description, the kernel library and the runner. Adding a device means adding one
+module that registers one record (see ``registry.py``); nothing else branches on target names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Hardware facts kernels and cost models read."""
+
+    vector_bits: int  # widest SIMD register the kernels use (256 for AVX2, 512 for AVX-512)
+    threads: int  # worker threads the runtime may use
+    l2_bytes: int = 2 * 1024 * 1024
+    llc_bytes: int = 32 * 1024 * 1024
+    features: tuple[str, ...] = ()
+
+    @property
+    def vector_lanes_f32(self) -> int:
+        return self.vector_bits // 32
+
+
+@dataclass(frozen=True)
+class TargetRecord:
+    """One device sparsecc compiles for."""
+
+    name: str
+    summary: str
+    patterns: tuple[str, ...]  # pattern names its sparse kernels run ("unstructured", "block16x1", "2:4")
+    default_pattern: str
+    capabilities: Callable[[], Capabilities]  # probed lazily: probing may import TVM
+    tvm_target: Callable[[], dict[str, Any]]
+    runner: str  # name of the runner in sparsecc.targets.runners
+    runs_here: bool = True  # whether built code can execute on this machine
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def supports(self, pattern_name: str) -> bool:
+        return pattern_name in self.patterns
