@@ -182,25 +182,28 @@ class Program:
         self.sparsity[layer] = info
         self.attach_meta()
 
-    def attach_meta(self) -> None:
-        """Mirror ``self.sparsity`` into ``node.meta["sparsecc"]`` of each layer's node."""
-        by_node: dict[str, SparsityInfo] = {}
-        layer_nodes = {layer.name: layer.node for layer in self.layers()}
+    def layer_nodes(self) -> dict[str, str]:
+        """fx node name -> layer name, for dense layers and for sparse ops on packed buffers."""
+        found = {layer.node: layer.name for layer in self.layers()}
         targets = self.placeholder_targets()
         buffer_owner = {buf: name for name, info in self.sparsity.items() for buf in info.buffers}
         for node in self.graph.nodes:
-            node.meta.pop(META_KEY, None)
-            if node.op == "call_function":
-                for arg in node.args:
-                    if isinstance(arg, torch.fx.Node) and targets.get(arg.name) in buffer_owner:
-                        by_node[node.name] = self.sparsity[buffer_owner[targets[arg.name]]]
-                        break
-        for name, info in self.sparsity.items():
-            if name in layer_nodes:
-                by_node[layer_nodes[name]] = info
+            if node.op != "call_function":
+                continue
+            for arg in node.args:
+                if isinstance(arg, torch.fx.Node) and targets.get(arg.name) in buffer_owner:
+                    found[node.name] = buffer_owner[targets[arg.name]]
+                    break
+        return found
+
+    def attach_meta(self) -> None:
+        """Mirror ``self.sparsity`` into ``node.meta["sparsecc"]`` of each layer's node."""
+        owners = self.layer_nodes()
         for node in self.graph.nodes:
-            if node.name in by_node:
-                node.meta[META_KEY] = by_node[node.name]
+            node.meta.pop(META_KEY, None)
+            layer = owners.get(node.name)
+            if layer is not None and layer in self.sparsity:
+                node.meta[META_KEY] = self.sparsity[layer]
 
     # -- execution -----------------------------------------------------------------------------
 

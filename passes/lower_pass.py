@@ -2,19 +2,40 @@
 
 ``lower`` imports the exported program into Relax with sparse ops as ``call_tir`` of sparsecc's
 scheduled TIR kernels and dense layers on scheduled dense kernels (see ``passes/lower.py``).
-``build`` compiles that module into a library for the target. Neither changes what the torch
-program computes; the build's numerics are checked against the packed program by the compile
-driver and the tests (kernel tier).
+``build`` compiles that module into a library for the target; every TIR function that is not one
+of sparsecc's kernels gets a generic schedule there, and the report lists which. Neither changes
+what the torch program computes; the built library is checked against the masked-dense program
+by the compile driver and the tests (kernel tier).
 """
 
 from __future__ import annotations
 
 import pathlib
 import tempfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
+from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
 from sparsecc.program import Program
+
+
+@dataclass
+class Lowered:
+    """What the lower and build passes produce for a program."""
+
+    module: Any  # tvm.IRModule
+    records: list[Any] = field(default_factory=list)  # passes.lower.KernelRecord
+    layer_of_node: dict[str, str] = field(default_factory=dict)
+
+    def kernels_by_layer(self) -> dict[str, str]:
+        found = {}
+        for record in self.records:
+            layer = self.layer_of_node.get(record.node)
+            if layer is not None:
+                found[layer] = f"{record.kernel} [{record.schedule}]"
+        return found
 
 
 @register_pass
@@ -31,9 +52,14 @@ class Lower(Pass):
 
         result = lower_to_relax(program.exported, ctx.target)
         new = program.with_exported(program.exported, stage="lowered")
-        new.lowered = result
-        diagnostics = [self.diag(d.severity, d.message, d.layer) for d in result.diagnostics]
-        return PassResult(new, changed=True, counters=result.counters(), diagnostics=diagnostics)
+        new.lowered = Lowered(result.mod, list(result.records), program.layer_nodes())
+        formats = Counter(r.format for r in result.records)
+        diagnostics = [
+            self.diag("info", f"{r.op} has no sparsecc kernel; TVM legalizes it and it gets the generic "
+                              "CPU schedule at build", None)
+            for r in result.records if r.format == "generic"]
+        return PassResult(new, changed=True, counters={f"kernels_{k}": v for k, v in sorted(formats.items())},
+                          diagnostics=diagnostics)
 
 
 @register_pass
@@ -49,11 +75,17 @@ class Build(Pass):
         from .lower import build
 
         if program.lowered is None:
-            raise ValueError("build needs a lowered program: run the lower pass first")
+            raise SparseccError("build needs a lowered program: run the lower pass first")
         workdir = ctx.workdir or pathlib.Path(tempfile.mkdtemp(prefix="sparsecc-build-"))
         workdir.mkdir(parents=True, exist_ok=True)
-        path = build(program.lowered.module, ctx.target, workdir / "model.so")
+        generic: list[Any] = []
+        path = build(program.lowered.module, ctx.target, workdir / "model.so", records=generic)
         new = program.with_exported(program.exported, stage="built")
-        new.lowered = program.lowered
+        new.lowered = Lowered(program.lowered.module, program.lowered.records + generic,
+                              program.lowered.layer_of_node)
         new.compiled = path
-        return PassResult(new, changed=True, counters={"library_bytes": path.stat().st_size})
+        diagnostics = [self.diag("info", f"TIR function {r.kernel} got the generic schedule: {r.schedule}")
+                       for r in generic]
+        return PassResult(new, changed=True,
+                          counters={"library_bytes": path.stat().st_size, "generic_schedules": len(generic)},
+                          diagnostics=diagnostics)

@@ -2,10 +2,12 @@
 
 This is the planning stage before the per-layer search exists: one pattern and one sparsity for
 all layers, and for every layer that must stay dense a reason the user sees. Rules (also in the
-docs): a k x k, grouped or strided convolution stays dense (sparse kernels cover linear layers and
-pointwise convolutions); a weight the pattern cannot tile stays dense; layers matching ``skip``
-(fnmatch globs separated by ';') stay dense; a pattern the target lacks, or a sparsity the
-pattern cannot have, is an error.
+docs): a k x k, grouped or strided convolution stays dense (sparse kernels cover linear layers
+and pointwise convolutions); a weight the pattern cannot tile stays dense; a layer with fewer
+than ``min_inputs`` inputs per output stays dense (pruning leaves too few weights per output to
+keep accuracy, and the layer is too small for a sparse kernel to pay off); layers matching
+``skip`` (fnmatch globs separated by ';') stay dense; a pattern the target lacks, or a sparsity
+the pattern cannot have, is an error.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class PlanUniform(Pass):
     pattern: str = ""  # empty: the target's default pattern
     method: str = "wanda"
     skip: str = ""
+    min_inputs: int = 64
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         check_sparsity_value(self.sparsity)
@@ -71,6 +74,9 @@ class PlanUniform(Pass):
                 reason = pattern.check_shape(layer.matrix_shape)
                 if reason is not None:
                     reason += "; kept dense"
+            if reason is None and layer.matrix_shape[1] < self.min_inputs:
+                reason = (f"only {layer.matrix_shape[1]} inputs per output (< min_inputs={self.min_inputs}): "
+                          "too few weights per output to prune and too little work to pay off; kept dense")
             if reason is None:
                 plan.layers[layer.name] = LayerPlan(layer.name, layer.kind, list(layer.matrix_shape),
                                                     pattern.name, float(self.sparsity))

@@ -14,11 +14,11 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 class TinyMLP(torch.nn.Module):
     """Two linears on a 3-D input (batch, tokens, features) plus a classifier the 16x1 blocks
-    cannot tile (10 outputs)."""
+    cannot tile (10 outputs) and with too few inputs (32) to prune."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc1 = torch.nn.Linear(32, 64)
+        self.fc1 = torch.nn.Linear(64, 64)
         self.fc2 = torch.nn.Linear(64, 32)
         self.head = torch.nn.Linear(32, 10)
 
@@ -31,8 +31,8 @@ class TinyConvNet(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.pointwise = torch.nn.Conv2d(16, 32, 1)
+        self.conv = torch.nn.Conv2d(3, 64, 3, padding=1)
+        self.pointwise = torch.nn.Conv2d(64, 32, 1)
         self.fc = torch.nn.Linear(32 * 4 * 4, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +51,8 @@ def seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
     model = seeded(TinyMLP())
     gen = torch.Generator().manual_seed(1)
-    example = (torch.randn(2, 3, 32, generator=gen),)
-    calib = [(torch.randn(2, 3, 32, generator=gen),) for _ in range(4)]
+    example = (torch.randn(2, 3, 64, generator=gen),)
+    calib = [(torch.randn(2, 3, 64, generator=gen),) for _ in range(4)]
     return model, example, calib
 
 

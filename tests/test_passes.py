@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import sparsecc
+import torch
 from sparsecc.errors import CalibrationError, TargetError, WeightError
 from sparsecc.inspect import diff_text, format_program
 from sparsecc.pass_manager import PassContext, PassManager
@@ -38,7 +37,7 @@ def test_calibrate_records_norms_and_changes_nothing(mlp, x86):
     assert res.changed is False
     assert res.counters == {"batches": 4, "layers": 3, "rows": 3 * 4 * 6}
     stats = ctx.analyses[ANALYSIS_KEY].layers
-    x = torch.cat([b[0].reshape(-1, 32) for b in calib]).double()
+    x = torch.cat([b[0].reshape(-1, 64) for b in calib]).double()
     torch.testing.assert_close(stats["fc1"].sq_norms, (x * x).sum(0))
     torch.testing.assert_close(stats["fc1"].hessian, x.T @ x)
     assert format_program(result.program) == format_program(program)
@@ -47,10 +46,10 @@ def test_calibrate_records_norms_and_changes_nothing(mlp, x86):
 def test_calibration_inputs_of_the_wrong_shape_are_refused(mlp, x86):
     model, example, _ = mlp
     program = sparsecc.capture(model, example)
-    with pytest.raises(CalibrationError, match=r"captured with \(2, 3, 32\)"):
-        _run(program, "calibrate", x86, [(torch.randn(2, 3, 31),)])
+    with pytest.raises(CalibrationError, match=r"captured with \(2, 3, 64\)"):
+        _run(program, "calibrate", x86, [(torch.randn(2, 3, 63),)])
     with pytest.raises(CalibrationError, match="has 2 inputs"):
-        _run(program, "calibrate", x86, [(torch.randn(2, 3, 32), torch.randn(1))])
+        _run(program, "calibrate", x86, [(torch.randn(2, 3, 64), torch.randn(1))])
 
 
 def test_plan_keeps_untileable_layers_dense_with_a_reason(mlp, x86):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from sparsecc.errors import PipelineError, VerificationError
 from sparsecc.pass_manager import (
     NumericsInstrument,

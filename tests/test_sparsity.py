@@ -7,7 +7,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sparsecc import ops  # noqa: F401 - registers the ops
 from sparsecc.errors import SparseccError
 from sparsecc.sparsity import NM, Block, PatternError, Unstructured, check_sparsity_value, parse_pattern

@@ -1,0 +1,391 @@
+"""Lowering and building: a packed ``torch.export`` program -> Relax IRModule -> host library.
+
+``lower_to_relax`` imports the exported program with TVM's Relax frontend, turning each sparsecc
+sparse op and each dense ``linear`` into a ``call_tir`` of sparsecc's own scheduled kernels (the
+packed arrays and pre-laid-out dense weights become Relax constants, read from the program's
+state dict at import time). Everything else goes through TVM's default legalization.
+
+``build`` legalizes the rest, gives every TIR function that is not one of ours a generic CPU
+schedule (no function is compiled unscheduled), then runs only the dataflow-lowering and
+finalization passes (running the full default pipeline would legalize again) and exports a
+shared library the host runner loads.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sparsecc.errors import SparseccError
+from sparsecc.sparsity import PackedBSR, PackedCSR, PackedNM
+from sparsecc.targets.base import Capabilities, TargetRecord
+
+
+class LoweringError(SparseccError):
+    """The exported program cannot be lowered (dynamic shapes, unsupported dtypes, ...)."""
+
+
+@dataclass
+class KernelRecord:
+    """What happened to one node (or, after ``build``, one TIR function)."""
+
+    node: str
+    op: str
+    format: str  # "csr" | "bsr" | "nm" | "dense" | "generic"
+    kernel: str  # TIR function name
+    schedule: str  # which schedule it got
+    x_shape: tuple[int, ...] = ()
+    weight_shape: tuple[int, ...] = ()
+    nnz: int | None = None
+    note: str = ""
+
+
+@dataclass
+class LoweringResult:
+    mod: Any  # tvm.IRModule
+    records: list[KernelRecord] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = []
+        for r in self.records:
+            extra = f" nnz={r.nnz}" if r.nnz is not None else ""
+            lines.append(f"{r.node:<28} {r.format:<8} {r.kernel:<36} {r.schedule}{extra} {r.note}".rstrip())
+        return "\n".join(lines)
+
+
+# Ops that only move or view data: no compute worth a record.
+_VIEW_OPS = {
+    "view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "t",
+    "expand", "contiguous", "clone", "alias", "detach", "getitem", "slice", "select", "to", "_to_copy",
+    "lift_fresh_copy", "dropout",
+}
+
+
+def _kernel_name(prefix: str, node_name: str) -> str:
+    return re.sub(r"\W", "_", f"{prefix}_{node_name}")
+
+
+class _ProgramTensors:
+    """Placeholder name -> tensor for the exported program's parameters, buffers and constants."""
+
+    def __init__(self, ep: torch.export.ExportedProgram):
+        self._by_arg: dict[str, torch.Tensor] = {}
+        for spec in ep.graph_signature.input_specs:
+            target = spec.target
+            if target is None:
+                continue
+            if target in ep.state_dict:
+                self._by_arg[spec.arg.name] = ep.state_dict[target]
+            elif target in ep.constants:
+                value = ep.constants[target]
+                if isinstance(value, torch.Tensor):
+                    self._by_arg[spec.arg.name] = value
+
+    def get(self, node: Any) -> torch.Tensor | None:
+        name = getattr(node, "name", None)
+        return self._by_arg.get(name) if name is not None else None
+
+    def require(self, node: Any, what: str, owner: str) -> np.ndarray:
+        value = self.get(node)
+        if value is None:
+            raise LoweringError(
+                f"{owner}: its {what} is computed in the graph, not a stored buffer; sparsecc's sparse "
+                "kernels need the packed arrays at compile time (keep them as module buffers)")
+        return value.detach().cpu().contiguous().numpy()
+
+
+def _static_shape(expr: Any, owner: str) -> tuple[int, ...]:
+    shape = expr.ty.shape
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise LoweringError(
+            f"{owner}: input shape {shape} is not static; sparsecc compiles for the exported example "
+            "shapes (export without dynamic_shapes, or compile once per input size)") from None
+
+
+def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> LoweringResult:
+    """Import ``ep`` into Relax with sparsecc's kernels for sparse and dense linear layers."""
+    from sparsecc.targets.kernels import SCHEDULE_ATTR, dense_args, dense_linear, sparse_kernel
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    caps: Capabilities = target.capabilities()
+    # Decompose to core ATen ourselves, but keep ``linear`` whole so dense layers reach our
+    # converter with their weight (TVM's own decomposition turns it into permute + addmm).
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.linear.default, None)
+    ep = ep.run_decompositions(table)
+    tensors = _ProgramTensors(ep)
+    records: list[KernelRecord] = []
+
+    def bias_arg(node: Any, bias_node: Any, n_out: int) -> Any:
+        if bias_node is None:
+            return None
+        value = tensors.get(bias_node)
+        if value is not None:
+            return relax.const(value.detach().cpu().float().contiguous().numpy().reshape(n_out), "float32")
+        return importer_env[0].env[bias_node]
+
+    importer_env: list[Any] = []
+
+    def emit_kernel(importer: Any, node: Any, func: Any, x: Any, arrays: list[np.ndarray], bias: Any,
+                    m: int, n_out: int, prefix: str) -> tuple[Any, str, str]:
+        bb = importer.block_builder
+        name = _kernel_name(prefix, node.name)
+        func = func.with_attr("global_symbol", name)
+        gv = bb.add_func(func, name)
+        args = [x] + [relax.const(a) for a in arrays] + ([bias] if bias is not None else [])
+        out = bb.emit(relax.call_tir(gv, args, out_ty=relax.TensorType([m, n_out], "float32")))
+        return out, gv.name_hint, str(func.attrs[SCHEDULE_ATTR])
+
+    def check_x(x: Any, owner: str) -> tuple[int, ...]:
+        shape = _static_shape(x, owner)
+        if str(x.ty.dtype) != "float32":
+            raise LoweringError(f"{owner}: input dtype {x.ty.dtype} is not float32; sparsecc kernels are f32")
+        return shape
+
+    def sparse_converter(fmt: str):
+        def convert(node: Any, importer: Any) -> Any:
+            if not importer_env:
+                importer_env.append(importer)
+            owner = f"node {node.name} ({node.target})"
+            x = importer.env[node.args[0]]
+            m, k = check_x(x, owner)
+            if fmt == "nm":
+                values = tensors.require(node.args[1], "values", owner).astype(np.float32)
+                positions = tensors.require(node.args[2], "positions", owner).astype(np.uint8)
+                group = int(node.args[3])
+                keep = values.shape[1] // (k // group)
+                packed = PackedNM((values.shape[0], k), keep, group, values, positions)
+                bias_node = node.args[4] if len(node.args) > 4 else None
+            else:
+                indptr = tensors.require(node.args[1], "indptr", owner).astype(np.int32)
+                indices = tensors.require(node.args[2], "indices", owner).astype(np.int32)
+                data = tensors.require(node.args[3], "data", owner).astype(np.float32)
+                bias_node = node.args[4] if len(node.args) > 4 else None
+                if fmt == "csr":
+                    packed = PackedCSR((indptr.shape[0] - 1, k), indptr, indices, data)
+                else:
+                    r, c = int(data.shape[1]), int(data.shape[2])
+                    packed = PackedBSR(((indptr.shape[0] - 1) * r, k), (r, c), indptr, indices, data)
+            n_out = packed.shape[0]
+            bias = bias_arg(node, bias_node, n_out)
+            func, arrays = sparse_kernel(m, packed, bias is not None, caps, "kernel")
+            out, kname, schedule = emit_kernel(importer, node, func, x, arrays, bias, m, n_out,
+                                               f"sparse_{fmt}")
+            records.append(KernelRecord(node.name, str(node.target), fmt, kname, schedule, (m, k),
+                                        packed.shape, packed.nnz))
+            return out
+
+        return convert
+
+    def dense_converter(node: Any, importer: Any) -> Any:
+        if not importer_env:
+            importer_env.append(importer)
+        owner = f"node {node.name} (linear)"
+        args = importer.retrieve_args(node)
+        x, weight_expr = args[0], args[1]
+        bias_node = node.args[2] if len(node.args) > 2 else None
+        weight_t = tensors.get(node.args[1])
+        shape = check_x(x, owner)
+        if weight_t is None or weight_t.dtype != torch.float32 or len(shape) < 1:
+            # A weight computed in the graph: TVM's linear, scheduled generically at build time.
+            bias = args[2] if len(args) > 2 else None
+            records.append(KernelRecord(node.name, "linear", "generic", "(legalized linear)",
+                                        "generic", shape, tuple(weight_expr.ty.shape),
+                                        note="weight is not a stored parameter"))
+            return importer.block_builder.emit(relax.op.linear(x, weight_expr, bias, "float32"))
+        weight = weight_t.detach().cpu().contiguous().numpy()
+        n_out, k = weight.shape
+        m = math.prod(shape[:-1])
+        bb = importer.block_builder
+        x2 = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, (m, k)))
+        bias = bias_arg(node, bias_node, n_out)
+        func = dense_linear(m, (n_out, k), bias is not None, caps, "kernel")
+        out, kname, schedule = emit_kernel(importer, node, func, x2, dense_args(weight, m, caps), bias,
+                                           m, n_out, "dense")
+        if len(shape) != 2:
+            out = bb.emit(relax.op.reshape(out, (*shape[:-1], n_out)))
+        records.append(KernelRecord(node.name, "linear", "dense", kname, schedule, shape, (n_out, k),
+                                    int(np.count_nonzero(weight))))
+        return out
+
+    convert_map = {
+        "sparse_linear_csr.default": sparse_converter("csr"),
+        "sparse_linear_bsr.default": sparse_converter("bsr"),
+        "sparse_linear_nm.default": sparse_converter("nm"),
+        "linear.default": dense_converter,
+    }
+    try:
+        mod = from_exported_program(ep, custom_convert_map=convert_map, run_ep_decomposition=False)
+    except AssertionError as exc:
+        raise LoweringError(f"TVM's importer rejected the program: {exc}") from exc
+
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        op = getattr(node.target, "__name__", str(node.target))
+        base = op.split(".")[0]
+        if op in convert_map or base in _VIEW_OPS:
+            continue
+        records.append(KernelRecord(node.name, op, "generic", "(legalized)", "generic CPU schedule at build"))
+    return LoweringResult(mod, records)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic schedules for the TIR functions TVM's legalization produces
+# --------------------------------------------------------------------------------------------
+
+
+def _loop_extent(sch: Any, loop: Any) -> int | None:
+    extent = sch.get(loop).extent
+    try:
+        return int(extent)
+    except (TypeError, ValueError):
+        return None
+
+
+def _schedule_block(sch: Any, block: Any, lanes: int, parallel: bool) -> list[str]:
+    """Parallel outer spatial loops and a vectorized inner spatial loop for one block."""
+    done: list[str] = []
+    loops = sch.get_loops(block)
+    if not loops:
+        return done
+    iters = sch.get(block).iter_vars
+    kinds = [int(iv.iter_type) for iv in iters]  # 0: spatial, 2: reduction
+    if len(kinds) != len(loops):
+        return done
+    spatial = [lp for lp, kind in zip(loops, kinds, strict=True) if kind == 0]
+    reduce = [lp for lp, kind in zip(loops, kinds, strict=True) if kind != 0]
+    if reduce and loops[: len(spatial)] != spatial:
+        return done  # interleaved spatial/reduction loops: leave the nest alone
+    inner = None
+    if spatial:
+        last = spatial[-1]
+        extent = _loop_extent(sch, last)
+        vector_ok = extent is not None and extent >= lanes and extent % lanes == 0
+        if reduce and vector_ok:
+            # Vectorize the last spatial axis only when it indexes the innermost dimension of the
+            # output and of some input (matmul-like: x[i, k] * w[k, j]); otherwise moving it
+            # inside the reduction turns contiguous reads into strided ones.
+            block_stmt = sch.get(block)
+            last_var = iters[len(spatial) - 1].var
+            def _innermost(region: Any) -> bool:
+                idx = region.region[-1].min
+                return idx.same_as(last_var) if hasattr(idx, "same_as") else False
+            vector_ok = _innermost(block_stmt.writes[0]) and any(_innermost(r) for r in block_stmt.reads)
+        if vector_ok:
+            outer_part, inner = sch.split(last, [None, lanes])
+            if reduce:
+                sch.reorder(*spatial[:-1], outer_part, *reduce, inner)
+                sch.decompose_reduction(block, reduce[0])
+                # The init block keeps its own copy of ``inner``; vectorize that too.
+            spatial = [*spatial[:-1], outer_part]
+            done.append(f"vectorize{lanes}")
+    if parallel and spatial:
+        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        sch.parallel(fused)
+        done.append("parallel")
+    if inner is not None:
+        sch.vectorize(inner)
+    return done
+
+
+def generic_schedule(func: Any, caps: Capabilities) -> tuple[Any, str]:
+    """Give an unscheduled TIR function a CPU schedule: inline elementwise producers, then for
+    each remaining block run the outer spatial loops in parallel and vectorize the inner one."""
+    from tvm import s_tir
+
+    lanes = max(4, caps.vector_lanes_f32)
+    sch = s_tir.Schedule(func)
+    steps: list[str] = []
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001 - a function without a root block: plain loop nest
+        return func.with_attr("tirx.is_scheduled", True), "none (no blocks)"
+    for block in blocks[:-1]:
+        try:
+            sch.compute_inline(block)
+            steps.append("inline")
+        except Exception:  # noqa: BLE001 - TVM raises ScheduleError subclasses; not inlinable is fine
+            pass
+    remaining = sch.get_child_blocks(sch.get_sblock("root"))
+    for i, block in enumerate(remaining):
+        try:
+            steps += _schedule_block(sch, block, lanes, parallel=True)
+        except Exception as exc:  # noqa: BLE001
+            steps.append(f"block{i}: kept serial ({type(exc).__name__})")
+    sched = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sched, "generic: " + (", ".join(dict.fromkeys(steps)) or "serial")
+
+
+def schedule_module(mod: Any, target: TargetRecord) -> tuple[Any, list[KernelRecord]]:
+    """Legalize ``mod`` and schedule every TIR function that is not already scheduled."""
+    import tvm
+    from tvm import relax, tirx
+
+    tvm_target = tvm.target.Target(target.tvm_target())
+    caps = target.capabilities()
+    passes = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    with tvm_target:
+        mod = tvm.transform.Sequential(passes)(mod)
+    records: list[KernelRecord] = []
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if func.attrs is not None and "tirx.is_scheduled" in func.attrs and func.attrs["tirx.is_scheduled"]:
+            continue
+        sched, desc = generic_schedule(func, caps)
+        mod[gv] = sched
+        records.append(KernelRecord(gv.name_hint, "tir", "generic", gv.name_hint, desc))
+    return mod, records
+
+
+def compile_relax(mod: Any, target: TargetRecord, records: list[KernelRecord] | None = None) -> Any:
+    """Compile a Relax module from :func:`lower_to_relax` for ``target``; returns the
+    ``tvm.runtime.Executable`` (its ``.mod.inspect_source("asm")`` shows the generated code).
+
+    Generic-schedule records are appended to ``records`` when given.
+    """
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    tvm_target = tvm.target.Target(target.tvm_target())
+    with tvm_target:
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(tvm_target))(mod)
+    mod, generic = schedule_module(mod, target)
+    if records is not None:
+        records.extend(generic)
+
+    @tvm.transform.module_pass(opt_level=0)
+    def lower_scheduled(m: Any, _ctx: Any) -> Any:
+        # Only dataflow lowering and finalization: legalizing again would replace nothing but
+        # would re-run FuseOps over the scheduled functions.
+        with tvm_target:
+            return tvm.transform.Sequential(
+                cpu.dataflow_lower_passes(tvm_target) + cpu.finalize_passes(tvm_target))(m)
+
+    return tvm.compile(mod, target=tvm_target, relax_pipeline=lower_scheduled)
+
+
+def build(mod: Any, target: TargetRecord, out_path: pathlib.Path,
+          records: list[KernelRecord] | None = None) -> pathlib.Path:
+    """Compile (see :func:`compile_relax`) and export a shared library to ``out_path``."""
+    ex = compile_relax(mod, target, records)
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ex.export_library(str(out_path))
+    return out_path

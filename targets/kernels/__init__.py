@@ -1,0 +1,38 @@
+"""sparsecc's own TIR kernels (TVM ships no sparse operators): one module per packed format plus a
+dense GEMM/GEMV. Every builder returns an already scheduled ``tvm.tirx.PrimFunc`` for one
+concrete problem (shapes and the sparsity structure's sizes baked in) and a matching ``*_args``
+function giving the constant arrays the kernel takes after x, in the layout it wants.
+
+TVM is imported inside the builders, so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sparsecc.sparsity import Packed, PackedBSR, PackedCSR, PackedNM
+from sparsecc.targets.base import Capabilities
+
+from ._common import SCHEDULE_ATTR
+from .bsr import bsr_args, bsr_linear
+from .csr import csr_args, csr_linear
+from .dense import dense_args, dense_linear
+from .nm import nm_args, nm_linear
+
+
+def sparse_kernel(m: int, packed: Packed, has_bias: bool, caps: Capabilities,
+                  name: str) -> tuple[object, list[np.ndarray]]:
+    """The scheduled kernel for ``packed`` at M = ``m`` and the constant arrays it takes after x
+    (then the bias, if any, then the output)."""
+    if isinstance(packed, PackedCSR):
+        return csr_linear(m, packed, has_bias, caps, name), csr_args(packed, m)
+    if isinstance(packed, PackedBSR):
+        return bsr_linear(m, packed, has_bias, caps, name), bsr_args(packed)
+    if isinstance(packed, PackedNM):
+        return nm_linear(m, packed, has_bias, caps, name), nm_args(packed, m, caps)
+    raise TypeError(f"no kernel for packed weight of type {type(packed).__name__}")
+
+
+__all__ = [
+    "SCHEDULE_ATTR", "bsr_args", "bsr_linear", "csr_args", "csr_linear", "dense_args", "dense_linear",
+    "nm_args", "nm_linear", "sparse_kernel",
+]

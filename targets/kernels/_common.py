@@ -1,0 +1,115 @@
+"""Helpers shared by the TIR kernel builders: attributes every shipped kernel carries and the
+small integer arithmetic the schedules use to pick tile sizes."""
+
+from __future__ import annotations
+
+from sparsecc.targets.base import Capabilities
+
+#: function attribute holding a short description of the schedule a kernel was built with
+SCHEDULE_ATTR = "sparsecc.schedule"
+
+
+def finish(func, name: str, schedule: str):
+    """Name a kernel and mark it as hand-scheduled, so Relax's schedulers leave it alone."""
+    return func.with_attrs({
+        "global_symbol": name,
+        "tirx.noalias": True,
+        "tirx.is_scheduled": True,
+        SCHEDULE_ATTR: schedule,
+    })
+
+
+def lanes(caps: Capabilities) -> int:
+    """f32 lanes of the widest vector register the kernels may use."""
+    return max(4, caps.vector_lanes_f32)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return ceil_div(a, b) * b
+
+
+def pow2_at_least(n: int, lo: int = 1) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def mvec_tile(m: int, rows_per_step: int, caps: Capabilities, registers: int = 16) -> int:
+    """Width (in x rows) of the register tile of a kernel that vectorizes over M.
+
+    The accumulator holds ``rows_per_step x tile`` floats; keeping it to about ``registers``
+    vector registers leaves room for the broadcast weights and the loaded x rows (more spilled
+    under LLVM in earlier experiments).
+    """
+    v = lanes(caps)
+    if m < v:
+        return pow2_at_least(m, 4)
+    vectors = max(1, min(8, registers // max(1, rows_per_step)))
+    return min(round_up(m, v), v * vectors)
+
+
+def drop_param(func, name: str):
+    """Remove an unused buffer parameter (the bias of a kernel built without one).
+
+    The kernels are written once with every parameter; when a Python-level ``if`` removed every
+    use of ``name`` from the body, the parameter is dropped so the call signature matches.
+    """
+    from tvm import tirx
+
+    # TVM 0.27 PrimFuncs have no buffer_map: buffer parameters are the params themselves.
+    params = [p for p in func.params if p.name != name]
+    return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
+
+
+def transpose_pad(m: int, k: int, mp: int, strip: int = 16):
+    """TIR macro copying x (m, k) into xt (k, mp), zero-filling rows m..mp-1 of x.
+
+    Strips of ``strip`` input columns run in parallel; a strip of x rows and the matching rows of
+    xt both stay in L1 while it is copied.
+    """
+    from tvm.script import tirx as T
+
+    @T.macro
+    def transpose(x, xt):
+        for kt in T.parallel(ceil_div(k, strip)):
+            for mm in range(mp):
+                for kk in range(strip):
+                    if kt * strip + kk < k:
+                        if mm < m:
+                            xt[kt * strip + kk, mm] = x[mm, kt * strip + kk]
+                        else:
+                            xt[kt * strip + kk, mm] = T.float32(0)
+
+    return transpose
+
+
+def untranspose(m: int, n_out: int, mp: int, has_bias: bool, v: int):
+    """TIR macro writing y (m, n_out) (+ bias) from yt (n_out, mp).
+
+    M-vectorized kernels accumulate output rows as contiguous vectors of M; storing those
+    straight into y would be M scalar stores a whole y row apart (a TLB miss each at M = 128).
+    They go to yt instead and this copies ``w`` output columns at a time: a (w x M) block of yt
+    stays in L1 while every y row gets one contiguous ``w``-wide store.
+    """
+    from tvm.script import tirx as T
+
+    w = v
+    while n_out % w:
+        w //= 2
+
+    @T.macro
+    def copy_out(yt, bias, y):
+        for nb in T.parallel(n_out // w):
+            for mm in range(m):
+                for i in T.vectorized(w):
+                    if has_bias:
+                        y[mm, nb * w + i] = yt[nb * w + i, mm] + bias[nb * w + i]
+                    else:
+                        y[mm, nb * w + i] = yt[nb * w + i, mm]
+
+    return copy_out
