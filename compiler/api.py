@@ -24,10 +24,10 @@ from .pass_manager import (
     SnapshotInstrument,
     TimingInstrument,
     VerifyInstrument,
-    _compare,
+    compare_outputs,
 )
 from .plan import Plan
-from .program import Program, _flatten_outputs
+from .program import Program, flatten_outputs
 from .report import LayerReport, Report
 from .sparsity import check_sparsity_value
 
@@ -164,9 +164,9 @@ def compile(  # noqa: A001 - the public name users expect
         stages=[(label, txt) for label, txt in snapshots.snapshots], packed_arrays=_collect_packed_arrays(packed),
         pipeline=manager.pipeline)
     if record.runs_here:
-        compiled = _flatten_outputs(artifact(*program.example_inputs))
+        compiled = flatten_outputs(artifact(*program.example_inputs))
         reference = pruned.run_flat(*program.example_inputs)
-        max_abs, rel = _compare(reference, compiled)
+        max_abs, rel = compare_outputs(reference, compiled)
         report.compiled_vs_reference = {"rel": rel, "max_abs": max_abs}
         if rel > 1e-4:
             report.diagnostics.append({

@@ -340,7 +340,7 @@ class NumericsInstrument(Instrument):
         if self._before is None or not result.program.runs_in_torch:
             return
         after = result.program.run_flat(*self._inputs(result.program))
-        max_abs, rel = _compare(self._before, after)
+        max_abs, rel = compare_outputs(self._before, after)
         self.records.append(NumericsRecord(pass_.name, pass_.numerics, max_abs, rel))
         if pass_.numerics == "exact" and rel > self.exact_tol:
             raise VerificationError(
@@ -348,7 +348,8 @@ class NumericsInstrument(Instrument):
                 f"(relative, max abs {max_abs:.3g}); this is a bug in the pass")
 
 
-def _compare(before: list[Any], after: list[Any]) -> tuple[float, float]:
+def compare_outputs(before: list[Any], after: list[Any]) -> tuple[float, float]:
+    """(max abs difference, relative L2 difference) between two flat lists of output tensors."""
 
     max_abs, num, den = 0.0, 0.0, 0.0
     for a, b in zip(before, after, strict=True):

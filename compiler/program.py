@@ -75,13 +75,13 @@ class Layer:
                 and tuple(self.conv.get("padding", (0, 0))) == (0, 0))
 
 
-def _flatten_outputs(out: Any) -> list[torch.Tensor]:
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten_outputs(o)]
+        return [t for o in out for t in flatten_outputs(o)]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten_outputs(v)]
+        return [t for v in out.values() for t in flatten_outputs(v)]
     return []
 
 
@@ -225,7 +225,7 @@ class Program:
         return self.module()(*inputs)
 
     def run_flat(self, *inputs: Any) -> list[torch.Tensor]:
-        return _flatten_outputs(self.run(*inputs))
+        return flatten_outputs(self.run(*inputs))
 
     # -- copies and checks ---------------------------------------------------------------------
 

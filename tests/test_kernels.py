@@ -174,3 +174,24 @@ def test_kernels_use_vector_fma(m: int, fmt: str) -> None:
         assert "vfmadd" in asm or "vmulps" in asm
     else:
         assert "ps\t" in asm and reg in asm and "vfmadd" in asm, f"{fmt} at M={m} is not vectorized"
+
+
+@pytest.mark.parametrize("m", [1, 11])
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 2)], ids=["2:4", "4:8", "1:2"])
+def test_nm_window_permute(m: int, nm: tuple[int, int]) -> None:
+    # Several 16-wide x windows, a partial x-row tile (m = 11 is one tile of 8 and a tail of 3) and
+    # groups padded with zero slots: the permute indices are relative to each window.
+    n, group = nm
+    rng = np.random.default_rng(m * 10 + group)
+    n_out, k = 32, 96
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    groups = w.reshape(n_out, k // group, group)
+    order = np.argsort(rng.random(groups.shape), axis=2)
+    groups[order >= n] = 0
+    w = groups.reshape(n_out, k)
+    w[1, 16:32] = 0
+    x, bias = _case(rng, m, n_out, True, k)
+    func, arrays = sparse_kernel(m, pack_nm(w, n, group), True, CAPS, "nm_window")
+    if CAPS.vector_bits >= 512 and "avx512f" in CAPS.features:
+        assert "window-permute" in str(func.attrs["sparsecc.schedule"])
+    _check(_run(func, [x, *arrays, bias], m, n_out), _reference(x, w, bias))

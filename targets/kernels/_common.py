@@ -8,6 +8,12 @@ from sparsecc.targets.base import Capabilities
 #: function attribute holding a short description of the schedule a kernel was built with
 SCHEDULE_ATTR = "sparsecc.schedule"
 
+#: storage scope of register tiles (accumulators) declared inside loops. TVM 0.27 lowers a
+#: ``"local"`` buffer on the CPU to a TVMBackendAllocWorkspace / FreeWorkspace call pair on every
+#: iteration of the loop that declares it (four calls per output row in the SpMV), while a small
+#: ``"global"`` one becomes a stack ``alloca`` that LLVM promotes to registers.
+ACC_SCOPE = "global"
+
 
 def finish(func, name: str, schedule: str):
     """Name a kernel and mark it as hand-scheduled, so Relax's schedulers leave it alone."""

@@ -19,7 +19,7 @@ import numpy as np
 from sparsecc.sparsity import PackedBSR
 from sparsecc.targets.base import Capabilities
 
-from ._common import ceil_div, drop_param, finish, lanes, mvec_tile, round_up, transpose_pad, untranspose
+from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes, mvec_tile, round_up, transpose_pad, untranspose
 
 
 def bsr_args(packed: PackedBSR) -> list[np.ndarray]:
@@ -46,7 +46,7 @@ def _row_vector(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bi
 
     @T.macro
     def block_row(x, indptr, indices, data, bias, y, br, m0, mt):
-        acc = T.decl_buffer((mt, r), "float32", scope="local")
+        acc = T.decl_buffer((mt, r), "float32", scope=ACC_SCOPE)
         for mm in T.unroll(mt):
             for i in T.vectorized(r):
                 if has_bias:
@@ -101,7 +101,7 @@ def blockrow_mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_
         transpose(x, xt)
         for br in T.parallel(nbr):
             for t in range(n_tiles):
-                acc = T.decl_buffer((r, tile), "float32", scope="local")
+                acc = T.decl_buffer((r, tile), "float32", scope=ACC_SCOPE)
                 for i in T.unroll(r):
                     for v in T.vectorized(tile):
                         acc[i, v] = T.float32(0)

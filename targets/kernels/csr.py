@@ -14,7 +14,7 @@ import numpy as np
 from sparsecc.sparsity import PackedCSR
 from sparsecc.targets.base import Capabilities
 
-from ._common import drop_param, finish, lanes
+from ._common import ACC_SCOPE, drop_param, finish, lanes
 from .bsr import blockrow_mvec
 
 
@@ -43,8 +43,8 @@ def _spmv(n_out: int, k: int, nnz: int, has_bias: bool, v: int):
                indices: T.Buffer((nz,), "int32"), data: T.Buffer((nz,), "float32"),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((1, n_out), "float32")):
         for n in T.parallel(n_out):
-            acc = T.decl_buffer((v,), "float32", scope="local")
-            tot = T.decl_buffer((1,), "float32", scope="local")
+            acc = T.decl_buffer((v,), "float32", scope=ACC_SCOPE)
+            tot = T.decl_buffer((1,), "float32", scope=ACC_SCOPE)
             for lane in T.vectorized(v):
                 acc[lane] = T.float32(0)
             p0 = T.meta_var(indptr[n])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from sparsecc.targets.base import Capabilities
 
-from ._common import ceil_div, drop_param, finish, lanes
+from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes
 
 
 def dense_params(m: int, caps: Capabilities) -> tuple[int, int, int]:
@@ -53,7 +53,7 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
 
     @T.macro
     def tile(x, wp, bias, y, nb, kb, m0, rows, cols):
-        acc = T.decl_buffer((rows, cols), "float32", scope="local")
+        acc = T.decl_buffer((rows, cols), "float32", scope=ACC_SCOPE)
         if kb == 0:
             for mm in T.unroll(rows):
                 for i in T.vectorized(cols):
