@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,45 +54,9 @@ def load() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
-def calibrate(fn: Callable[[], Any], warmup: int = 3) -> float:
-    """Seconds per call after ``warmup`` calls (a rough single-call estimate)."""
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    once = time.perf_counter() - t0
-    if once < 1e-3:
-        # Short calls: average a few so one timer tick or interrupt does not set the block size.
-        reps = max(1, int(1e-3 / max(once, 1e-7)))
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        once = (time.perf_counter() - t0) / reps
-    return once
+def interleave(fns: dict[str, Callable[[], Any]], **options: Any) -> dict[str, dict[str, float]]:
+    """Round-robin timing, from the package so the demo, examples and benchmarks measure one way.
+    Imported here, not at module top, so :func:`pin_threads` can run before torch loads."""
+    from sparsecc.timing import interleave as package_interleave
 
-
-def interleave(fns: dict[str, Callable[[], Any]], *, rounds: int = 15, block_seconds: float = 3e-3,
-               warmup: int = 3) -> dict[str, dict[str, float]]:
-    """Time several functions in round-robin blocks; per function: median, 25th and 75th
-    percentile seconds per call, and calls per block.
-
-    Each function gets its own block length (calls per block) so that a 20 us kernel and a 20 ms
-    one are both measured over about ``block_seconds`` per block.
-    """
-    per_block = {name: max(1, round(block_seconds / max(calibrate(fn, warmup), 1e-7)))
-                 for name, fn in fns.items()}
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            reps = per_block[name]
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / reps)
-    result: dict[str, dict[str, float]] = {}
-    for name, values in samples.items():
-        values.sort()
-        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        result[name] = {"median": statistics.median(values), "q1": q[0], "q3": q[2],
-                        "calls_per_block": float(per_block[name])}
-    return result
+    return package_interleave(fns, **options)

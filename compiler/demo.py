@@ -9,33 +9,16 @@ measured side by side in one run.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
 DEMO_BATCH = 64
 
 
-def _median_latency(fns: dict[str, Callable[[], Any]], rounds: int = 7, reps: int = 20) -> dict[str, float]:
-    """Median seconds per call of each function, interleaved round-robin so load hits all alike."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm up
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            samples[name].append((time.perf_counter() - start) / reps)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def run_demo(pattern: str = "block16x1", sparsity: float = 0.7, output: str | None = None) -> int:
     from . import compile as compile_model
+    from .timing import median_latency
     from .zoo.digits import accuracy, train_digits_cnn
 
     torch.manual_seed(0)
@@ -59,7 +42,7 @@ def run_demo(pattern: str = "block16x1", sparsity: float = 0.7, output: str | No
     acc_compiled = accuracy(artifact, data.test_images, data.test_labels, batch_size=DEMO_BATCH)
     x = example[0]
     with torch.no_grad():
-        times = _median_latency({
+        times = median_latency({
             "torch dense": lambda: model(x),
             "sparsecc dense build": lambda: dense_build(x),
             "sparsecc sparse": lambda: artifact(x),

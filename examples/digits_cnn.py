@@ -13,7 +13,6 @@ and checks the loaded copy gives the same outputs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,25 +21,11 @@ from typing import Any
 
 import sparsecc
 import torch
+from sparsecc.timing import median_latency
 from sparsecc.zoo import accuracy, train_digits_cnn
 
 BATCH = 64
 CALIBRATION_BATCHES = 8
-
-
-def median_latency(fns: dict[str, Callable[[], Any]], rounds: int = 7, reps: int = 20) -> dict[str, float]:
-    """Median seconds per call; the functions take turns each round so that background load and
-    frequency changes hit all of them alike instead of whichever happened to run last."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            samples[name].append((time.perf_counter() - start) / reps)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

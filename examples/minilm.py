@@ -15,26 +15,14 @@ Needs the optional model packages:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import sparsecc
 import torch
 import torch.nn.functional as F
+from sparsecc.timing import median_latency
 from sparsecc.zoo import minilm
-
-
-def median_seconds(fn: Callable[[], object], rounds: int = 5) -> float:
-    """Median wall time of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {float(d):6.3f} -> {float(c):6.3f}   {a!r} / {b!r}")
 
     with torch.no_grad():
-        t_dense = median_seconds(lambda: embedder(*inputs))
-    t_compiled = median_seconds(lambda: artifact(*inputs))
+        times = median_latency({"dense": lambda: embedder(*inputs), "compiled": lambda: artifact(*inputs)}, rounds=5)
+    t_dense, t_compiled = times["dense"], times["compiled"]
     print(
         f"\nlatency for {len(minilm.SENTENCES)} sentences x {args.length} tokens "
         f"({torch.get_num_threads()} threads): torch dense {t_dense * 1e3:.1f} ms, "

@@ -54,10 +54,12 @@ class Lower(Pass):
         new = program.with_exported(program.exported, stage="lowered")
         new.lowered = Lowered(result.mod, list(result.records), program.layer_nodes())
         formats = Counter(r.format for r in result.records)
-        diagnostics = [
-            self.diag("info", f"{r.op} has no sparsecc kernel; TVM legalizes it and it gets the generic "
-                              "CPU schedule at build", None)
-            for r in result.records if r.format == "generic"]
+        generic = Counter(r.op for r in result.records if r.format == "generic")
+        diagnostics = []
+        if generic:
+            ops = ", ".join(f"{op} x{count}" for op, count in sorted(generic.items()))
+            diagnostics.append(self.diag(
+                "info", f"ops without a sparsecc kernel, legalized by TVM with a generic CPU schedule: {ops}"))
         return PassResult(new, changed=True, counters={f"kernels_{k}": v for k, v in sorted(formats.items())},
                           diagnostics=diagnostics)
 
@@ -84,8 +86,10 @@ class Build(Pass):
         new.lowered = Lowered(program.lowered.module, program.lowered.records + generic,
                               program.lowered.layer_of_node)
         new.compiled = path
-        diagnostics = [self.diag("info", f"TIR function {r.kernel} got the generic schedule: {r.schedule}")
-                       for r in generic]
+        diagnostics = []
+        if generic:
+            listed = "; ".join(f"{r.kernel} ({r.schedule})" for r in generic)
+            diagnostics.append(self.diag("info", f"{len(generic)} TIR functions got the generic schedule: {listed}"))
         return PassResult(new, changed=True,
                           counters={"library_bytes": path.stat().st_size, "generic_schedules": len(generic)},
                           diagnostics=diagnostics)

@@ -154,3 +154,37 @@ def test_unexportable_model_gets_a_short_clear_error():
     message = str(info.value)
     assert "DataDependent" in message and "fix:" in message
     assert len(message.splitlines()) < 15
+
+
+def test_verifier_rejects_broken_programs_with_a_message(mlp, x86):
+    model, example, calib = mlp
+    result = _run(sparsecc.capture(model, example),
+                  "calibrate,plan-uniform{sparsity=0.5,pattern=2:4},prune-wanda", x86, calib)
+    pruned = result.program
+    assert pruned.verify() == []
+    with torch.no_grad():
+        pruned.tensor("fc1.weight").fill_(1.0)  # every weight non-zero again: breaks 2:4
+    problems = pruned.verify()
+    assert len(problems) == 1 and problems[0].startswith("layer fc1: weight has 4096 non-zeros, 2:4")
+
+
+def test_verify_instrument_stops_a_pipeline_at_the_breaking_pass(mlp, x86):
+    from sparsecc.errors import VerificationError
+    from sparsecc.pass_manager import Pass, PassResult, VerifyInstrument
+
+    class Densify(Pass):
+        name = "test-densify"
+        summary = "undoes pruning behind the plan's back"
+
+        def run(self, program, ctx):
+            new = program.clone()
+            with torch.no_grad():
+                new.tensor("fc2.weight").add_(1.0)
+            return PassResult(new, changed=True)
+
+    model, example, calib = mlp
+    program = _run(sparsecc.capture(model, example),
+                   "calibrate,plan-uniform{sparsity=0.5,pattern=unstructured},prune-wanda", x86, calib).program
+    manager = PassManager([Densify()], [VerifyInstrument()])
+    with pytest.raises(VerificationError, match="pass 'test-densify' left a broken program:\n  layer fc2"):
+        manager.run(program, PassContext(x86, progress=False))

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -67,47 +65,6 @@ class HostModule:
 def load(path: str | os.PathLike[str]) -> HostModule:
     """Load a library built by ``sparsecc.passes.lower.build`` for the host."""
     return HostModule(path)
-
-
-def time_function(fn: Callable[[], Any], *, repeat: int = 50, warmup: int = 5,
-                  min_seconds: float = 0.0) -> dict[str, float]:
-    """Time ``fn()``: median, minimum and spread of ``repeat`` calls (seconds) after ``warmup``.
-
-    With ``min_seconds`` the loop keeps sampling until that much time has been spent, which keeps
-    short functions from being judged on a handful of noisy samples.
-    """
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < repeat or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return {
-        "median": statistics.median(samples),
-        "min": samples[0],
-        "p90": samples[int(0.9 * (len(samples) - 1))],
-        "samples": float(len(samples)),
-    }
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 20, per_round: int = 10,
-                     warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of several functions timed in round-robin blocks, so that load
-    from other processes hits them alike (the machine is shared and noisy)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / per_round)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def inputs_from(values: Sequence[Any]) -> list[np.ndarray]:
