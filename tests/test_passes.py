@@ -188,3 +188,16 @@ def test_verify_instrument_stops_a_pipeline_at_the_breaking_pass(mlp, x86):
     manager = PassManager([Densify()], [VerifyInstrument()])
     with pytest.raises(VerificationError, match="pass 'test-densify' left a broken program:\n  layer fc2"):
         manager.run(program, PassContext(x86, progress=False))
+
+
+def test_2_4_on_k_not_a_multiple_of_4_keeps_that_layer_dense(x86):
+    model = torch.nn.Sequential(torch.nn.Linear(66, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    x = torch.randn(3, 66)
+    result = _run(sparsecc.capture(model, (x,)), "calibrate,plan-uniform{sparsity=0.5,pattern=2:4},prune-wanda,pack",
+                  x86, [(x,)])
+    plan = result.program.plan
+    assert plan.layers["0"].pattern is None and "K=66 is not a multiple of 4" in plan.layers["0"].reason
+    assert plan.layers["2"].pattern == "2:4"
+    assert any(d.layer == "0" and "multiple of 4" in d.message for d in result.diagnostics)
+    text = format_program(result.program)
+    assert "aten.linear" in text and "sparsecc.sparse_linear_nm" in text
