@@ -1,12 +1,15 @@
 """Lowering and building: a packed ``torch.export`` program -> Relax IRModule -> host library.
 
 ``lower_to_relax`` imports the exported program with TVM's Relax frontend, turning each sparsecc
-sparse op and each dense ``linear`` into a ``call_tir`` of sparsecc's own scheduled kernels (the
-packed arrays and pre-laid-out dense weights become Relax constants, read from the program's
-state dict at import time). Everything else goes through TVM's default legalization.
+sparse op, each dense ``linear``, each 2-D convolution (im2col + the dense GEMM, or a direct
+kernel when grouped) and each batched matmul of activations (``bmm`` / ``mm``: attention) into a
+``call_tir`` of sparsecc's own scheduled kernels (the packed arrays and pre-laid-out dense weights
+become Relax constants, read from the program's state dict at import time). Everything else goes
+through TVM's default legalization.
 
-``build`` legalizes the rest, gives every TIR function that is not one of ours a generic CPU
-schedule (no function is compiled unscheduled), then runs only the dataflow-lowering and
+``build`` swaps exp / erf / tanh for TVM's vectorizable polynomial forms, legalizes the rest,
+gives every TIR function that is not one of ours a generic CPU schedule (no function is compiled
+unscheduled), then runs only the dataflow-lowering and
 finalization passes (running the full default pipeline would legalize again) and exports a
 shared library the host runner loads.
 """
@@ -112,6 +115,8 @@ def _static_shape(expr: Any, owner: str) -> tuple[int, ...]:
 def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> LoweringResult:
     """Import ``ep`` into Relax with sparsecc's kernels for sparse and dense linear layers."""
     from sparsecc.targets.kernels import SCHEDULE_ATTR, dense_args, dense_linear, sparse_kernel
+    from sparsecc.targets.kernels.batch_matmul import batch_matmul
+    from sparsecc.targets.kernels.conv import conv_geometry, grouped_conv2d, im2col
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -142,6 +147,15 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> Lo
         gv = bb.add_func(func, name)
         args = [x] + [relax.const(a) for a in arrays] + ([bias] if bias is not None else [])
         out = bb.emit(relax.call_tir(gv, args, out_ty=relax.TensorType([m, n_out], "float32")))
+        return out, gv.name_hint, str(func.attrs[SCHEDULE_ATTR])
+
+    def emit_call(importer: Any, node: Any, func: Any, args: list[Any], out_shape: tuple[int, ...],
+                  prefix: str) -> tuple[Any, str, str]:
+        bb = importer.block_builder
+        name = _kernel_name(prefix, node.name)
+        func = func.with_attr("global_symbol", name)
+        gv = bb.add_func(func, name)
+        out = bb.emit(relax.call_tir(gv, args, out_ty=relax.TensorType(list(out_shape), "float32")))
         return out, gv.name_hint, str(func.attrs[SCHEDULE_ATTR])
 
     def check_x(x: Any, owner: str) -> tuple[int, ...]:
@@ -216,7 +230,90 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> Lo
                                     int(np.count_nonzero(weight))))
         return out
 
+    def conv_converter(node: Any, importer: Any) -> Any:
+        if not importer_env:
+            importer_env.append(importer)
+        owner = f"node {node.name} (convolution)"
+        x = importer.env[node.args[0]]
+        weight_t = tensors.get(node.args[1])
+        stride, padding, dilation, transposed, _, groups = node.args[3:9]
+        if (transposed or weight_t is None or weight_t.dtype != torch.float32 or weight_t.dim() != 4
+                or len(x.ty.shape) != 4 or str(x.ty.dtype) != "float32"):
+            # Transposed, 1-D/3-D or computed-weight convolutions: TVM's converter, scheduled
+            # generically at build time.
+            records.append(KernelRecord(node.name, "convolution", "generic", "(legalized conv)", "generic",
+                                        note="not a 2-D float32 convolution with a stored weight"))
+            return importer._convolution(node)
+        shape = check_x(x, owner)
+        weight = weight_t.detach().cpu().contiguous().numpy()
+        n_out = weight.shape[0]
+        bias = bias_arg(node, node.args[2], n_out)
+        _, _, _, (oh, ow) = conv_geometry(shape, weight.shape, stride, padding, dilation)
+        batch = shape[0]
+        bb = importer.block_builder
+        if int(groups) != 1:
+            func = grouped_conv2d(shape, weight.shape, int(groups), stride, padding, dilation, bias is not None,
+                                  caps, "kernel")
+            args = [x, relax.const(weight)] + ([bias] if bias is not None else [])
+            out, kname, schedule = emit_call(importer, node, func, args, (batch, n_out, oh, ow), "conv_grouped")
+            records.append(KernelRecord(node.name, "convolution", "dense", kname, schedule, shape, weight.shape,
+                                        int(np.count_nonzero(weight)), note=f"groups={groups}"))
+            return out
+        kh, kw = weight.shape[2:]
+        m, k = batch * oh * ow, weight.shape[1] * kh * kw
+        cols, iname, ischedule = emit_call(importer, node, im2col(shape, (kh, kw), stride, padding, dilation,
+                                                                  "kernel"), [x], (m, k), "im2col")
+        func = dense_linear(m, (n_out, k), bias is not None, caps, "kernel")
+        w2 = weight.reshape(n_out, k)
+        y, kname, schedule = emit_kernel(importer, node, func, cols, dense_args(w2, m, caps), bias, m, n_out,
+                                         "conv_gemm")
+        # (B*OH*OW, N) rows are NHWC; the transpose to NCHW fuses with what follows (bias is in the GEMM).
+        y = bb.emit(relax.op.reshape(y, (batch, oh, ow, n_out)))
+        out = bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+        records.append(KernelRecord(node.name, "convolution", "dense", f"{iname} + {kname}",
+                                    f"{ischedule}; {schedule}; NHWC->NCHW permute (fused, generic)",
+                                    shape, weight.shape, int(np.count_nonzero(weight))))
+        return out
+
+    def bmm_converter(node: Any, importer: Any) -> Any:
+        if not importer_env:
+            importer_env.append(importer)
+        op = node.target.__name__.split(".")[0]
+        owner = f"node {node.name} ({op})"
+        a, b = importer.retrieve_args(node)[:2]
+        a_shape, b_shape = check_x(a, owner), check_x(b, owner)
+        squeeze = len(a_shape) == 2
+        if squeeze:
+            a = importer.block_builder.emit(relax.op.expand_dims(a, 0))
+            b = importer.block_builder.emit(relax.op.expand_dims(b, 0))
+            a_shape, b_shape = (1, *a_shape), (1, *b_shape)
+        batch, m, k = a_shape
+        n = b_shape[2]
+        func = batch_matmul(batch, m, k, n, caps, "kernel")
+        out, kname, schedule = emit_call(importer, node, func, [a, b], (batch, m, n), "bmm")
+        if squeeze:
+            out = importer.block_builder.emit(relax.op.squeeze(out, [0]))
+        records.append(KernelRecord(node.name, op, "dense", kname, schedule, a_shape, b_shape))
+        return out
+
+    def gelu_converter(node: Any, importer: Any) -> Any:
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        if approximate != "none":
+            return importer._gelu(node)  # tanh form: TVM's converter
+        # Spelled out with erf so that build's FastMathTransform turns it into TVM's vectorizable
+        # polynomial fast_erf (max abs error 4e-7); R.nn.gelu legalizes to a scalar libm erff call
+        # per element, which made gelu 30 % of MiniLM's time.
+        x = importer.env[node.args[0]]
+        bb = importer.block_builder
+        half = relax.const(0.5, "float32")
+        erf = bb.emit(relax.op.erf(bb.emit(relax.op.multiply(x, relax.const(math.sqrt(0.5), "float32")))))
+        return bb.emit(relax.op.multiply(x, bb.emit(relax.op.add(half, bb.emit(relax.op.multiply(erf, half))))))
+
     convert_map = {
+        "gelu.default": gelu_converter,
+        "convolution.default": conv_converter,
+        "bmm.default": bmm_converter,
+        "mm.default": bmm_converter,
         "sparse_linear_csr.default": sparse_converter("csr"),
         "sparse_linear_bsr.default": sparse_converter("bsr"),
         "sparse_linear_nm.default": sparse_converter("nm"),
@@ -297,9 +394,79 @@ def _schedule_block(sch: Any, block: Any, lanes: int, parallel: bool) -> list[st
     return done
 
 
+def _schedule_rows(sch: Any, blocks: list[Any], lanes: int) -> Any | None:
+    """Row-wise schedule for a chain of blocks that reduce over trailing axes (softmax, layer norm,
+    normalisations): every block is computed inside the last block's loop over the leading axes,
+    which runs in parallel, so a row's intermediates stay in L1 and each row is one task.
+
+    Works on a copy of ``sch``; returns it, or None when the chain does not have that shape.
+    """
+    trial = sch.copy()
+    try:
+        blocks = trial.get_child_blocks(trial.get_sblock("root"))
+        last = blocks[-1]
+        loops = trial.get_loops(last)
+        kinds = [int(iv.iter_type) for iv in trial.get(last).iter_vars]
+        if len(loops) < 2 or len(kinds) != len(loops) or any(k != 0 for k in kinds):
+            return None
+        if not any(int(iv.iter_type) != 0 for b in blocks[:-1] for iv in trial.get(b).iter_vars):
+            return None  # no reduction in the chain: the per-block schedule is as good
+        rfs = _rfactor_row_reductions(trial, blocks[:-1], lanes)
+        row = trial.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        chain = trial.get_child_blocks(trial.get_sblock("root"))
+        for block in reversed(chain[:-1]):
+            trial.compute_at(block, row, preserve_unit_loops=True)
+        trial.parallel(row)
+        for rf in rfs:
+            init = trial.decompose_reduction(rf, trial.get_loops(rf)[-2])
+            trial.vectorize(trial.get_loops(init)[-1])
+            # TVM will not vectorize a loop inside a reduction block; 16 unrolled independent
+            # accumulators are what LLVM's SLP vectorizer turns into one vector add.
+            trial.unroll(trial.get_loops(rf)[-1])
+        for block in blocks:
+            inner = trial.get_loops(block)[-1]
+            kinds = [int(iv.iter_type) for iv in trial.get(block).iter_vars]
+            extent = _loop_extent(trial, inner)
+            if kinds and kinds[-1] == 0 and extent is not None and extent > 1:
+                if extent > lanes and extent % lanes == 0:
+                    inner = trial.split(inner, [None, lanes])[1]
+                trial.vectorize(inner)
+    except Exception:  # noqa: BLE001 - TVM raises ScheduleError subclasses: shape not as assumed
+        return None
+    return trial
+
+
+def _rfactor_row_reductions(sch: Any, blocks: list[Any], lanes: int) -> list[Any]:
+    """Split each single-axis row reduction (sum, max) over its innermost loop into ``lanes``
+    partial results (rfactor) that can be accumulated with whole-vector operations; a serial float
+    chain runs at one add per 4 cycles and LLVM may not reassociate it itself. Returns the rfactor
+    blocks (the combining blocks keep their handles)."""
+    rfs = []
+    for block in blocks:
+        kinds = [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+        if not kinds or kinds[-1] == 0 or kinds.count(2) != 1:
+            continue
+        inner = sch.get_loops(block)[-1]
+        extent = _loop_extent(sch, inner)
+        if extent is None or extent < 2 * lanes or extent % lanes:
+            continue
+        trial = sch.copy()
+        try:
+            lane = trial.split(trial.get_loops(block)[-1], [None, lanes])[1]
+            trial.rfactor(lane, factor_axis=0)
+        except Exception:  # noqa: BLE001 - a reducer rfactor does not recognise: stays serial
+            continue
+        lane = sch.split(inner, [None, lanes])[1]
+        rfs.append(sch.rfactor(lane, factor_axis=0))
+    return rfs
+
+
 def generic_schedule(func: Any, caps: Capabilities) -> tuple[Any, str]:
-    """Give an unscheduled TIR function a CPU schedule: inline elementwise producers, then for
-    each remaining block run the outer spatial loops in parallel and vectorize the inner one."""
+    """Give an unscheduled TIR function a CPU schedule: inline elementwise producers; a chain
+    of row reductions and their consumer (softmax, layer norm) gets the row schedule of
+    :func:`_schedule_rows` (rows in parallel, rfactor'd reductions, vectorized elementwise parts);
+    otherwise each remaining block runs its outer spatial loops in parallel and vectorizes the
+    inner one."""
     from tvm import s_tir
 
     lanes = max(4, caps.vector_lanes_f32)
@@ -316,6 +483,11 @@ def generic_schedule(func: Any, caps: Capabilities) -> tuple[Any, str]:
         except Exception:  # noqa: BLE001 - TVM raises ScheduleError subclasses; not inlinable is fine
             pass
     remaining = sch.get_child_blocks(sch.get_sblock("root"))
+    if len(remaining) > 1:
+        fused = _schedule_rows(sch, remaining, lanes)
+        if fused is not None:
+            sched = fused.mod["main"].with_attr("tirx.is_scheduled", True)
+            return sched, "generic: " + ", ".join(dict.fromkeys([*steps, "rows fused+parallel", "vectorize"]))
     for i, block in enumerate(remaining):
         try:
             steps += _schedule_block(sch, block, lanes, parallel=True)
@@ -333,6 +505,9 @@ def schedule_module(mod: Any, target: TargetRecord) -> tuple[Any, list[KernelRec
     tvm_target = tvm.target.Target(target.tvm_target())
     caps = target.capabilities()
     passes = [
+        # exp / erf / tanh (softmax, gelu) as TVM's polynomial fast_* forms, which vectorize; libm
+        # calls do not. Their errors (below 1e-6 relative) are far inside the 1e-4 the tests allow.
+        relax.transform.FastMathTransform(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

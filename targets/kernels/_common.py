@@ -21,6 +21,9 @@ def finish(func, name: str, schedule: str):
         "global_symbol": name,
         "tirx.noalias": True,
         "tirx.is_scheduled": True,
+        # kOpaque: Relax's FuseOps must not fuse a hand-written loop nest with its neighbours
+        # (FuseTIR can only merge block-structured functions, and would drop the schedule).
+        "op_pattern": 8,
         SCHEDULE_ATTR: schedule,
     })
 
