@@ -154,7 +154,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(pattern=args.pattern, sparsity=args.sparsity, output=args.output)
+    return run_demo(pattern=args.pattern, sparsity=args.sparsity, output=args.output, threads=args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="compile the bundled digits CNN for the host; print speed and accuracy")
     p.add_argument("--pattern", default="block16x1")
     p.add_argument("--sparsity", type=float, default=0.7)
+    p.add_argument("--threads", type=int, default=1, help="threads for torch and the compiled code alike")
     p.add_argument("-o", "--output", default=None, help="also save the artifact here")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -132,8 +132,9 @@ class Block(Pattern):
     def check_shape(self, shape: tuple[int, int]) -> str | None:
         n, k = shape
         if n % self.rows or k % self.cols:
+            needs = [f"N % {self.rows} == 0"] + ([f"K % {self.cols} == 0"] if self.cols > 1 else [])
             return (f"weight {n}x{k} is not a whole number of {self.rows}x{self.cols} blocks "
-                    f"(needs N % {self.rows} == 0 and K % {self.cols} == 0)")
+                    f"(needs {' and '.join(needs)})")
         return None
 
     def block_scores(self, scores: torch.Tensor) -> torch.Tensor:
