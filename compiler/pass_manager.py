@@ -11,7 +11,6 @@ numbered dumps, verification, numerics) and stay outside the passes themselves.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import pathlib
 import time
 import typing
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import PipelineError, VerificationError
+from .registry import LazyRegistry
 
 if TYPE_CHECKING:  # pragma: no cover
     from sparsecc.targets import TargetRecord
@@ -107,49 +107,27 @@ class Pass:
         return Diagnostic(severity, message, layer, self.name)
 
 
-_PASSES: dict[str, type[Pass]] = {}
 # Modules that define passes, imported on first use so that `import sparsecc` stays light.
-_PASS_MODULES = (
+_PASSES: LazyRegistry[type[Pass]] = LazyRegistry("pass", (
     "sparsecc.passes.calibrate",
     "sparsecc.passes.plan_uniform",
     "sparsecc.passes.prune",
     "sparsecc.passes.pack",
     "sparsecc.passes.lower_pass",
-)
-_loaded = False
+), PipelineError, "sparsecc passes")
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
     """Class decorator adding a pass to the registry under ``cls.name``."""
-    if not cls.name:
-        raise PipelineError(f"pass class {cls.__name__} has no name")
-    if cls.name in _PASSES and _PASSES[cls.name] is not cls:
-        raise PipelineError(f"pass name {cls.name!r} registered twice")
-    _PASSES[cls.name] = cls
-    return cls
-
-
-def _load_passes() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in _PASS_MODULES:
-            importlib.import_module(module)
+    return _PASSES.register(cls.name, cls)
 
 
 def get_pass(name: str) -> type[Pass]:
-    _load_passes()
-    try:
-        return _PASSES[name]
-    except KeyError:
-        raise PipelineError(
-            f"unknown pass {name!r}; known passes: {', '.join(sorted(_PASSES))} (see `sparsecc passes`)"
-        ) from None
+    return _PASSES.get(name)
 
 
 def all_passes() -> list[type[Pass]]:
-    _load_passes()
-    return [_PASSES[k] for k in sorted(_PASSES)]
+    return _PASSES.all()
 
 
 # ------------------------------------------------------------------------------------------------
