@@ -84,6 +84,7 @@ class Artifact:
     pipeline: str = ""
     path: pathlib.Path | None = None
     _session: Any = None
+    _out_spec: tuple[Any] | None = None
     _modules: dict[str, Any] = field(default_factory=dict)
 
     # -- running --------------------------------------------------------------------------------
@@ -104,7 +105,11 @@ class Artifact:
     def _unflatten(self, flat: list[torch.Tensor]) -> Any:
         from torch.utils import _pytree
 
-        spec = self.pruned.call_spec.out_spec
+        if self._out_spec is None:
+            # ExportedProgram.call_spec builds a new NamedTuple class on every access (0.3 ms
+            # measured, a fifth of the compiled digits CNN's whole latency): read it once.
+            self._out_spec = (self.pruned.call_spec.out_spec,)
+        spec = self._out_spec[0]
         return _pytree.tree_unflatten(flat, spec) if spec is not None else flat
 
     def __call__(self, *inputs: Any) -> Any:

@@ -1,8 +1,8 @@
 """Lowering and building: a packed ``torch.export`` program -> Relax IRModule -> host library.
 
 ``lower_to_relax`` imports the exported program with TVM's Relax frontend, turning each sparsecc
-sparse op, each dense ``linear``, each 2-D convolution (im2col + the dense GEMM, or a direct
-kernel when grouped) and each batched matmul of activations (``bmm`` / ``mm``: attention) into a
+sparse op, each dense ``linear``, each 2-D convolution (a direct kernel on the dense GEMM's packed weight
+panels, or a direct grouped one) and each batched matmul of activations (``bmm`` / ``mm``: attention) into a
 ``call_tir`` of sparsecc's own scheduled kernels (the packed arrays and pre-laid-out dense weights
 become Relax constants, read from the program's state dict at import time). Everything else goes
 through TVM's default legalization.
@@ -116,7 +116,7 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> Lo
     """Import ``ep`` into Relax with sparsecc's kernels for sparse and dense linear layers."""
     from sparsecc.targets.kernels import SCHEDULE_ATTR, dense_args, dense_linear, sparse_kernel
     from sparsecc.targets.kernels.batch_matmul import batch_matmul
-    from sparsecc.targets.kernels.conv import conv_geometry, grouped_conv2d, im2col
+    from sparsecc.targets.kernels.conv import conv2d_panels, conv_geometry, grouped_conv2d
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -259,19 +259,15 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> Lo
             records.append(KernelRecord(node.name, "convolution", "dense", kname, schedule, shape, weight.shape,
                                         int(np.count_nonzero(weight)), note=f"groups={groups}"))
             return out
-        kh, kw = weight.shape[2:]
-        m, k = batch * oh * ow, weight.shape[1] * kh * kw
-        cols, iname, ischedule = emit_call(importer, node, im2col(shape, (kh, kw), stride, padding, dilation,
-                                                                  "kernel"), [x], (m, k), "im2col")
-        func = dense_linear(m, (n_out, k), bias is not None, caps, "kernel")
-        w2 = weight.reshape(n_out, k)
-        y, kname, schedule = emit_kernel(importer, node, func, cols, dense_args(w2, m, caps), bias, m, n_out,
-                                         "conv_gemm")
-        # (B*OH*OW, N) rows are NHWC; the transpose to NCHW fuses with what follows (bias is in the GEMM).
+        m, k = batch * oh * ow, int(np.prod(weight.shape[1:]))
+        func = conv2d_panels(shape, weight.shape, stride, padding, dilation, bias is not None, caps, "kernel")
+        y, kname, schedule = emit_kernel(importer, node, func, x, dense_args(weight.reshape(n_out, k), m, caps),
+                                         bias, m, n_out, "conv")
+        # (B*OH*OW, N) rows are NHWC; the transpose to NCHW fuses with what follows (bias is in the kernel).
         y = bb.emit(relax.op.reshape(y, (batch, oh, ow, n_out)))
         out = bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
-        records.append(KernelRecord(node.name, "convolution", "dense", f"{iname} + {kname}",
-                                    f"{ischedule}; {schedule}; NHWC->NCHW permute (fused, generic)",
+        records.append(KernelRecord(node.name, "convolution", "dense", kname,
+                                    f"{schedule}; NHWC->NCHW permute (fused, generic)",
                                     shape, weight.shape, int(np.count_nonzero(weight))))
         return out
 

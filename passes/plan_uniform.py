@@ -31,7 +31,7 @@ def dense_reason(layer: Layer) -> str | None:
     if tuple(layer.weight_shape[2:]) != (1, 1):
         kh, kw = layer.weight_shape[2:]
         return (f"{kh}x{kw} convolution: sparse kernels cover linear layers and 1x1 convolutions; "
-                "kept dense (runs on the dense im2col GEMM)")
+                "kept dense (runs on the dense convolution kernel)")
     if not layer.is_pointwise_conv:
         return "strided or padded 1x1 convolution has no sparse kernel; kept dense"
     return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -77,6 +79,34 @@ def test_csr_long_rows(m: int) -> None:
     _check(_run(func, [x, *arrays, bias], m, n_out), _reference(x, w, bias))
 
 
+@pytest.mark.parametrize("m", [8, 20, 100, 128, 768])
+@pytest.mark.parametrize("n_out", [96, 70], ids=["chunk16", "ragged"])
+def test_csr_spmm_tiles(m: int, n_out: int) -> None:
+    # The SpMM's edges: a last x-row tile that is partly or wholly padding (m = 20, 100), a last
+    # chunk of output rows smaller than the others (96 = 64 + 32 takes the register-transpose
+    # store, 70 = 64 + 6 the strided one), several K blocks of which one holds no nonzero.
+    from sparsecc.targets.kernels.csr import _spmm_plan
+
+    rng = np.random.default_rng(m + n_out)
+    # K a bit over three L1 panels of this tile, so a fairly dense weight gets four K blocks.
+    _, panel = _spmm_plan(m, 1 << 20, n_out, n_out << 20, CAPS)
+    k = 3 * panel + 13
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    w[:, k // 5:4 * k // 5] = 0
+    w[rng.random((n_out, k)) < 0.2] = 0
+    w[2] = 0  # an empty row
+    packed = pack_csr(w)
+    tile, kblock = _spmm_plan(m, k, n_out, packed.nnz, CAPS)
+    assert -(-k // kblock) >= 3, "the weight should span several K blocks"
+    assert not w[:, kblock:2 * kblock].any(), "the second K block should be empty"
+    for with_bias in (True, False):
+        x, bias = _case(rng, m, n_out, with_bias, k)
+        func, arrays = sparse_kernel(m, packed, with_bias, CAPS, "csr_tiles")
+        assert f"tile{tile} kblock{kblock}" in str(func.attrs["sparsecc.schedule"])
+        got = _run(func, [x, *arrays] + ([bias] if with_bias else []), m, n_out)
+        _check(got, _reference(x, w, bias))
+
+
 @pytest.mark.parametrize("m", [1, 8, 128])
 @pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])
 def test_zero_weight_layer(m: int, fmt: str) -> None:
@@ -110,6 +140,24 @@ def test_bsr(m: int, block: tuple[int, int]) -> None:
     _check(got, _reference(x, w, bias))
 
 
+@pytest.mark.parametrize("m", [32, 45, 64, 131])
+@pytest.mark.parametrize("block", [(16, 1), (16, 2), (32, 1)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_bsr_tall_blocks_long_rows(m: int, block: tuple[int, int]) -> None:
+    """Tall blocks with long rows of x take the M-vector schedule in row chunks (its own path)."""
+    r, c = block
+    rng = np.random.default_rng(m * 7 + r + c)
+    n_out, k = 3 * r, 300 * c  # k >= 256; odd m leaves a padded tile of x rows
+    keep = rng.random((n_out // r, k // c)) < 0.3
+    keep[1] = False  # an empty block row
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    w *= np.repeat(np.repeat(keep, r, 0), c, 1)
+    x, bias = _case(rng, m, n_out, m % 2 == 1, k)
+    func, arrays = sparse_kernel(m, pack_bsr(w, block), bias is not None, CAPS, "bsr_tall_test")
+    assert "bsr-mvec" in str(func.attrs["sparsecc.schedule"]) and "rows8" in str(func.attrs["sparsecc.schedule"])
+    got = _run(func, [x, *arrays] + ([bias] if bias is not None else []), m, n_out)
+    _check(got, _reference(x, w, bias))
+
+
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)], ids=["2:4", "4:8"])
 @pytest.mark.parametrize("n_out", [48, 20])
@@ -131,7 +179,8 @@ def test_nm(m: int, nm: tuple[int, int], n_out: int) -> None:
 
 
 @pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("shape", [(70, 45), (64, 600)], ids=["odd", "kblocks"])
+@pytest.mark.parametrize("shape", [(70, 45), (64, 600), (40, 300), (130, 517)],
+                         ids=["odd", "kblocks", "narrow-panels", "wide-panels-ktail"])
 def test_dense(m: int, shape: tuple[int, int]) -> None:
     rng = np.random.default_rng(m)
     n_out, k = shape
@@ -139,6 +188,21 @@ def test_dense(m: int, shape: tuple[int, int]) -> None:
     x, bias = _case(rng, m, n_out, m != 8, k)
     func = dense_linear(m, shape, bias is not None, CAPS, "dense_test")
     got = _run(func, [x, *dense_args(w, m, CAPS)] + ([bias] if bias is not None else []), m, n_out)
+    _check(got, _reference(x, w, bias))
+
+
+@pytest.mark.parametrize("m", [3, 8, 45])
+@pytest.mark.parametrize("shape", [(10, 70), (70, 45)], ids=["one-panel", "panel-and-tail"])
+def test_dense_split_over_m(m: int, shape: tuple[int, int]) -> None:
+    """Fewer panels than threads: the x tiles are split over threads too (its own loop structure)."""
+    caps = dataclasses.replace(CAPS, threads=3)
+    rng = np.random.default_rng(m + shape[0])
+    n_out, k = shape
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    x, bias = _case(rng, m, n_out, m != 8, k)
+    func = dense_linear(m, shape, bias is not None, caps, "dense_split_test")
+    assert m < 8 or "m-split" in str(func.attrs["sparsecc.schedule"])
+    got = _run(func, [x, *dense_args(w, m, caps)] + ([bias] if bias is not None else []), m, n_out)
     _check(got, _reference(x, w, bias))
 
 

@@ -24,7 +24,7 @@ def sparse_kernel(m: int, packed: Packed, has_bias: bool, caps: Capabilities,
     """The scheduled kernel for ``packed`` at M = ``m`` and the constant arrays it takes after x
     (then the bias, if any, then the output)."""
     if isinstance(packed, PackedCSR):
-        return csr_linear(m, packed, has_bias, caps, name), csr_args(packed, m)
+        return csr_linear(m, packed, has_bias, caps, name), csr_args(packed, m, caps)
     if isinstance(packed, PackedBSR):
         return bsr_linear(m, packed, has_bias, caps, name), bsr_args(packed)
     if isinstance(packed, PackedNM):

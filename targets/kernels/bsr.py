@@ -85,7 +85,12 @@ def blockrow_mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_
     from tvm.script import tirx as T
 
     nbr = n_out // r
-    tile = mvec_tile(m, r, caps)
+    # Rows of a block handled per pass over the block row: all of them, except for tall blocks
+    # (16 x 1, 32 x 1) taken 8 rows at a time, so the accumulators (8 x tile) span two vectors of x
+    # rows: 8 weight broadcasts and 2 loads of x per 16 multiply-adds instead of 16 + 1.
+    rc = 8 if r > 8 and r % 8 == 0 else r
+    n_chunks = r // rc
+    tile = mvec_tile(m, rc, caps)
     mp = round_up(m, tile)
     n_tiles = mp // tile
     nbl = max(nblocks, 1)
@@ -100,23 +105,26 @@ def blockrow_mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_
         yt = T.decl_buffer((n_out, mp), "float32")
         transpose(x, xt)
         for br in T.parallel(nbr):
-            for t in range(n_tiles):
-                acc = T.decl_buffer((r, tile), "float32", scope=ACC_SCOPE)
-                for i in T.unroll(r):
-                    for v in T.vectorized(tile):
-                        acc[i, v] = T.float32(0)
-                for b in range(indptr[br], indptr[br + 1]):
-                    for j in T.unroll(c):
-                        for i in T.unroll(r):
-                            for v in T.vectorized(tile):
-                                acc[i, v] = acc[i, v] + data[b, j, i] * xt[indices[b] * c + j, t * tile + v]
-                for i in T.unroll(r):
-                    for v in T.vectorized(tile):
-                        yt[br * r + i, t * tile + v] = acc[i, v]
+            for ch in range(n_chunks):
+                for t in range(n_tiles):
+                    acc = T.decl_buffer((rc, tile), "float32", scope=ACC_SCOPE)
+                    for i in T.unroll(rc):
+                        for v in T.vectorized(tile):
+                            acc[i, v] = T.float32(0)
+                    for b in range(indptr[br], indptr[br + 1]):
+                        for j in T.unroll(c):
+                            for i in T.unroll(rc):
+                                for v in T.vectorized(tile):
+                                    acc[i, v] = acc[i, v] + data[b, j, ch * rc + i] * xt[indices[b] * c + j,
+                                                                                         t * tile + v]
+                    for i in T.unroll(rc):
+                        for v in T.vectorized(tile):
+                            yt[br * r + ch * rc + i, t * tile + v] = acc[i, v]
         copy_out(yt, bias, y)
 
     func = kernel if has_bias else drop_param(kernel, "bias")
-    return finish(func, name, f"bsr-mvec r{r}c{c} tile{tile} mpad{mp}")
+    chunks = f" rows{rc}x{n_chunks}" if n_chunks > 1 else ""
+    return finish(func, name, f"bsr-mvec r{r}c{c}{chunks} tile{tile} mpad{mp}")
 
 
 def bsr_linear(m: int, packed: PackedBSR, has_bias: bool, caps: Capabilities,
@@ -130,7 +138,14 @@ def bsr_linear(m: int, packed: PackedBSR, has_bias: bool, caps: Capabilities,
     r, c = packed.block
     nblocks = int(packed.indices.shape[0])
     v = lanes(caps)
-    if r % v == 0 or m < v or r * 2 > v and m < 2 * v:
+    # Tall blocks (r a multiple of the vector) at two vectors of x rows or more, with long rows of
+    # x: the M-vector schedule in row chunks. The row-vector one broadcasts each x value from its
+    # own row, rows 4 KiB apart at K = 1024 that all fall in one L1 set; interleaved timings at
+    # AVX-512, 70 % 16x1: 1.33x at 32x1024 -> 512, 1.31x at 64, 1.10x at 128; 1.05x at 64x256,
+    # but 0.44x at 1024x64 -> 64 (short rows stay in L1, and transposing x and y costs more than
+    # the multiply), hence the K bound.
+    mvec_tall = r % v == 0 and m >= 2 * v and k >= 256
+    if not mvec_tall and (r % v == 0 or m < v or r * 2 > v and m < 2 * v):
         # Accumulators: tile x (r / v) vectors; keep them near 16 registers.
         tile = max(1, min(m, 16 // max(1, ceil_div(r, v))))
         func = _row_vector(m, n_out, k, r, c, nblocks, has_bias, tile, name)

@@ -16,17 +16,28 @@ from sparsecc.targets.base import Capabilities
 from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes
 
 
-def dense_params(m: int, caps: Capabilities) -> tuple[int, int, int]:
-    """(mr, nr, kc): rows of x per register tile, outputs per panel, inputs per K block."""
+def dense_params(m: int, shape: tuple[int, int], caps: Capabilities) -> tuple[int, int, int]:
+    """(mr, nr, kc): rows of x per register tile, outputs per panel, inputs per K block.
+
+    Chosen from interleaved A/B timings on an AVX-512 host at 1 thread (digits CNN shapes:
+    64x1024 -> 512, 1024x288 -> 64, 1024x64 -> 64, 4096x9 -> 32): panels of 4 vectors beat 2 by
+    10-15 % wherever N fills them (half as many broadcasts of x per multiply-add), and a K block
+    of 128 keeps the panel block (128 x nr) in L1 next to the x rows. A panel of 3 vectors was 40x
+    slower (LLVM splits the non-power-of-two vector badly), so nr stays 2 or 4 vectors. Six rows
+    of x only pay off when the K loop is long enough to hide the larger tile's setup.
+    """
     v = lanes(caps)
+    n_out, k = shape
     if m < 4:
         return m, 4 * v, 1 << 30
-    return 6, 2 * v, 256
+    if n_out >= 4 * v:
+        return (6 if k >= 512 else 4), 4 * v, 128
+    return 4, 2 * v, 128
 
 
 def dense_args(weight: np.ndarray, m: int, caps: Capabilities) -> list[np.ndarray]:
     """The packed weight panels (N/nr, K, nr) the dense kernel takes after x."""
-    _, nr, _ = dense_params(m, caps)
+    _, nr, _ = dense_params(m, weight.shape, caps)
     n_out, k = weight.shape
     panels = ceil_div(n_out, nr)
     padded = np.zeros((panels * nr, k), np.float32)
@@ -44,12 +55,16 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
     from tvm.script import tirx as T
 
     n_out, k = shape
-    mr, nr, kc = dense_params(m, caps)
+    mr, nr, kc = dense_params(m, shape, caps)
     kc = min(kc, k)
     n_kb = ceil_div(k, kc)
     full_panels, tail_n = divmod(n_out, nr)
     panels = ceil_div(n_out, nr)
     full_m, tail_m = divmod(m, mr)
+    # Fewer panels than threads (a classifier head, a narrow layer): the x tiles are split over the
+    # threads as well, so the panels run as panels x m_chunks tasks instead of leaving threads idle.
+    m_chunks = 1 if panels >= caps.threads else max(1, min(caps.threads, full_m))
+    tiles_per_chunk = ceil_div(full_m, m_chunks)
 
     @T.macro
     def tile(x, wp, bias, y, nb, kb, m0, rows, cols):
@@ -74,20 +89,26 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
                 y[m0 + mm, nb * nr + i] = acc[mm, i]
 
     @T.macro
-    def panel(x, wp, bias, y, nb, cols):
+    def panel(x, wp, bias, y, nb, cols, mc):
         for kb in range(n_kb):
-            for mt in range(full_m):
+            for mt in range(mc * tiles_per_chunk, T.min(mc * tiles_per_chunk + tiles_per_chunk, full_m)):
                 tile(x, wp, bias, y, nb, kb, mt * mr, mr, cols)
             if tail_m > 0:
-                tile(x, wp, bias, y, nb, kb, full_m * mr, tail_m, cols)
+                if mc == m_chunks - 1:
+                    tile(x, wp, bias, y, nb, kb, full_m * mr, tail_m, cols)
 
     @T.prim_func
     def kernel(x: T.Buffer((m, k), "float32"), wp: T.Buffer((panels, k, nr), "float32"),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
-        for nb in T.parallel(full_panels):
-            panel(x, wp, bias, y, nb, nr)
+        for task in T.parallel(full_panels * m_chunks):
+            panel(x, wp, bias, y, task // m_chunks, nr, task % m_chunks)
         if tail_n > 0:
-            panel(x, wp, bias, y, full_panels, tail_n)
+            if m_chunks == 1:
+                panel(x, wp, bias, y, full_panels, tail_n, 0)
+            else:
+                for mc in T.parallel(m_chunks):
+                    panel(x, wp, bias, y, full_panels, tail_n, mc)
 
     func = kernel if has_bias else drop_param(kernel, "bias")
-    return finish(func, name, f"dense-panels mr{mr} nr{nr} kc{min(kc, k)}")
+    split = f" m-split{m_chunks}" if m_chunks > 1 else ""
+    return finish(func, name, f"dense-panels mr{mr} nr{nr} kc{min(kc, k)}{split}")
