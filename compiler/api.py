@@ -29,7 +29,7 @@ from .pass_manager import (
 from .plan import Plan
 from .program import Program, flatten_outputs
 from .report import LayerReport, Report
-from .sparsity import check_sparsity_value
+from .sparsity import FORMAT_ARRAYS, check_sparsity_value
 
 METHODS = ("magnitude", "wanda")
 
@@ -74,13 +74,13 @@ def _normalize_calibration(calibration: Any, program: Program) -> list[tuple[Any
 
 
 def _collect_packed_arrays(program: Program) -> dict[str, torch.Tensor]:
+    """Packed arrays of every sparse layer, keyed "<layer>/<array>" (e.g. "fc1/indptr")."""
+    from sparsecc.passes.pack import buffer_name
+
     arrays = {}
     for layer, info in program.sparsity.items():
-        for buf in info.buffers:
-            tensor = program.state.get(buf)
-            if tensor is None:
-                tensor = program.exported.constants[buf]
-            arrays[f"{layer}/{buf.rsplit('_', 1)[-1]}"] = tensor.detach().clone().contiguous()
+        for key in FORMAT_ARRAYS.get(info.packed_format, ()):
+            arrays[f"{layer}/{key}"] = program.tensor(buffer_name(layer, key)).detach().clone().contiguous()
     return arrays
 
 

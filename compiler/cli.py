@@ -112,7 +112,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _sparsity_from_report(artifact: Any, program: Any) -> dict[str, Any]:
     """Rebuild per-layer sparsity facts of a saved program from the artifact's report."""
-    from sparsecc.passes.pack import buffer_prefix
+    from sparsecc.passes.pack import buffer_name
 
     from .program import SparsityInfo
     from .sparsity import FORMAT_ARRAYS
@@ -122,7 +122,7 @@ def _sparsity_from_report(artifact: Any, program: Any) -> dict[str, Any]:
         if lr.decision != "sparse":
             continue
         if program.stage == "packed":
-            buffers = tuple(f"{buffer_prefix(lr.name)}_{key}" for key in FORMAT_ARRAYS[lr.packed_format])
+            buffers = tuple(buffer_name(lr.name, key) for key in FORMAT_ARRAYS[lr.packed_format])
             facts[lr.name] = SparsityInfo(lr.pattern, lr.sparsity, "pack", lr.packed_format, lr.packed_bytes,
                                           lr.dense_bytes, None, buffers)
         else:

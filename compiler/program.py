@@ -245,7 +245,7 @@ class Program:
 
     def verify(self) -> list[str]:
         """Invariants every pass must keep; returns the problems found (empty when sound)."""
-        from .sparsity import parse_pattern
+        from .sparsity import parse_pattern, plan_violation
 
         problems: list[str] = []
         try:
@@ -262,15 +262,9 @@ class Program:
                 matrix = weight.reshape(weight.shape[0], -1)
                 pattern = parse_pattern(info.pattern)
                 planned = self.plan.layers[name].sparsity if self.plan and name in self.plan.layers else None
-                if planned is not None and not pattern.satisfied_by(matrix != 0, planned):
-                    # A kept weight may itself be exactly zero; the mask can only be checked as
-                    # an upper bound on non-zeros then.
-                    nonzero = int((matrix != 0).sum())
-                    allowed = matrix.numel() - int(round(matrix.numel() * planned))
-                    if nonzero > allowed:
-                        problems.append(
-                            f"layer {name}: weight has {nonzero} non-zeros, {pattern.name} at "
-                            f"{planned:.3f} allows {allowed}")
+                violation = plan_violation(pattern, matrix != 0, planned) if planned is not None else None
+                if violation is not None:
+                    problems.append(f"layer {name}: {violation}")
             else:
                 missing = [b for b in info.buffers if b not in self.state and b not in self.exported.constants]
                 if missing:

@@ -226,6 +226,21 @@ def parse_pattern(name: str) -> Pattern:
         "or 'N:M' (e.g. 2:4)")
 
 
+def plan_violation(pattern: Pattern, nonzero_mask: torch.Tensor, sparsity: float) -> str | None:
+    """Why a weight's non-zero mask breaks ``pattern`` at ``sparsity``, or None when it obeys it.
+
+    A kept weight may itself be exactly zero, so when the mask does not match the pattern exactly
+    the non-zero count is checked as an upper bound instead.
+    """
+    if pattern.satisfied_by(nonzero_mask, sparsity):
+        return None
+    nonzero = int(nonzero_mask.sum())
+    allowed = nonzero_mask.numel() - int(round(nonzero_mask.numel() * sparsity))
+    if nonzero <= allowed:
+        return None
+    return f"weight has {nonzero} non-zeros, {pattern.name} at {sparsity:.3f} allows {allowed}"
+
+
 def check_sparsity_value(sparsity: float) -> None:
     if not (isinstance(sparsity, int | float) and 0.0 <= float(sparsity) < 1.0):
         raise SparseccError(

@@ -20,13 +20,14 @@ import torch
 from sparsecc import ops
 from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
 from sparsecc.program import Layer, Program, SparsityInfo
-from sparsecc.sparsity import Packed, PackedBSR, PackedNM, packed_nbytes, parse_pattern
+from sparsecc.sparsity import Packed, PackedBSR, PackedNM, packed_nbytes, parse_pattern, plan_violation
 
 aten = torch.ops.aten
 
 
-def buffer_prefix(layer_name: str) -> str:
-    return "sparsecc_" + re.sub(r"[^0-9A-Za-z_]", "_", layer_name)
+def buffer_name(layer_name: str, array: str) -> str:
+    """Name of the buffer holding packed array ``array`` (e.g. "indptr") of a layer."""
+    return "sparsecc_" + re.sub(r"[^0-9A-Za-z_]", "_", layer_name) + "_" + array
 
 
 def _sparse_call(graph: torch.fx.Graph, x2d: torch.fx.Node, packed: Packed, getters: dict[str, torch.fx.Node],
@@ -45,7 +46,7 @@ def _find_param_owner(module: torch.nn.Module, fqn: str) -> tuple[torch.nn.Modul
 
 
 def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, layer: Layer, packed: Packed,
-             prefix: str) -> list[str]:
+             layer_name: str) -> list[str]:
     """Replace ``node`` (linear or 1x1 conv) with the sparse op; returns the new buffer names."""
     graph = gm.graph
     x = node.args[0]
@@ -57,7 +58,7 @@ def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, layer: Layer, packed
     with graph.inserting_before(node):
         getters = {}
         for key, array in packed.arrays().items():
-            name = f"{prefix}_{key}"
+            name = buffer_name(layer_name, key)
             gm.register_buffer(name, torch.from_numpy(np.ascontiguousarray(array)).clone())
             getters[key] = graph.get_attr(name)
             names.append(name)
@@ -112,15 +113,14 @@ class Pack(Pass):
             owner, leaf = _find_param_owner(gm, layer.weight)
             weight = getattr(owner, leaf).detach()
             matrix = weight.reshape(weight.shape[0], -1).float().numpy()
-            if not pattern.satisfied_by(torch.from_numpy(matrix != 0), lp.sparsity) and \
-                    int((matrix != 0).sum()) > matrix.size - int(round(matrix.size * lp.sparsity)):
+            if plan_violation(pattern, torch.from_numpy(matrix != 0), lp.sparsity) is not None:
                 diagnostics.append(self.diag(
                     "warning", f"weight is not pruned to {lp.pattern} at {lp.sparsity:g}; kept dense "
                     "(run a prune pass before pack)", layer.name))
                 continue
             packed = pattern.pack(matrix)
-            names = _rewrite(gm, node, layer, packed, buffer_prefix(layer.name))
-            if not any(u.op != "output" for u in weight_arg.users) and not weight_arg.users:
+            names = _rewrite(gm, node, layer, packed, layer.name)
+            if not weight_arg.users:
                 gm.graph.erase_node(weight_arg)
                 delattr(owner, leaf)
             nbytes = packed_nbytes(packed)
@@ -143,4 +143,4 @@ class Pack(Pass):
                           diagnostics=diagnostics)
 
 
-__all__ = ["Pack", "buffer_prefix", "ops"]
+__all__ = ["Pack", "buffer_name", "ops"]
