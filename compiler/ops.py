@@ -89,17 +89,3 @@ def sparse_linear_nm(
 @sparse_linear_nm.register_fake
 def _(x, values, positions, m, bias):
     return x.new_empty((x.shape[0], values.shape[0]))
-
-
-#: op overload name (as TVM's importer sees it) -> packed format
-SPARSE_OPS = {
-    "sparse_linear_csr": "csr",
-    "sparse_linear_bsr": "bsr",
-    "sparse_linear_nm": "nm",
-}
-
-
-def is_sparse_op(target: object) -> bool:
-    """Whether an fx node target is one of sparsecc's sparse ops."""
-    return getattr(target, "namespace", None) == NAMESPACE or (
-        getattr(getattr(target, "_schema", None), "name", "").startswith(f"{NAMESPACE}::"))

@@ -10,7 +10,6 @@ Sparsity facts live in one typed record per layer (``SparsityInfo``), mirrored i
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -283,7 +282,3 @@ class Program:
 
     def __repr__(self) -> str:
         return f"Program(stage={self.stage!r}, layers={len(self.layers())}, sparse={len(self.sparsity)})"
-
-
-def replace_info(info: SparsityInfo, **changes: Any) -> SparsityInfo:
-    return dataclasses.replace(info, **changes)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -99,8 +98,3 @@ class HostModule:
 def load(path: str | os.PathLike[str]) -> HostModule:
     """Load a library built by ``sparsecc.passes.lower.build`` for the host."""
     return HostModule(path)
-
-
-def inputs_from(values: Sequence[Any]) -> list[np.ndarray]:
-    """Convert inputs (torch tensors or arrays) to contiguous numpy arrays."""
-    return [_to_numpy(v) for v in values]
