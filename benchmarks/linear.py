@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"only {QUICK_SHAPES} at M in {QUICK_MS}, fewer rounds")
     p.add_argument("--shapes", help="comma-separated NxK list, e.g. 3072x768,768x3072")
     p.add_argument("--m", help="comma-separated M values, e.g. 1,128")
-    p.add_argument("--patterns", help="comma-separated subset of: unstructured,block16x1,2:4")
+    p.add_argument("--patterns", help="comma-separated pattern names (default: unstructured,block16x1,2:4); any "
+                   "pattern the x86 target runs, e.g. block8x2,1:4")
+    p.add_argument("--sparsities", help="comma-separated sparsities for every non-N:M pattern (default 0.5,0.7,0.9)")
     p.add_argument("--rounds", type=int, help="interleaved rounds per group (default 25, quick 9)")
     p.add_argument("--no-torch-csr", action="store_true", help="skip torch CSR (slow at M=128, 50 %%)")
     p.add_argument("--out", help="write all measurements to this JSON file")
@@ -66,6 +68,19 @@ def _ms(args: argparse.Namespace) -> list[int]:
     if args.m:
         return [int(v) for v in args.m.split(",")]
     return QUICK_MS if args.quick else MS
+
+
+def _patterns(args: argparse.Namespace) -> list[tuple[str, tuple[float, ...]]]:
+    """(pattern, sparsities) cells to measure; an N:M pattern has exactly one sparsity, 1 - N/M."""
+    from sparsecc.sparsity import NM, parse_pattern
+
+    names = args.patterns.split(",") if args.patterns else [name for name, _ in PATTERNS]
+    default = tuple(float(v) for v in args.sparsities.split(",")) if args.sparsities else (0.5, 0.7, 0.9)
+    cells = []
+    for name in names:
+        pattern = parse_pattern(name)
+        cells.append((name, (1 - pattern.n / pattern.m,) if isinstance(pattern, NM) else default))
+    return cells
 
 
 def _ort_session(weight: np.ndarray, bias: np.ndarray, m: int, threads: int):
@@ -174,11 +189,8 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
                                                        n_out, target)
     refs["sc_dense"] = refs["ort"]
 
-    wanted = set(args.patterns.split(",")) if args.patterns else None
     build_s = 0.0
-    for pattern, sparsities in PATTERNS:
-        if wanted is not None and pattern not in wanted:
-            continue
+    for pattern, sparsities in _patterns(args):
         for sp in sparsities:
             key = f"{pattern}@{int(round(sp * 100))}"
             w = _masked_weight(rng, n_out, k, pattern, sp)
