@@ -20,15 +20,20 @@ from .nm import nm_args, nm_linear
 
 
 def sparse_kernel(m: int, packed: Packed, has_bias: bool, caps: Capabilities,
-                  name: str) -> tuple[object, list[np.ndarray]]:
+                  name: str, schedule: object | None = None) -> tuple[object, list[np.ndarray]]:
     """The scheduled kernel for ``packed`` at M = ``m`` and the constant arrays it takes after x
-    (then the bias, if any, then the output)."""
+    (then the bias, if any, then the output).
+
+    ``schedule`` is one of the format's candidates (see :func:`schedule_space`); None takes the
+    format's own heuristic choice.
+    """
+    extra = {} if schedule is None else {"schedule": schedule}
     if isinstance(packed, PackedCSR):
-        return csr_linear(m, packed, has_bias, caps, name), csr_args(packed, m, caps)
+        return csr_linear(m, packed, has_bias, caps, name, **extra), csr_args(packed, m, caps, **extra)
     if isinstance(packed, PackedBSR):
-        return bsr_linear(m, packed, has_bias, caps, name), bsr_args(packed)
+        return bsr_linear(m, packed, has_bias, caps, name, **extra), bsr_args(packed, m, caps, **extra)
     if isinstance(packed, PackedNM):
-        return nm_linear(m, packed, has_bias, caps, name), nm_args(packed, m, caps)
+        return nm_linear(m, packed, has_bias, caps, name, **extra), nm_args(packed, m, caps, **extra)
     raise TypeError(f"no kernel for packed weight of type {type(packed).__name__}")
 
 

@@ -22,7 +22,7 @@ from sparsecc.targets.base import Capabilities
 from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes, mvec_tile, round_up, transpose_pad, untranspose
 
 
-def bsr_args(packed: PackedBSR) -> list[np.ndarray]:
+def bsr_args(packed: PackedBSR, m: int = 1, caps: Capabilities | None = None) -> list[np.ndarray]:
     """The arrays :func:`bsr_linear`'s kernel takes after x, in order: indptr, indices and the
     blocks transposed to (nblocks, c, r)."""
     r, c = packed.block
