@@ -1,28 +1,69 @@
 """Compressed-sparse-row (CSR) linear kernels: y = x @ W.T + b for unstructured sparsity.
 
-* M = 1 (SpMV): rows run in parallel; the nonzeros of a row are consumed a vector at a time (the
-  x values are gathered by column index) into a vector accumulator, so a row has ``lanes``
-  independent multiply-add chains instead of one scalar chain; the ragged end of the row is a
-  scalar loop and the vector is summed once per row.
-* M > 1 (SpMM): x is transposed per tile of up to 64 rows so every nonzero multiplies a contiguous
-  register tile of x rows (4 zmm). The nonzeros are regrouped into blocks of K columns (see
-  :func:`_spmm_plan`) so the transposed-x panel a block reads stays in L1; chunks of output rows run
-  in parallel, keep their accumulators in an L1 scratch across K blocks, and write y through a
-  16 x 16 register transpose. Column indices are uint16 when K allows.
+Three schedule families (:class:`CSRSchedule` ``family``), each with its own layout of the
+nonzeros (:func:`csr_args` re-lays the packed CSR out for the kernel):
+
+* ``sell`` (M = 1): output rows in slices of 16, the nonzeros of a slice stored step by step (the
+  j-th nonzero of each of its 16 rows side by side, short rows padded with zeros). One step is a
+  contiguous vector of 16 weights times 16 x values fetched with one ``vgatherdps``, added into a
+  vector of the 16 rows' sums: no horizontal sum and no ragged row ends.
+* ``spmv`` (M = 1): one row at a time, its nonzeros consumed 16 at a time (x gathered by column
+  index) into ``unroll`` vector accumulators, the ragged end as one masked vector, the vector
+  summed once per row. For rows of very unequal length, where slices would be mostly padding.
+* ``spmm`` (M > 1): x is transposed per tile of up to 64 rows so every nonzero multiplies a
+  contiguous register tile of x rows. The nonzeros are regrouped into blocks of K columns (see
+  :func:`_spmm_plan`) so the transposed-x panel a block reads stays in L1; chunks of output rows
+  run in parallel, keep their accumulators in an L1 scratch across K blocks, and write y through
+  a 16 x 16 register transpose.
+
+Column indices are uint16 when K allows (``index``), which shrinks the weight stream from 8 to 6
+bytes per nonzero.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 from sparsecc.sparsity import PackedCSR
 from sparsecc.targets.base import Capabilities
 
-from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes, pow2_at_least, round_up
+from ._common import ACC_SCOPE, ceil_div, drop_param, finish, pow2_at_least, round_up
 
 #: L1 bytes the SpMM's transposed-x panel of one K block may take (see :func:`_spmm_plan`)
 _PANEL_BYTES = 24 * 1024
 #: nonzeros a row should have per K block, on average, for the block to pay for itself
 _NNZ_PER_BLOCK_ROW = 32
+#: output rows per slice of the ``sell`` layout (one zmm of f32 sums)
+_SLICE = 16
+#: lanes of one gathered vector of x (``vgatherdps`` on zmm)
+_GATHER = 16
+
+
+@dataclass(frozen=True)
+class CSRSchedule:
+    """The tunable knobs of a CSR kernel (see the module docstring for the families).
+
+    ``tile``: spmm x rows per register tile. ``kblock``: spmm K columns per block (0: all of K).
+    ``unroll``: nonzeros (spmm) or gathered vectors (sell, spmv) per step, each into its own
+    accumulator, so that many multiply-add chains run side by side. ``chunk``: spmm output rows
+    per parallel chunk (0: as many as keep the chunk's accumulators in 16 KiB).
+    ``index``: width of the stored column indices, ``"uint16"`` (K <= 65536) or ``"int32"``.
+    """
+
+    family: str = "spmm"
+    index: str = "uint16"
+    tile: int = 64
+    kblock: int = 0
+    unroll: int = 1
+    chunk: int = 0
+
+    def describe(self) -> str:
+        if self.family == "spmm":
+            return (f"csr-spmm tile{self.tile} kblock{self.kblock} unroll{self.unroll} chunk{self.chunk} "
+                    f"{self.index}")
+        return f"csr-{self.family} gather{_GATHER} unroll{self.unroll} {self.index}"
 
 
 def _spmm_plan(m: int, k: int, n_out: int, nnz: int, caps: Capabilities | None) -> tuple[int, int]:
@@ -51,66 +92,232 @@ def _index_dtype(k: int) -> str:
     return "uint16" if k <= 65536 else "int32"
 
 
-def csr_args(packed: PackedCSR, m: int, caps: Capabilities | None = None) -> list[np.ndarray]:
-    """The arrays :func:`csr_linear`'s kernel takes after x, in order (indptr, indices, data).
+def _has_gather(caps: Capabilities | None) -> bool:
+    return caps is None or ("avx512f" in caps.features and caps.vector_bits >= 512)
 
-    For M > 1 the nonzeros are regrouped by K block (see :func:`_spmm_plan`): block ``b``'s
-    rows come one after another, so ``indptr`` has ``nblocks * N + 1`` entries and row ``n`` of
-    block ``b`` is ``[indptr[b * N + n], indptr[b * N + n + 1])``. ``caps`` must be the one
-    :func:`csr_linear` got (the block size depends on the vector width).
-    """
+
+def _slice_padding(packed: PackedCSR) -> float:
+    """Fraction of the ``sell`` layout's slots that would be padding."""
+    return 1.0 - packed.nnz / max(1, int(_sell_steps(packed, 1).sum()) * _SLICE)
+
+
+def default_schedule(m: int, packed: PackedCSR, caps: Capabilities | None) -> CSRSchedule:
+    """The heuristic choice (first of :func:`csr_schedules`)."""
+    return csr_schedules(m, packed, caps)[0]
+
+
+def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[CSRSchedule]:
+    """Candidate schedules worth measuring for ``packed`` at M = ``m``, the heuristic default first."""
     n_out, k = packed.shape
-    indptr = packed.indptr.astype(np.int32)
-    indices = packed.indices.astype(np.int64)
-    data = packed.data.astype(np.float32)
-    if m > 1:
-        _, kblock = _spmm_plan(m, k, n_out, packed.nnz, caps)
-        nkb = ceil_div(k, kblock)
-        rows = np.repeat(np.arange(n_out, dtype=np.int64), np.diff(packed.indptr))
-        key = (indices // kblock) * n_out + rows
-        # Stable: within a (block, row) the columns stay sorted.
-        order = np.argsort(key, kind="stable")
-        indices, data = indices[order], data[order]
-        counts = np.bincount(key, minlength=nkb * n_out)
-        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        idx_dtype = _index_dtype(k)
+    index = _index_dtype(k)
+    if m == 1:
+        if not _has_gather(caps):
+            return [CSRSchedule("spmv", index, unroll=u) for u in (1, 2)]
+        sell = [CSRSchedule("sell", index, unroll=u) for u in (2, 1, 4)]
+        spmv = [CSRSchedule("spmv", index, unroll=u) for u in (1, 2)]
+        # Slices pay for their padding; rows of equal length (per-row pruning) have none.
+        first, second = (sell, spmv) if _slice_padding(packed) <= 0.1 else (spmv, sell)
+        return first + second + [CSRSchedule("sell", "int32", unroll=2)]
+    tile, kblock = _spmm_plan(m, k, n_out, packed.nnz, caps)
+    base = CSRSchedule("spmm", index, tile=tile, kblock=kblock, unroll=4 if tile < 16 else 1)
+    out = [base, dataclasses.replace(base, unroll=2), dataclasses.replace(base, index="int32")]
+    if tile < 16:
+        out += [dataclasses.replace(base, unroll=8), dataclasses.replace(base, unroll=1)]
     else:
-        idx_dtype = "int32"
-    indices = indices.astype(idx_dtype)
-    if packed.nnz == 0:
-        # Kernels declare at least one stored element; it is never read (every row is empty).
-        indices = np.zeros(1, idx_dtype)
-        data = np.zeros(1, np.float32)
-    return [indptr, indices, data]
+        out += [dataclasses.replace(base, kblock=min(round_up(k, 16), 2 * kblock)),
+                dataclasses.replace(base, kblock=max(16, round_up(kblock // 2, 16)))]
+    seen: list[CSRSchedule] = []
+    for s in out:
+        if s not in seen:
+            seen.append(s)
+    return seen
 
 
-def _spmv(n_out: int, k: int, nnz: int, has_bias: bool, v: int):
+def _check_schedule(m: int, k: int, s: CSRSchedule, caps: Capabilities | None) -> None:
+    if s.index not in ("uint16", "int32") or (s.index == "uint16" and k > 65536):
+        raise ValueError(f"index width {s.index!r} cannot hold K = {k}")
+    if s.family in ("sell", "spmv"):
+        if m != 1:
+            raise ValueError(f"{s.family} is an M = 1 schedule, got M = {m}")
+        if s.family == "sell" and not _has_gather(caps):
+            raise ValueError("sell needs AVX-512 gathers")
+    elif s.family != "spmm":
+        raise ValueError(f"unknown CSR schedule family {s.family!r}")
+    if s.unroll < 1 or s.tile < 1 or s.kblock < 0 or s.chunk < 0:
+        raise ValueError(f"bad CSR schedule {s}")
+
+
+def _gather(x_ptr, idx):
+    """16 f32 from ``x_ptr`` at the int32x16 offsets ``idx`` with one ``vgatherdps`` (TVM lowers a
+    vector load at non-affine indices to 16 scalar loads and inserts instead)."""
     from tvm.script import tirx as T
 
-    nz = max(nnz, 1)
+    return T.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.gather.dps.512",
+                                   T.Broadcast(T.float32(0), 16), x_ptr, idx,
+                                   T.Broadcast(T.bool(True), 16), T.int32(4))
+
+
+def _spmm_layout(packed: PackedCSR, s: CSRSchedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """indptr/indices/data regrouped by K block: block ``b``'s rows come one after another, so row
+    ``n`` of block ``b`` is ``[indptr[b * N + n], indptr[b * N + n + 1])``."""
+    n_out, k = packed.shape
+    kblock = s.kblock or round_up(k, 16)
+    nkb = ceil_div(k, kblock)
+    indices = packed.indices.astype(np.int64)
+    rows = np.repeat(np.arange(n_out, dtype=np.int64), np.diff(packed.indptr))
+    key = (indices // kblock) * n_out + rows
+    # Stable: within a (block, row) the columns stay sorted.
+    order = np.argsort(key, kind="stable")
+    counts = np.bincount(key, minlength=nkb * n_out)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return indptr, indices[order], packed.data[order].astype(np.float32)
+
+
+def _sell_steps(packed: PackedCSR, unroll: int) -> np.ndarray:
+    """Steps of every 16-row slice: its longest row, rounded up to a multiple of ``unroll``."""
+    n_out = packed.shape[0]
+    counts = np.zeros(ceil_div(n_out, _SLICE) * _SLICE, np.int64)
+    counts[:n_out] = np.diff(packed.indptr)
+    return -(-counts.reshape(-1, _SLICE).max(axis=1) // unroll) * unroll
+
+
+def _stored(packed: PackedCSR, s: CSRSchedule) -> int:
+    """Length of the indices / data arrays :func:`csr_args` gives for schedule ``s``."""
+    if s.family == "sell":
+        total = int(_sell_steps(packed, s.unroll).sum()) * _SLICE
+    elif s.family == "spmv":
+        total = packed.nnz + _GATHER
+    else:
+        total = packed.nnz
+    return max(total, 1)
+
+
+def _sell_layout(packed: PackedCSR, s: CSRSchedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slice pointers (in steps) and the step-major nonzeros of every 16-row slice; each slice's
+    step count is padded to a multiple of ``unroll`` (padding: weight 0 at column 0)."""
+    n_out = packed.shape[0]
+    steps = _sell_steps(packed, s.unroll)
+    sptr = np.concatenate([[0], np.cumsum(steps)]).astype(np.int32)
+    total = int(sptr[-1]) * _SLICE
+    indices = np.zeros(total, np.int64)
+    data = np.zeros(total, np.float32)
+    rows = np.repeat(np.arange(n_out, dtype=np.int64), np.diff(packed.indptr))
+    j = np.arange(packed.nnz, dtype=np.int64) - packed.indptr[rows].astype(np.int64)  # position in row
+    pos = (sptr[rows // _SLICE].astype(np.int64) + j) * _SLICE + rows % _SLICE
+    indices[pos] = packed.indices
+    data[pos] = packed.data
+    return sptr, indices, data
+
+
+def _spmv_layout(packed: PackedCSR, s: CSRSchedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR as is, with one gathered vector of padding after the last row, so the masked
+    vector at a row's end never reads past the arrays."""
+    pad = np.zeros(_GATHER, np.int64)
+    indices = np.concatenate([packed.indices.astype(np.int64), pad])
+    data = np.concatenate([packed.data.astype(np.float32), pad.astype(np.float32)])
+    return packed.indptr.astype(np.int32), indices, data
+
+
+def csr_args(packed: PackedCSR, m: int, caps: Capabilities | None = None,
+             schedule: CSRSchedule | None = None) -> list[np.ndarray]:
+    """The arrays :func:`csr_linear`'s kernel takes after x, in order (pointers, indices, data),
+    laid out for ``schedule`` (None: :func:`default_schedule`; ``caps`` and ``schedule`` must be
+    those :func:`csr_linear` got)."""
+    s = schedule or default_schedule(m, packed, caps)
+    _check_schedule(m, packed.shape[1], s, caps)
+    layout = {"spmm": _spmm_layout, "sell": _sell_layout, "spmv": _spmv_layout}[s.family]
+    ptr, indices, data = layout(packed, s)
+    if len(data) == 0:
+        # Kernels declare at least one stored element; it is never read (every row is empty).
+        indices, data = np.zeros(1, np.int64), np.zeros(1, np.float32)
+    return [ptr, indices.astype(s.index), data]
+
+
+def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str):
+    from tvm.script import tirx as T
+
+    n_sl = ceil_div(n_out, _SLICE)
+    full = n_out // _SLICE
+    w = _SLICE
+
+    @T.prim_func
+    def kernel(x: T.Buffer((1, k), "float32"), sptr: T.Buffer((n_sl + 1,), "int32"),
+               indices: T.Buffer((total,), idx_dtype), data: T.Buffer((total,), "float32"),
+               bias: T.Buffer((n_out,), "float32"), y: T.Buffer((1, n_out), "float32")):
+        for sl in T.parallel(n_sl):
+            acc = T.decl_buffer((unroll, w), "float32", scope=ACC_SCOPE)
+            for u in T.unroll(unroll):
+                acc[u, T.Ramp(0, 1, w)] = T.Broadcast(T.float32(0), w)
+            j0 = T.meta_var(sptr[sl])
+            for q in range((sptr[sl + 1] - sptr[sl]) // unroll):
+                for u in T.unroll(unroll):
+                    at = T.meta_var((j0 + q * unroll + u) * w)
+                    acc[u, T.Ramp(0, 1, w)] = acc[u, T.Ramp(0, 1, w)] + data[T.Ramp(at, 1, w)] * _gather(
+                        T.address_of(x[0, 0]), T.Cast("int32x16", indices[T.Ramp(at, 1, w)]))
+            for u in T.unroll(1, unroll):
+                acc[0, T.Ramp(0, 1, w)] = acc[0, T.Ramp(0, 1, w)] + acc[u, T.Ramp(0, 1, w)]
+            if sl < full:
+                if has_bias:
+                    y[0, T.Ramp(sl * w, 1, w)] = acc[0, T.Ramp(0, 1, w)] + bias[T.Ramp(sl * w, 1, w)]
+                else:
+                    y[0, T.Ramp(sl * w, 1, w)] = acc[0, T.Ramp(0, 1, w)]
+            else:
+                for r in range(n_out - full * w):
+                    if has_bias:
+                        y[0, sl * w + r] = acc[0, r] + bias[sl * w + r]
+                    else:
+                        y[0, sl * w + r] = acc[0, r]
+
+    return kernel
+
+
+def _spmv(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str, hw_gather: bool):
+    from tvm.script import tirx as T
+
+    v = _GATHER
+    step = v * unroll
 
     @T.prim_func
     def kernel(x: T.Buffer((1, k), "float32"), indptr: T.Buffer((n_out + 1,), "int32"),
-               indices: T.Buffer((nz,), "int32"), data: T.Buffer((nz,), "float32"),
+               indices: T.Buffer((total,), idx_dtype), data: T.Buffer((total,), "float32"),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((1, n_out), "float32")):
         for n in T.parallel(n_out):
-            acc = T.decl_buffer((v,), "float32", scope=ACC_SCOPE)
+            acc = T.decl_buffer((unroll, v), "float32", scope=ACC_SCOPE)
             tot = T.decl_buffer((1,), "float32", scope=ACC_SCOPE)
-            for lane in T.vectorized(v):
-                acc[lane] = T.float32(0)
+            for u in T.unroll(unroll):
+                acc[u, T.Ramp(0, 1, v)] = T.Broadcast(T.float32(0), v)
             p0 = T.meta_var(indptr[n])
             count = T.meta_var(indptr[n + 1] - indptr[n])
-            for q in range(count // v):
-                for lane in T.vectorized(v):
-                    acc[lane] = acc[lane] + data[p0 + q * v + lane] * x[0, indices[p0 + q * v + lane]]
+            for q in range(count // step):
+                for u in T.unroll(unroll):
+                    at = T.meta_var(p0 + q * step + u * v)
+                    if hw_gather:
+                        acc[u, T.Ramp(0, 1, v)] = acc[u, T.Ramp(0, 1, v)] + data[T.Ramp(at, 1, v)] * _gather(
+                            T.address_of(x[0, 0]), T.Cast("int32x16", indices[T.Ramp(at, 1, v)]))
+                    else:
+                        for lane in T.vectorized(v):
+                            acc[u, lane] = acc[u, lane] + data[at + lane] * x[0, T.Cast("int32", indices[at + lane])]
+            # The rest of the row, under unroll full vectors: whole vectors, the last one with the
+            # weights past the row's end zeroed (the arrays have a vector of padding at the end).
+            for q in range(count // step * unroll, (count + v - 1) // v):
+                at = T.meta_var(p0 + q * v)
+                if hw_gather:
+                    acc[0, T.Ramp(0, 1, v)] = acc[0, T.Ramp(0, 1, v)] + T.Select(
+                        T.Ramp(q * v, 1, v) < T.Broadcast(count, v), data[T.Ramp(at, 1, v)],
+                        T.Broadcast(T.float32(0), v)) * _gather(
+                        T.address_of(x[0, 0]), T.Cast("int32x16", indices[T.Ramp(at, 1, v)]))
+                else:
+                    for lane in T.vectorized(v):
+                        acc[0, lane] = acc[0, lane] + T.Select(q * v + lane < count, data[at + lane], T.float32(0)) * x[
+                            0, T.Cast("int32", indices[at + lane])]
+            for u in T.unroll(1, unroll):
+                acc[0, T.Ramp(0, 1, v)] = acc[0, T.Ramp(0, 1, v)] + acc[u, T.Ramp(0, 1, v)]
             if has_bias:
                 tot[0] = bias[n]
             else:
                 tot[0] = T.float32(0)
-            for p in range(p0 + count // v * v, indptr[n + 1]):
-                tot[0] = tot[0] + data[p] * x[0, indices[p]]
             for lane in T.unroll(v):
-                tot[0] = tot[0] + acc[lane]
+                tot[0] = tot[0] + acc[0, lane]
             y[0, n] = tot[0]
 
     return kernel
@@ -127,7 +334,7 @@ def _shuffle_lanes(bit: int, upper: bool) -> list[int]:
 
 
 def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kblock: int, idx_dtype: str,
-          chunk: int | None = None):
+          chunk: int | None = None, unroll: int = 1):
     from tvm.script import tirx as T
 
     nz = max(nnz, 1)
@@ -186,15 +393,28 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                     yt[r, v] = T.float32(0)
             for kb in range(nkb):
                 for r in range(rows):
-                    acc = T.decl_buffer((tile,), "float32", scope=ACC_SCOPE)
+                    acc = T.decl_buffer((unroll, tile), "float32", scope=ACC_SCOPE)
                     for v in T.vectorized(tile):
-                        acc[v] = yt[r, v]
-                    row = T.meta_var(kb * n_out + c * chunk + r)
-                    for p in range(indptr[row], indptr[row + 1]):
+                        acc[0, v] = yt[r, v]
+                    for u in T.unroll(1, unroll):
                         for v in T.vectorized(tile):
-                            acc[v] = acc[v] + data[p] * xt[mt, T.Cast("int32", indices[p]), v]
+                            acc[u, v] = T.float32(0)
+                    row = T.meta_var(kb * n_out + c * chunk + r)
+                    p0 = T.meta_var(indptr[row])
+                    cnt = T.meta_var(indptr[row + 1] - indptr[row])
+                    for q in range(cnt // unroll):
+                        for u in T.unroll(unroll):
+                            for v in T.vectorized(tile):
+                                acc[u, v] = acc[u, v] + data[p0 + q * unroll + u] * xt[
+                                    mt, T.Cast("int32", indices[p0 + q * unroll + u]), v]
+                    for p in range(p0 + cnt // unroll * unroll, indptr[row + 1]):
+                        for v in T.vectorized(tile):
+                            acc[0, v] = acc[0, v] + data[p] * xt[mt, T.Cast("int32", indices[p]), v]
+                    for u in T.unroll(1, unroll):
+                        for v in T.vectorized(tile):
+                            acc[0, v] = acc[0, v] + acc[u, v]
                     for v in T.vectorized(tile):
-                        yt[r, v] = acc[v]
+                        yt[r, v] = acc[0, v]
             if rows % 16 == 0 and tile % 16 == 0:
                 # yt holds y^T: transpose it 16 x 16 in registers (64 two-source shuffles per block)
                 # so every y row gets 16-wide stores; reading yt with stride ``tile`` instead cost
@@ -254,20 +474,22 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
 
 
 def csr_linear(m: int, packed: PackedCSR, has_bias: bool, caps: Capabilities,
-               name: str = "sparse_linear_csr"):
-    """Scheduled TIR PrimFunc for y = x @ W.T (+ b) with W in CSR (arrays from :func:`csr_args`).
+               name: str = "sparse_linear_csr", schedule: CSRSchedule | None = None):
+    """Scheduled TIR PrimFunc for y = x @ W.T (+ b) with W in CSR (arrays from :func:`csr_args`
+    with the same ``schedule``; None: :func:`default_schedule`).
 
-    Parameters of the PrimFunc: x (m, K) f32, indptr (N+1,), indices (nnz,), data, [bias (N,)],
-    y (m, N) f32.
+    Parameters of the PrimFunc: x (m, K) f32, pointers, indices, data, [bias (N,)], y (m, N) f32.
     """
     n_out, k = packed.shape
-    if m == 1:
-        v = lanes(caps)
-        func = _spmv(n_out, k, packed.nnz, has_bias, v)
-        func = func if has_bias else drop_param(func, "bias")
-        return finish(func, name, f"csr-spmv gather{v}")
-    tile, kblock = _spmm_plan(m, k, n_out, packed.nnz, caps)
-    idx_dtype = _index_dtype(k)
-    func = _spmm(m, n_out, k, packed.nnz, has_bias, tile, kblock, idx_dtype)
+    s = schedule or default_schedule(m, packed, caps)
+    _check_schedule(m, k, s, caps)
+    total = _stored(packed, s)
+    if s.family == "sell":
+        func = _sell(n_out, k, total, has_bias, s.unroll, s.index)
+    elif s.family == "spmv":
+        func = _spmv(n_out, k, total, has_bias, s.unroll, s.index, _has_gather(caps))
+    else:
+        kblock = s.kblock or round_up(k, 16)
+        func = _spmm(m, n_out, k, total, has_bias, s.tile, kblock, s.index, chunk=s.chunk or None, unroll=s.unroll)
     func = func if has_bias else drop_param(func, "bias")
-    return finish(func, name, f"csr-spmm tile{tile} kblock{kblock} {idx_dtype}")
+    return finish(func, name, s.describe())

@@ -1,0 +1,173 @@
+"""The CSR kernels' schedule space: every family, index width and candidate of ``csr_schedules``
+against the float64 masked-dense reference, on odd shapes and awkward rows."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from sparsecc.sparsity import pack_csr  # noqa: E402
+from sparsecc.targets import get_target  # noqa: E402
+from sparsecc.targets.kernels import sparse_kernel  # noqa: E402
+from sparsecc.targets.kernels.csr import CSRSchedule, csr_args, csr_linear, csr_schedules  # noqa: E402
+
+TARGET = get_target("x86")
+CAPS = TARGET.capabilities()
+DEV = tvm.cpu()
+HAS_GATHER = "avx512f" in CAPS.features and CAPS.vector_bits >= 512
+
+
+def _run(func, inputs: list[np.ndarray], m: int, n_out: int) -> np.ndarray:
+    ex = tvm.compile(func, target=TARGET.tvm_target())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), DEV) for a in inputs]
+    y = tvm.runtime.tensor(np.full((m, n_out), np.nan, np.float32), DEV)
+    ex[str(func.attrs["global_symbol"])](*args, y)
+    return y.numpy()
+
+
+def _check(got: np.ndarray, ref: np.ndarray) -> None:
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+def _weight(rng: np.random.Generator, n_out: int, k: int, sparsity: float) -> np.ndarray:
+    """Random sparsity plus the rows kernels get wrong: empty, fully dense, a single nonzero
+    (first and last column), and a row one longer than a gathered vector."""
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    w[rng.random((n_out, k)) < sparsity] = 0
+    w[1] = 0
+    w[2] = rng.standard_normal(k)
+    w[3] = 0
+    w[3, 0] = 1.5
+    w[4] = 0
+    w[4, k - 1] = -2.0
+    w[5] = 0
+    w[5, rng.choice(k, min(k, 17), replace=False)] = 1.0
+    return w
+
+
+def _build_and_check(m: int, w: np.ndarray, schedule: CSRSchedule | None, with_bias: bool, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    n_out, k = w.shape
+    packed = pack_csr(w)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32) if with_bias else None
+    func = csr_linear(m, packed, with_bias, CAPS, "csr_sched", schedule=schedule)
+    arrays = csr_args(packed, m, CAPS, schedule=schedule)
+    got = _run(func, [x, *arrays] + ([bias] if with_bias else []), m, n_out)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    _check(got, ref + bias if with_bias else ref)
+    return str(func.attrs["sparsecc.schedule"])
+
+
+SHAPES = [(37, 53), (70, 301), (48, 16)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 128, 131])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_every_candidate(m: int, shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(m * 1000 + shape[1])
+    w = _weight(rng, *shape, sparsity=0.6)
+    candidates = csr_schedules(m, pack_csr(w), CAPS)
+    assert 2 <= len(candidates) <= 12
+    assert len(set(candidates)) == len(candidates), "duplicate candidates"
+    for i, schedule in enumerate(candidates):
+        desc = _build_and_check(m, w, schedule, with_bias=i % 2 == 0, seed=i)
+        assert desc == schedule.describe()
+
+
+@pytest.mark.parametrize("m", [1, 8, 128])
+def test_default_is_first_candidate(m: int) -> None:
+    rng = np.random.default_rng(5)
+    w = _weight(rng, 40, 301, 0.7)
+    packed = pack_csr(w)
+    func, arrays = sparse_kernel(m, packed, True, CAPS, "csr_default")
+    assert str(func.attrs["sparsecc.schedule"]) == csr_schedules(m, packed, CAPS)[0].describe()
+    x = rng.standard_normal((m, 301)).astype(np.float32)
+    bias = rng.standard_normal(40).astype(np.float32)
+    _check(_run(func, [x, *arrays, bias], m, 40), x.astype(np.float64) @ w.astype(np.float64).T + bias)
+
+
+FAMILIES_M1 = ["sell", "spmv"] if HAS_GATHER else ["spmv"]
+
+
+@pytest.mark.parametrize("index", ["uint16", "int32"])
+@pytest.mark.parametrize("family", FAMILIES_M1 + ["spmm"])
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_index_widths(index: str, family: str, unroll: int) -> None:
+    m = 5 if family == "spmm" else 1
+    rng = np.random.default_rng(unroll)
+    w = _weight(rng, 35, 301, 0.5)
+    schedule = CSRSchedule(family, index, tile=8, kblock=96 if family == "spmm" else 0, unroll=unroll)
+    arrays = csr_args(pack_csr(w), m, CAPS, schedule=schedule)
+    assert arrays[1].dtype == np.dtype(index)
+    desc = _build_and_check(m, w, schedule, with_bias=True, seed=unroll)
+    assert index in desc and f"unroll{unroll}" in desc
+
+
+def test_uint16_column_beyond_int16() -> None:
+    # Columns past 32767 must not come back negative from a uint16 index.
+    k = 40000
+    w = np.zeros((20, k), np.float32)
+    w[:, k - 3:] = 1.0
+    w[3, 5] = 2.0
+    w[7, 32768] = -1.0
+    for m in (1, 4):
+        for schedule in csr_schedules(m, pack_csr(w), CAPS)[:2]:
+            assert schedule.index == "uint16"
+            _build_and_check(m, w, schedule, with_bias=False, seed=m)
+
+
+@pytest.mark.parametrize("m", [1, 8, 128])
+def test_all_zero_weight(m: int) -> None:
+    w = np.zeros((24, 53), np.float32)
+    for schedule in csr_schedules(m, pack_csr(w), CAPS)[:3]:
+        _build_and_check(m, w, schedule, with_bias=True, seed=0)
+
+
+def test_sell_slices_of_unequal_rows() -> None:
+    # Rows of very different length in one slice: the short ones are padded with zero weights;
+    # a last slice of 3 rows takes the scalar store.
+    if not HAS_GATHER:
+        pytest.skip("the sell family needs AVX-512 gathers")
+    rng = np.random.default_rng(11)
+    w = _weight(rng, 35, 301, 0.9)
+    w[20] = rng.standard_normal(301)
+    for unroll in (1, 2, 4):
+        _build_and_check(1, w, CSRSchedule("sell", "uint16", unroll=unroll), with_bias=True, seed=unroll)
+
+
+def test_sell_steps_are_longest_row() -> None:
+    if not HAS_GATHER:
+        pytest.skip("the sell family needs AVX-512 gathers")
+    w = np.zeros((20, 64), np.float32)
+    w[0, :10] = 1.0  # slice 0: longest row 10
+    w[17, :3] = 2.0  # slice 1 (rows 16..19): longest row 3
+    ptr, indices, data = csr_args(pack_csr(w), 1, CAPS, schedule=CSRSchedule("sell", "uint16", unroll=2))
+    assert list(ptr) == [0, 10, 14]  # 3 steps rounded up to 4 for unroll 2
+    assert len(data) == 14 * 16 and np.count_nonzero(data) == 13
+
+
+def test_schedule_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    packed = pack_csr(_weight(rng, 32, 64, 0.5))
+    for m in (1, 8, 128):
+        for schedule in csr_schedules(m, packed, CAPS):
+            d = dataclasses.asdict(schedule)
+            assert all(isinstance(v, (int, str, bool)) for v in d.values())
+            assert CSRSchedule(**d) == schedule
+            assert hash(CSRSchedule(**d)) == hash(schedule)
+
+
+def test_invalid_schedules_are_refused() -> None:
+    packed = pack_csr(np.eye(8, 70000, dtype=np.float32))
+    with pytest.raises(ValueError):
+        csr_args(packed, 1, CAPS, schedule=CSRSchedule("spmv", "uint16"))  # K > 65536
+    with pytest.raises(ValueError):
+        csr_linear(4, packed, False, CAPS, schedule=CSRSchedule("sell", "int32"))  # M = 1 only
+    with pytest.raises(ValueError):
+        csr_linear(4, packed, False, CAPS, schedule=CSRSchedule("spmm", "int32", unroll=0))
