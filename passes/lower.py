@@ -114,6 +114,7 @@ def _static_shape(expr: Any, owner: str) -> tuple[int, ...]:
 
 def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> LoweringResult:
     """Import ``ep`` into Relax with sparsecc's kernels for sparse and dense linear layers."""
+    import tvm_ffi
     from sparsecc.targets.kernels import SCHEDULE_ATTR, dense_args, dense_linear, sparse_kernel
     from sparsecc.targets.kernels.batch_matmul import batch_matmul
     from sparsecc.targets.kernels.conv import conv2d_panels, conv_geometry, grouped_conv2d
@@ -139,23 +140,33 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> Lo
 
     importer_env: list[Any] = []
 
+    # Kernels are built for one concrete problem (shapes, nonzero counts), so the layers of a
+    # transformer (every layer's q projection has the same shape and, at a uniform sparsity, the
+    # same nonzero count) get structurally identical kernels: each is compiled once and shared.
+    # MiniLM's 36 linears need 3 kernels per format instead of 36, which is most of its build time.
+    shared: dict[int, list[tuple[Any, Any]]] = {}
+
+    def add_kernel(importer: Any, node: Any, func: Any, prefix: str) -> Any:
+        key = tvm_ffi.structural_hash(func)
+        for known, gv in shared.get(key, []):
+            if tvm_ffi.structural_equal(known, func):
+                return gv
+        name = _kernel_name(prefix, node.name)
+        gv = importer.block_builder.add_func(func.with_attr("global_symbol", name), name)
+        shared.setdefault(key, []).append((func, gv))
+        return gv
+
     def emit_kernel(importer: Any, node: Any, func: Any, x: Any, arrays: list[np.ndarray], bias: Any,
                     m: int, n_out: int, prefix: str) -> tuple[Any, str, str]:
-        bb = importer.block_builder
-        name = _kernel_name(prefix, node.name)
-        func = func.with_attr("global_symbol", name)
-        gv = bb.add_func(func, name)
+        gv = add_kernel(importer, node, func, prefix)
         args = [x] + [relax.const(a) for a in arrays] + ([bias] if bias is not None else [])
-        out = bb.emit(relax.call_tir(gv, args, out_ty=relax.TensorType([m, n_out], "float32")))
+        out = importer.block_builder.emit(relax.call_tir(gv, args, out_ty=relax.TensorType([m, n_out], "float32")))
         return out, gv.name_hint, str(func.attrs[SCHEDULE_ATTR])
 
     def emit_call(importer: Any, node: Any, func: Any, args: list[Any], out_shape: tuple[int, ...],
                   prefix: str) -> tuple[Any, str, str]:
-        bb = importer.block_builder
-        name = _kernel_name(prefix, node.name)
-        func = func.with_attr("global_symbol", name)
-        gv = bb.add_func(func, name)
-        out = bb.emit(relax.call_tir(gv, args, out_ty=relax.TensorType(list(out_shape), "float32")))
+        gv = add_kernel(importer, node, func, prefix)
+        out = importer.block_builder.emit(relax.call_tir(gv, args, out_ty=relax.TensorType(list(out_shape), "float32")))
         return out, gv.name_hint, str(func.attrs[SCHEDULE_ATTR])
 
     def check_x(x: Any, owner: str) -> tuple[int, ...]:

@@ -191,3 +191,46 @@ def test_minilm_loads_encodes_and_exports():
     with torch.no_grad():
         exported = program.module()(ids, mask)
     assert torch.equal(exported, emb)
+
+
+# A paragraph of English prose about Python, the kind of text SmolLM2 was trained on; the dense
+# model's perplexity on it is about 10. A wrong head order in the query/key weights (the GGUF
+# rotary layout) or a wrong norm gives hundreds or more.
+PYTHON_PROSE = (
+    "Python is an easy to learn, powerful programming language. It has efficient high-level data "
+    "structures and a simple but effective approach to object-oriented programming. Python's elegant "
+    "syntax and dynamic typing, together with its interpreted nature, make it an ideal language for "
+    "scripting and rapid application development in many areas on most platforms."
+)
+
+
+def _smollm_or_skip():
+    from sparsecc.zoo import smollm as smollm_mod
+
+    try:
+        smollm_mod.gguf_path()
+        import gguf  # noqa: F401
+    except (smollm_mod.SmolLMError, ImportError) as exc:
+        if IN_CI:
+            pytest.fail(f"CI must run the SmolLM2 checks: {exc}")
+        pytest.skip(str(exc))
+    return smollm_mod
+
+
+@pytest.mark.slow
+@pytest.mark.models
+def test_smollm_is_the_real_model_and_exports_identically():
+    smollm_mod = _smollm_or_skip()
+    model = smollm_mod.load_smollm(max_seq=128)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    tokenizer = smollm_mod.load_tokenizer()
+    ids = torch.tensor([tokenizer(PYTHON_PROSE).input_ids])
+    with torch.no_grad():
+        logits = model(ids)
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    perplexity = float(nll.exp())
+    assert 2 < perplexity < 30, f"perplexity {perplexity:.1f} on plain Python prose: the weights are misread"
+    example = smollm_mod.example_ids(32)
+    exported = torch.export.export(model, (example,), strict=False)
+    with torch.no_grad():
+        assert torch.equal(exported.module()(example), model(example))
