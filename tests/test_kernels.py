@@ -257,5 +257,5 @@ def test_nm_window_permute(m: int, nm: tuple[int, int]) -> None:
     x, bias = _case(rng, m, n_out, True, k)
     func, arrays = sparse_kernel(m, pack_nm(w, n, group), True, CAPS, "nm_window")
     if CAPS.vector_bits >= 512 and "avx512f" in CAPS.features:
-        assert "window-permute" in str(func.attrs["sparsecc.schedule"])
+        assert "nm-permute" in str(func.attrs["sparsecc.schedule"])
     _check(_run(func, [x, *arrays, bias], m, n_out), _reference(x, w, bias))

@@ -1,19 +1,28 @@
 """Block-sparse-row (BSR) linear kernels: y = x @ W.T + b with W cut into r x c blocks.
 
-Two schedules:
+Three schedule families (:class:`BSRSchedule`):
 
-* *row-vector* (r a multiple of the vector width, or few rows of x): the r output rows of a block
-  live in one vector; for each stored block every x row broadcasts one scalar per block column and
-  does one fused multiply-add. The weights are read once per tile of x rows and x needs no copy.
-* *M-vector* (narrow blocks with many x rows): x is first transposed into a (K, M) scratch so
-  that one input column of x is a contiguous vector of M values; each stored weight is broadcast
-  and multiplies a register tile of ``tile`` x rows. CSR is the 1 x 1 case of this schedule.
+* *rowvec* (few rows of x, M = 1 above all): the r output rows of a block live in one vector (two
+  for r = 32); for each stored block every x row broadcasts one scalar per block column straight
+  from x and does one fused multiply-add. At M = 1 one accumulator would make a block row one
+  chain of dependent FMAs (4 cycles each), so the blocks are dealt round-robin to ``chains``
+  independent accumulators that are summed at the end of the block row.
+* *rowvec-xt* (M > 1): the same register tile of ``tile`` x rows times the r outputs of a block,
+  but x is first copied into tiles xt (M / tile, K, tile), so the ``tile`` values a block column
+  broadcasts are one contiguous run instead of ``tile`` loads a whole x row apart (rows 4 KiB
+  apart at K = 1024 all fall in one L1 set).
+* *mvec* (narrow blocks with many x rows): x is transposed into a (K, M) scratch so that one input
+  column of x is a contiguous vector of M values; each stored weight is broadcast and multiplies a
+  register tile of ``tile`` x rows.
 
 Blocks are stored (nblocks, c, r) (transposed from the packed (nblocks, r, c)) so the r values of a
-block column are one contiguous vector load.
+block column are one contiguous vector load. Block-column indices are uint16 when K / c allows
+(half the index bytes of int32).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from sparsecc.sparsity import PackedBSR
@@ -21,85 +30,247 @@ from sparsecc.targets.base import Capabilities
 
 from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes, mvec_tile, round_up, transpose_pad, untranspose
 
+FAMILIES = ("rowvec", "rowvec-xt", "mvec")
 
-def bsr_args(packed: PackedBSR, m: int = 1, caps: Capabilities | None = None) -> list[np.ndarray]:
-    """The arrays :func:`bsr_linear`'s kernel takes after x, in order: indptr, indices and the
-    blocks transposed to (nblocks, c, r)."""
+
+@dataclasses.dataclass(frozen=True)
+class BSRSchedule:
+    """Tunable knobs of a BSR kernel.
+
+    family: "rowvec", "rowvec-xt" or "mvec" (module doc). tile: x rows per register tile (the M
+    vector's width for mvec). chains: independent accumulators a block row's blocks are dealt to
+    (rowvec families). rows: block rows handled per pass over a block row (mvec; r or a divisor of
+    it). index: dtype of the block-column indices, "uint16" or "int32". prefetch: how many blocks
+    ahead the rowvec families prefetch the block stream (0: none).
+    """
+
+    family: str = "rowvec"
+    tile: int = 1
+    chains: int = 1
+    rows: int = 0
+    index: str = "int32"
+    prefetch: int = 0
+
+    def describe(self) -> str:
+        parts = [f"bsr-{self.family}", f"tile{self.tile}"]
+        if self.family == "mvec":
+            parts.append(f"rows{self.rows}")
+        else:
+            parts.append(f"chains{self.chains}")
+        parts.append(self.index)
+        if self.prefetch:
+            parts.append(f"prefetch{self.prefetch}")
+        return " ".join(parts)
+
+
+def _index_dtype(packed: PackedBSR) -> str:
+    k = packed.shape[1]
+    return "uint16" if k // packed.block[1] <= 65536 else "int32"
+
+
+def _vectors(r: int, v: int) -> int:
+    """Vector registers one accumulator row of a block (r lanes) takes."""
+    return ceil_div(r, v)
+
+
+def _prefetch(packed: PackedBSR, caps: Capabilities) -> int:
+    """Blocks ahead to prefetch: about 2 KiB of the block stream when the blocks do not fit in
+    half of L2 (4096 x 4096 at 50 %, M = 1: 4.4 ms -> 3.8 ms with 32 16x1 blocks ahead, 5.3 -> 4.3
+    ms in a second run; at M = 8, 70 %: 3.3 -> 2.5 ms); in-cache weights gain nothing from it."""
     r, c = packed.block
+    if packed.data.size * 4 <= caps.l2_bytes // 2:
+        return 0
+    return max(2, 2048 // (4 * r * c))
+
+
+def _default(m: int, packed: PackedBSR, caps: Capabilities) -> BSRSchedule:
+    n_out, k = packed.shape
+    r, _ = packed.block
+    v = lanes(caps)
+    index = _index_dtype(packed)
+    nvec = _vectors(r, v)
+    pf = _prefetch(packed, caps)
+    if m == 1:
+        # 4 chains of one vector each keep 2 FMA ports busy through the 4-cycle FMA latency
+        # (768 x 768, 70 %: 15-33 us with 2-4 chains against 54 us with one).
+        return BSRSchedule("rowvec", 1, max(1, 4 // nvec), 0, index, pf)
+    # Tall blocks (r a multiple of the vector) at two vectors of x rows or more, with long rows of
+    # x: the M-vector schedule in row chunks (70 % 16x1, against the row-vector schedule reading x
+    # rows directly: 1.33x at 32x1024 -> 512, 1.31x at 64, 1.10x at 128; 1.05x at 64x256, but 0.44x
+    # at 1024x64 -> 64: short rows stay in L1 and transposing x and y costs more than the multiply),
+    # hence the K bound. Narrow blocks with many x rows take it too: a block column of 4 or 8
+    # outputs fills only part of a vector.
+    mvec_tall = r % v == 0 and m >= 2 * v and k >= 256
+    if mvec_tall or (r % v and m >= v and not (r * 2 > v and m < 2 * v)):
+        rows = 8 if r > 8 and r % 8 == 0 else r
+        return BSRSchedule("mvec", mvec_tile(m, rows, caps), 1, rows, index)
+    # Register tile of about 16 accumulators; below 4 of them deal blocks to more chains.
+    tile = min(m, max(1, 16 // nvec))
+    chains = max(1, min(4, 4 // (tile * nvec)))
+    return BSRSchedule("rowvec-xt", tile, chains, 0, index, pf)
+
+
+def bsr_schedules(m: int, packed: PackedBSR, caps: Capabilities) -> list[BSRSchedule]:
+    """Candidate schedules for this problem, the heuristic default first (all valid)."""
+    r, _ = packed.block
+    v = lanes(caps)
+    nvec = _vectors(r, v)
+    index = _index_dtype(packed)
+    default = _default(m, packed, caps)
+    pf = _prefetch(packed, caps)
+    out = [default]
+    if m == 1:
+        for chains in (1, 2, 4, 8):
+            out.append(BSRSchedule("rowvec", 1, chains, 0, index, pf))
+        out.append(dataclasses.replace(default, prefetch=0 if pf else max(2, 2048 // (4 * r * packed.block[1]))))
+        if index != "int32":
+            out.append(dataclasses.replace(default, index="int32"))
+    else:
+        for tile in (4, 8, 16, 24 // nvec):
+            tile = min(m, tile)
+            if tile * nvec <= 24:
+                out.append(BSRSchedule("rowvec-xt", tile, 1, 0, index, pf))
+        out.append(BSRSchedule("rowvec", min(m, max(1, 16 // nvec)), 1, 0, index, pf))
+        if m >= 2 * v or m >= v and r % v:
+            rows = 8 if r > 8 and r % 8 == 0 else r
+            out.append(BSRSchedule("mvec", mvec_tile(m, rows, caps), 1, rows, index))
+            if rows != r:
+                out.append(BSRSchedule("mvec", mvec_tile(m, r, caps), 1, r, index))
+    seen: list[BSRSchedule] = []
+    for s in out:
+        if s not in seen:
+            seen.append(s)
+    return seen[:12]
+
+
+def bsr_args(packed: PackedBSR, m: int = 1, caps: Capabilities | None = None,
+             schedule: BSRSchedule | None = None) -> list[np.ndarray]:
+    """The arrays :func:`bsr_linear`'s kernel takes after x, in order: indptr (int32), indices
+    (the schedule's index dtype) and the blocks transposed to (nblocks, c, r)."""
+    r, c = packed.block
+    index = schedule.index if schedule is not None else _index_dtype(packed)
     data = np.ascontiguousarray(packed.data.transpose(0, 2, 1), dtype=np.float32)
-    indices = packed.indices.astype(np.int32)
+    indices = packed.indices.astype(index)
     if indices.shape[0] == 0:
         # Kernels declare at least one stored block; it is never read (every block row is empty).
-        indices = np.zeros(1, np.int32)
+        indices = np.zeros(1, index)
         data = np.zeros((1, c, r), np.float32)
     return [packed.indptr.astype(np.int32), indices, data]
 
 
-def _row_vector(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bool,
-                tile: int, name: str):
+def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bool,
+            s: BSRSchedule):
+    """rowvec and rowvec-xt kernels (see module doc)."""
     from tvm.script import tirx as T
 
     nbr = n_out // r
-    full, tail = divmod(m, tile)
-    # nblocks may be 0; a zero-length buffer is still a valid parameter but keep extents >= 1.
     nbl = max(nblocks, 1)
+    tile, chains, idx = s.tile, s.chains, s.index
+    transposed = s.family == "rowvec-xt"
+    n_mt = ceil_div(m, tile)
+    full, tail = divmod(m, tile)
+    strips = ceil_div(k, 16)
+
+    # one prefetch per 64-byte line of a block
+    lines = ceil_div(r * c, 16)
+    pf = s.prefetch
 
     @T.macro
-    def block_row(x, indptr, indices, data, bias, y, br, m0, mt):
-        acc = T.decl_buffer((mt, r), "float32", scope=ACC_SCOPE)
-        for mm in T.unroll(mt):
-            for i in T.vectorized(r):
-                if has_bias:
-                    acc[mm, i] = bias[br * r + i]
-                else:
-                    acc[mm, i] = T.float32(0)
-        for b in range(indptr[br], indptr[br + 1]):
-            for j in T.unroll(c):
+    def fma_block(acc, u, x, xt, indices, data, b, t, m0, mt):
+        col = T.meta_var(T.Cast("int32", indices[b]) * c)
+        if pf > 0:
+            for line in T.unroll(lines):
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                    data[b + pf, line * 16 // r, line * 16 % r]), 0, 3, 1))
+        for j in T.unroll(c):
+            for mm in T.unroll(mt):
+                for i in T.vectorized(r):
+                    if transposed:
+                        acc[u, mm, i] = acc[u, mm, i] + data[b, j, i] * xt[t, col + j, mm]
+                    else:
+                        acc[u, mm, i] = acc[u, mm, i] + data[b, j, i] * x[m0 + mm, col + j]
+
+    @T.macro
+    def block_row(x, xt, indptr, indices, data, bias, y, br, t, m0, mt):
+        acc = T.decl_buffer((chains, mt, r), "float32", scope=ACC_SCOPE)
+        for u in T.unroll(chains):
+            for mm in T.unroll(mt):
+                for i in T.vectorized(r):
+                    if has_bias:
+                        acc[u, mm, i] = T.if_then_else(u == 0, bias[br * r + i], T.float32(0))
+                    else:
+                        acc[u, mm, i] = T.float32(0)
+        if chains == 1:
+            for b in range(indptr[br], indptr[br + 1]):
+                fma_block(acc, 0, x, xt, indices, data, b, t, m0, mt)
+        else:
+            p0 = T.meta_var(indptr[br])
+            count = T.meta_var(indptr[br + 1] - indptr[br])
+            for q in range(count // chains):
+                for u in T.unroll(chains):
+                    fma_block(acc, u, x, xt, indices, data, p0 + q * chains + u, t, m0, mt)
+            for b in range(p0 + count // chains * chains, indptr[br + 1]):
+                fma_block(acc, 0, x, xt, indices, data, b, t, m0, mt)
+            for u in T.unroll(chains - 1):
                 for mm in T.unroll(mt):
                     for i in T.vectorized(r):
-                        acc[mm, i] = acc[mm, i] + data[b, j, i] * x[m0 + mm, indices[b] * c + j]
+                        acc[0, mm, i] = acc[0, mm, i] + acc[u + 1, mm, i]
         for mm in T.unroll(mt):
-            for i in T.vectorized(r):
-                y[m0 + mm, br * r + i] = acc[mm, i]
+            if m0 + mm < m:
+                for i in T.vectorized(r):
+                    y[m0 + mm, br * r + i] = acc[0, mm, i]
 
     @T.prim_func
     def kernel(x: T.Buffer((m, k), "float32"), indptr: T.Buffer((nbr + 1,), "int32"),
-               indices: T.Buffer((nbl,), "int32"), data: T.Buffer((nbl, c, r), "float32"),
+               indices: T.Buffer((nbl,), idx), data: T.Buffer((nbl, c, r), "float32"),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
-        for br in T.parallel(nbr):
-            for mt in range(full):
-                block_row(x, indptr, indices, data, bias, y, br, mt * tile, tile)
-            if tail > 0:
-                block_row(x, indptr, indices, data, bias, y, br, full * tile, tail)
+        if transposed:
+            # xt[t, col, :] holds x[t*tile : (t+1)*tile, col], zero past row m.
+            xt = T.decl_buffer((n_mt, k, tile), "float32")
+            for st in T.parallel(n_mt * strips):
+                for mm in range(tile):
+                    for kk in range(16):
+                        if (st % strips) * 16 + kk < k:
+                            if (st // strips) * tile + mm < m:
+                                xt[st // strips, (st % strips) * 16 + kk, mm] = x[(st // strips) * tile + mm,
+                                                                                  (st % strips) * 16 + kk]
+                            else:
+                                xt[st // strips, (st % strips) * 16 + kk, mm] = T.float32(0)
+            for br in T.parallel(nbr):
+                for t in range(n_mt):
+                    block_row(x, xt, indptr, indices, data, bias, y, br, t, t * tile, tile)
+        else:
+            for br in T.parallel(nbr):
+                for t in range(full):
+                    block_row(x, x, indptr, indices, data, bias, y, br, t, t * tile, tile)
+                if tail > 0:
+                    block_row(x, x, indptr, indices, data, bias, y, br, full, full * tile, tail)
 
     return kernel
 
 
-def blockrow_mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bool,
-                  caps: Capabilities, name: str):
-    """M-vectorized block-row kernel (see module doc); also serves CSR as r = c = 1.
-
-    Parameters: x (m, k), indptr (n_out/r + 1,), indices (nblocks,), data (nblocks, c, r),
-    [bias (n_out,)], y (m, n_out).
-    """
+def _mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bool,
+          caps: Capabilities, s: BSRSchedule):
+    """M-vectorized block-row kernel (see module doc)."""
     from tvm.script import tirx as T
 
     nbr = n_out // r
-    # Rows of a block handled per pass over the block row: all of them, except for tall blocks
-    # (16 x 1, 32 x 1) taken 8 rows at a time, so the accumulators (8 x tile) span two vectors of x
-    # rows: 8 weight broadcasts and 2 loads of x per 16 multiply-adds instead of 16 + 1.
-    rc = 8 if r > 8 and r % 8 == 0 else r
+    # Rows of a block handled per pass over the block row: tall blocks (16 x 1, 32 x 1) taken 8
+    # rows at a time keep the accumulators (8 x tile) at two vectors of x rows: 8 weight broadcasts
+    # and 2 loads of x per 16 multiply-adds instead of 16 + 1.
+    rc = s.rows
     n_chunks = r // rc
-    tile = mvec_tile(m, rc, caps)
+    tile = s.tile
     mp = round_up(m, tile)
     n_tiles = mp // tile
     nbl = max(nblocks, 1)
+    idx = s.index
     transpose = transpose_pad(m, k, mp)
     copy_out = untranspose(m, n_out, mp, has_bias, lanes(caps))
 
     @T.prim_func
     def kernel(x: T.Buffer((m, k), "float32"), indptr: T.Buffer((nbr + 1,), "int32"),
-               indices: T.Buffer((nbl,), "int32"), data: T.Buffer((nbl, c, r), "float32"),
+               indices: T.Buffer((nbl,), idx), data: T.Buffer((nbl, c, r), "float32"),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         xt = T.decl_buffer((k, mp), "float32")
         yt = T.decl_buffer((n_out, mp), "float32")
@@ -115,21 +286,33 @@ def blockrow_mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_
                         for j in T.unroll(c):
                             for i in T.unroll(rc):
                                 for v in T.vectorized(tile):
-                                    acc[i, v] = acc[i, v] + data[b, j, ch * rc + i] * xt[indices[b] * c + j,
-                                                                                         t * tile + v]
+                                    acc[i, v] = acc[i, v] + data[b, j, ch * rc + i] * xt[
+                                        T.Cast("int32", indices[b]) * c + j, t * tile + v]
                     for i in T.unroll(rc):
                         for v in T.vectorized(tile):
                             yt[br * r + ch * rc + i, t * tile + v] = acc[i, v]
         copy_out(yt, bias, y)
 
-    func = kernel if has_bias else drop_param(kernel, "bias")
-    chunks = f" rows{rc}x{n_chunks}" if n_chunks > 1 else ""
-    return finish(func, name, f"bsr-mvec r{r}c{c}{chunks} tile{tile} mpad{mp}")
+    return kernel
+
+
+def _validate(s: BSRSchedule, m: int, r: int) -> None:
+    if s.family not in FAMILIES:
+        raise ValueError(f"unknown BSR schedule family {s.family!r}")
+    if s.index not in ("uint16", "int32"):
+        raise ValueError(f"BSR index dtype must be uint16 or int32, not {s.index!r}")
+    if s.tile < 1 or s.chains < 1:
+        raise ValueError(f"BSR schedule needs tile, chains >= 1: {s}")
+    if s.family == "mvec" and (s.rows < 1 or r % s.rows):
+        raise ValueError(f"mvec rows {s.rows} must divide the block height {r}")
+    if s.family == "rowvec" and m > 1 and s.tile > m:
+        raise ValueError(f"rowvec tile {s.tile} exceeds M = {m}")
 
 
 def bsr_linear(m: int, packed: PackedBSR, has_bias: bool, caps: Capabilities,
-               name: str = "sparse_linear_bsr"):
-    """Scheduled TIR PrimFunc for y = x @ W.T (+ b) with W in BSR (see :func:`bsr_args`).
+               name: str = "sparse_linear_bsr", schedule: BSRSchedule | None = None):
+    """Scheduled TIR PrimFunc for y = x @ W.T (+ b) with W in BSR (arrays from :func:`bsr_args`
+    with the same ``schedule``).
 
     Parameters of the PrimFunc: x (m, K) f32, indptr, indices, data (nblocks, c, r), [bias (N,)],
     y (m, N) f32.
@@ -137,18 +320,15 @@ def bsr_linear(m: int, packed: PackedBSR, has_bias: bool, caps: Capabilities,
     n_out, k = packed.shape
     r, c = packed.block
     nblocks = int(packed.indices.shape[0])
-    v = lanes(caps)
-    # Tall blocks (r a multiple of the vector) at two vectors of x rows or more, with long rows of
-    # x: the M-vector schedule in row chunks. The row-vector one broadcasts each x value from its
-    # own row, rows 4 KiB apart at K = 1024 that all fall in one L1 set; interleaved timings at
-    # AVX-512, 70 % 16x1: 1.33x at 32x1024 -> 512, 1.31x at 64, 1.10x at 128; 1.05x at 64x256,
-    # but 0.44x at 1024x64 -> 64 (short rows stay in L1, and transposing x and y costs more than
-    # the multiply), hence the K bound.
-    mvec_tall = r % v == 0 and m >= 2 * v and k >= 256
-    if not mvec_tall and (r % v == 0 or m < v or r * 2 > v and m < 2 * v):
-        # Accumulators: tile x (r / v) vectors; keep them near 16 registers.
-        tile = max(1, min(m, 16 // max(1, ceil_div(r, v))))
-        func = _row_vector(m, n_out, k, r, c, nblocks, has_bias, tile, name)
-        func = func if has_bias else drop_param(func, "bias")
-        return finish(func, name, f"bsr-rowvec r{r}c{c} tile{tile}")
-    return blockrow_mvec(m, n_out, k, r, c, nblocks, has_bias, caps, name)
+    s = schedule if schedule is not None else _default(m, packed, caps)
+    _validate(s, m, r)
+    if s.index == "uint16" and k // c > 65536:
+        raise ValueError(f"{k // c} block columns do not fit uint16 indices")
+    if s.family == "mvec":
+        func = _mvec(m, n_out, k, r, c, nblocks, has_bias, caps, s)
+    else:
+        if s.family == "rowvec":
+            s = dataclasses.replace(s, tile=min(s.tile, m))
+        func = _rowvec(m, n_out, k, r, c, nblocks, has_bias, s)
+    func = func if has_bias else drop_param(func, "bias")
+    return finish(func, name, f"{s.describe()} r{r}c{c}")
