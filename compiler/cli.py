@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from .errors import SparseccError
+from .sparsity import check_sparsity_value
 
 
 def _load_tensors(path: str, what: str) -> Any:
@@ -157,6 +158,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(pattern=args.pattern, sparsity=args.sparsity, output=args.output, threads=args.threads)
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    # The kernels' thread count is fixed when TVM's pool starts: set it before anything imports TVM.
+    if args.threads:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    from sparsecc.targets.tuning import tune
+
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    except ValueError:
+        raise SparseccError(f"--shapes {args.shapes!r}: give NxK pairs such as 768x768,3072x768") from None
+    if any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise SparseccError(f"--shapes {args.shapes!r}: give NxK pairs such as 768x768,3072x768")
+    sparsities = [float(v) for v in args.sparsities.split(",") if v]
+    for value in sparsities:
+        check_sparsity_value(value)
+    table = tune(args.target, shapes, _int_list(args.m), args.patterns.split(","), sparsities,
+                 table_path=args.table, rounds=args.rounds)
+    print(f"cost table: {table.path} ({len(table.entries)} problems)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsecc", description="hardware-aware sparsity compiler for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_targets)
     p = sub.add_parser("passes", help="list passes and their options")
     p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("tune", help="measure kernel schedules on this machine and store the fastest in the "
+                       "target's cost table (read by compile)")
+    p.add_argument("--target", default="x86")
+    p.add_argument("--shapes", required=True, help="weight shapes NxK, e.g. 768x768,3072x768")
+    p.add_argument("--m", default="1,128", help="rows of x (batch x tokens), e.g. 1,8,128")
+    p.add_argument("--patterns", default="unstructured,block16x1,2:4,dense",
+                   help="pattern names (and 'dense' for the dense kernel)")
+    p.add_argument("--sparsities", default="0.5,0.7,0.9", help="for non-N:M patterns")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per problem")
+    p.add_argument("--threads", type=int, default=0, help="kernel threads (default: TVM_NUM_THREADS or all cores)")
+    p.add_argument("--table", default=None, help="cost table file (default: this host's, under ~/.cache/sparsecc)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="compile the bundled digits CNN for the host; print speed and accuracy")
     p.add_argument("--pattern", default="block16x1")

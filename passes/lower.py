@@ -69,6 +69,10 @@ _VIEW_OPS = {
 }
 
 
+#: appended to a kernel's schedule description when the cost table chose it
+MEASURED_NOTE = " (measured best)"
+
+
 def _kernel_name(prefix: str, node_name: str) -> str:
     return re.sub(r"\W", "_", f"{prefix}_{node_name}")
 
@@ -129,6 +133,12 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> Lo
     ep = ep.run_decompositions(table)
     tensors = _ProgramTensors(ep)
     records: list[KernelRecord] = []
+    # The target's measured cost table picks the schedule of every kernel it has timed; the
+    # kernels' own heuristics choose the rest.
+    cost_model = target.cost_model() if target.cost_model is not None else None
+
+    def measured_schedule(m: int, packed: Any, shape: tuple[int, int] | None = None) -> Any:
+        return cost_model.schedule(m, packed, shape) if cost_model is not None else None
 
     def bias_arg(node: Any, bias_node: Any, n_out: int) -> Any:
         if bias_node is None:
@@ -201,9 +211,11 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> Lo
                     packed = PackedBSR(((indptr.shape[0] - 1) * r, k), (r, c), indptr, indices, data)
             n_out = packed.shape[0]
             bias = bias_arg(node, bias_node, n_out)
-            func, arrays = sparse_kernel(m, packed, bias is not None, caps, "kernel")
+            chosen = measured_schedule(m, packed)
+            func, arrays = sparse_kernel(m, packed, bias is not None, caps, "kernel", schedule=chosen)
             out, kname, schedule = emit_kernel(importer, node, func, x, arrays, bias, m, n_out,
                                                f"sparse_{fmt}")
+            schedule += MEASURED_NOTE if chosen is not None else ""
             records.append(KernelRecord(node.name, str(node.target), fmt, kname, schedule, (m, k),
                                         packed.shape, packed.nnz))
             return out
@@ -232,9 +244,11 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> Lo
         bb = importer.block_builder
         x2 = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, (m, k)))
         bias = bias_arg(node, bias_node, n_out)
-        func = dense_linear(m, (n_out, k), bias is not None, caps, "kernel")
-        out, kname, schedule = emit_kernel(importer, node, func, x2, dense_args(weight, m, caps), bias,
-                                           m, n_out, "dense")
+        chosen = measured_schedule(m, None, (n_out, k))
+        func = dense_linear(m, (n_out, k), bias is not None, caps, "kernel", schedule=chosen)
+        out, kname, schedule = emit_kernel(importer, node, func, x2, dense_args(weight, m, caps, schedule=chosen),
+                                           bias, m, n_out, "dense")
+        schedule += MEASURED_NOTE if chosen is not None else ""
         if len(shape) != 2:
             out = bb.emit(relax.op.reshape(out, (*shape[:-1], n_out)))
         records.append(KernelRecord(node.name, "linear", "dense", kname, schedule, shape, (n_out, k),

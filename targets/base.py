@@ -40,6 +40,9 @@ class TargetRecord:
     runner: str  # name of the runner in sparsecc.targets.runners
     runs_here: bool = True  # whether built code can execute on this machine
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Kernel time predictions and measured schedule choices (``sparsecc.targets.tuning.CostModel``);
+    # None for a target without one. Built lazily: it may read a cost table from disk.
+    cost_model: Callable[[], Any] | None = None
 
     def supports(self, pattern_name: str) -> bool:
         return pattern_name in self.patterns

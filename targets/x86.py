@@ -82,6 +82,48 @@ def capabilities() -> Capabilities:
     )
 
 
+def _cpu_ghz() -> float:
+    # The "cpu MHz" line of /proc/cpuinfo; 3 GHz when absent (a typical server core).
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1]) / 1000
+    except (OSError, ValueError):
+        pass
+    return 3.0
+
+
+def cost_table_path():
+    """Where this host's measured cost table lives (``sparsecc tune`` writes it):
+    ``$SPARSECC_COST_TABLE`` when set, else a file per CPU model under the sparsecc cache."""
+    import pathlib
+
+    from .tuning import default_table_path
+
+    override = os.environ.get("SPARSECC_COST_TABLE")
+    return pathlib.Path(override) if override else default_table_path(host_cpu(), capabilities())
+
+
+def machine() -> dict[str, Any]:
+    """What a cost table must have been measured on to apply here."""
+    caps = capabilities()
+    return {"target": "x86", "mcpu": host_cpu(), "vector_bits": caps.vector_bits, "threads": caps.threads}
+
+
+def cost_model():
+    """Roofline of this CPU (2 FMA units of the probed vector width per core, ~10 GB/s of DRAM per
+    core) refined by the measured cost table, when one exists."""
+    from .tuning import CostModel, CostTable, Roofline
+
+    caps = capabilities()
+    roofline = Roofline(gflops_per_thread=caps.vector_lanes_f32 * 2 * 2 * _cpu_ghz(), bandwidth_gbs=10.0 * caps.threads)
+    path = cost_table_path()
+    # Read on every call (a compile reads it once): `sparsecc tune` may have just rewritten it.
+    table = CostTable.load(path, machine()) if path.is_file() else None
+    return CostModel(caps, roofline, table)
+
+
 def tvm_target() -> dict[str, Any]:
     """TVM 0.27 target dict (JSON-style; ``llvm -mcpu=`` strings are rejected)."""
     return {"kind": "llvm", "mcpu": host_cpu(), "num-cores": capabilities().threads}
@@ -97,6 +139,7 @@ X86 = register(TargetRecord(
     tvm_target=tvm_target,
     runner="host",
     runs_here=True,
+    cost_model=cost_model,
     notes=(
         "block16x1 is fastest at batch 1 (one AVX-512 register per block column)",
         "unstructured (CSR) pays off at high sparsity with many rows of input (M >= 64)",

@@ -12,6 +12,13 @@ GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+@pytest.fixture(autouse=True)
+def no_host_cost_table(monkeypatch, tmp_path_factory):
+    """Kernels in tests take their heuristic schedules, whatever cost table the machine running
+    the tests has measured (tests of the table point this at their own file)."""
+    monkeypatch.setenv("SPARSECC_COST_TABLE", str(tmp_path_factory.getbasetemp() / "no-cost-table.json"))
+
+
 class TinyMLP(torch.nn.Module):
     """Two linears on a 3-D input (batch, tokens, features) plus a classifier the 16x1 blocks
     cannot tile (10 outputs) and with too few inputs (32) to prune."""

@@ -125,6 +125,7 @@ def conv2d_panels(x_shape: tuple[int, int, int, int], w_shape: tuple[int, int, i
     kdim = c_ * taps
     m = b_ * oh_ * ow_
     _, nr, kc = dense_params(m, (n_out, kdim), caps)
+    kc = kc or kdim  # 0: no K blocking
     v = lanes(caps)
     # About 16 accumulator vectors, as the GEMM's tile: 4 neighbours for 4-vector panels, 8 for 2.
     mr = max(1, min(ow_, 16 // ceil_div(nr, v)))

@@ -10,10 +10,42 @@ independent multiply-add chains while the weight streams from memory.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from sparsecc.targets.base import Capabilities
 
 from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSchedule:
+    """Knobs of the dense kernel: ``mr`` x rows per register tile, ``nr`` outputs per weight panel
+    (a multiple of the vector width), ``kc`` input columns per K block (``0``: no K blocking)."""
+
+    mr: int
+    nr: int
+    kc: int
+
+    def describe(self) -> str:
+        return f"mr{self.mr} nr{self.nr} kc{self.kc or 'all'}"
+
+
+def dense_schedules(m: int, shape: tuple[int, int], caps: Capabilities) -> list[DenseSchedule]:
+    """Candidates for the schedule explorer, the heuristic default first: register tiles of 4, 6
+    and 8 rows (M > 3), panels of 2 and 4 vectors, K blocks of 128 and 256 or none."""
+    v = lanes(caps)
+    default = DenseSchedule(*dense_params(m, shape, caps))
+    out = [default]
+    rows = (m,) if m < 4 else (4, 6, 8)
+    blocks = (0,) if m < 4 else (128, 256, 0)
+    for mr in rows:
+        for nr in (2 * v, 4 * v):
+            for kc in blocks:
+                cand = DenseSchedule(mr, nr, kc)
+                if cand not in out:
+                    out.append(cand)
+    return out[:12]
 
 
 def dense_params(m: int, shape: tuple[int, int], caps: Capabilities) -> tuple[int, int, int]:
@@ -29,15 +61,16 @@ def dense_params(m: int, shape: tuple[int, int], caps: Capabilities) -> tuple[in
     v = lanes(caps)
     n_out, k = shape
     if m < 4:
-        return m, 4 * v, 1 << 30
+        return m, 4 * v, 0
     if n_out >= 4 * v:
         return (6 if k >= 512 else 4), 4 * v, 128
     return 4, 2 * v, 128
 
 
-def dense_args(weight: np.ndarray, m: int, caps: Capabilities) -> list[np.ndarray]:
+def dense_args(weight: np.ndarray, m: int, caps: Capabilities,
+               schedule: DenseSchedule | None = None) -> list[np.ndarray]:
     """The packed weight panels (N/nr, K, nr) the dense kernel takes after x."""
-    _, nr, _ = dense_params(m, weight.shape, caps)
+    nr = (schedule or DenseSchedule(*dense_params(m, weight.shape, caps))).nr
     n_out, k = weight.shape
     panels = ceil_div(n_out, nr)
     padded = np.zeros((panels * nr, k), np.float32)
@@ -46,7 +79,7 @@ def dense_args(weight: np.ndarray, m: int, caps: Capabilities) -> list[np.ndarra
 
 
 def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilities,
-                 name: str = "dense_linear"):
+                 name: str = "dense_linear", schedule: DenseSchedule | None = None):
     """Scheduled TIR PrimFunc for a dense linear of weight ``shape`` (N, K).
 
     Parameters: x (m, K) f32, panels (N/nr, K, nr) f32 from :func:`dense_args`, [bias (N,)],
@@ -55,8 +88,11 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
     from tvm.script import tirx as T
 
     n_out, k = shape
-    mr, nr, kc = dense_params(m, shape, caps)
-    kc = min(kc, k)
+    schedule = schedule or DenseSchedule(*dense_params(m, shape, caps))
+    mr, nr, kc = min(schedule.mr, m), schedule.nr, schedule.kc
+    if nr % lanes(caps):
+        raise ValueError(f"dense schedule {schedule}: nr must be a multiple of the vector width {lanes(caps)}")
+    kc = min(kc, k) if kc > 0 else k
     n_kb = ceil_div(k, kc)
     full_panels, tail_n = divmod(n_out, nr)
     panels = ceil_div(n_out, nr)
@@ -111,4 +147,4 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
 
     func = kernel if has_bias else drop_param(kernel, "bias")
     split = f" m-split{m_chunks}" if m_chunks > 1 else ""
-    return finish(func, name, f"dense-panels mr{mr} nr{nr} kc{min(kc, k)}{split}")
+    return finish(func, name, f"dense-panels {schedule.describe()}{split}")

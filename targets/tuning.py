@@ -1,0 +1,331 @@
+"""Schedule explorer and measured cost table for kernels that run on this machine.
+
+Every kernel module offers a handful of schedules for a problem (``csr_schedules``,
+``bsr_schedules``, ``nm_schedules``, ``dense_schedules``; the heuristic choice first). The explorer
+builds each candidate, checks its output against a float64 reference once, and times all of them
+interleaved in one process (load from other processes hits them alike). The fastest one and every
+candidate's median time go into a :class:`CostTable`, a JSON file per CPU model, vector width and
+thread count. Lowering asks the table for the schedule of each kernel it builds (a problem nobody
+measured keeps the heuristic choice), and :class:`CostModel` reads the same entries to predict a
+layer's time, falling back to a roofline where nothing was measured.
+
+TVM's meta-schedule is not used: its tuner crashed in TVM 0.27 on these machines, and a few
+explored knobs per kernel family reach the hand-tuned numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sparsecc.errors import SparseccError
+from sparsecc.sparsity import Packed, PackedBSR, PackedCSR, PackedNM, parse_pattern
+
+from .base import Capabilities
+
+#: bump when the meaning of a table entry changes; older tables are ignored with a message
+TABLE_VERSION = 1
+#: densities are bucketed to this step: schedules change with density only gradually
+DENSITY_STEP = 0.05
+
+
+class CostTableError(SparseccError):
+    """A cost table file that cannot be read or does not belong to this machine."""
+
+
+def _fmt_of(packed: Packed | None) -> str:
+    if packed is None:
+        return "dense"
+    return {PackedCSR: "csr", PackedBSR: "bsr", PackedNM: "nm"}[type(packed)]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One kernel problem: packed format and its shape parameters, weight shape, rows of x, density."""
+
+    fmt: str  # "csr", "bsr", "nm" or "dense"
+    detail: str  # "" (csr, dense), "r16c1" (bsr), "2:4" (nm)
+    shape: tuple[int, int]
+    m: int
+    density: float  # stored fraction of the weight, rounded to DENSITY_STEP (1.0 for dense)
+
+    @classmethod
+    def of(cls, m: int, packed: Packed | None, shape: tuple[int, int] | None = None) -> Problem:
+        """The problem of a packed weight (or of a dense weight of ``shape`` when ``packed`` is None)."""
+        if packed is None:
+            if shape is None:
+                raise ValueError("a dense problem needs the weight shape")
+            return cls("dense", "", tuple(shape), m, 1.0)
+        n, k = packed.shape
+        if isinstance(packed, PackedBSR):
+            detail = f"r{packed.block[0]}c{packed.block[1]}"
+        elif isinstance(packed, PackedNM):
+            detail = f"{packed.n}:{packed.m}"
+        else:
+            detail = ""
+        density = round(round(packed.nnz / max(1, n * k) / DENSITY_STEP) * DENSITY_STEP, 4)
+        return cls(_fmt_of(packed), detail, (int(n), int(k)), int(m), density)
+
+    def key(self) -> str:
+        detail = f"/{self.detail}" if self.detail else ""
+        return f"{self.fmt}{detail} {self.shape[0]}x{self.shape[1]} m{self.m} d{self.density:.2f}"
+
+
+def schedule_space(m: int, packed: Packed | None, caps: Capabilities,
+                   shape: tuple[int, int] | None = None) -> list[Any]:
+    """The format's candidate schedules for this problem, heuristic default first."""
+    from .kernels import bsr, csr, dense, nm
+
+    if packed is None:
+        return dense.dense_schedules(m, shape, caps)
+    if isinstance(packed, PackedCSR):
+        return csr.csr_schedules(m, packed, caps)
+    if isinstance(packed, PackedBSR):
+        return bsr.bsr_schedules(m, packed, caps)
+    return nm.nm_schedules(m, packed, caps)
+
+
+def schedule_from_dict(fmt: str, fields: dict[str, Any]) -> Any:
+    """Rebuild a schedule stored in a table entry."""
+    from .kernels import bsr, csr, dense, nm
+
+    cls = {"csr": csr.CSRSchedule, "bsr": bsr.BSRSchedule, "nm": nm.NMSchedule, "dense": dense.DenseSchedule}[fmt]
+    return cls(**fields)
+
+
+def _describe(schedule: Any) -> str:
+    return str(schedule.describe())
+
+
+def default_table_path(mcpu: str, caps: Capabilities) -> pathlib.Path:
+    """``$SPARSECC_CACHE`` (default ``~/.cache/sparsecc``) ``/cost-table-<cpu>-<bits>b-t<threads>.json``."""
+    root = pathlib.Path(os.environ.get("SPARSECC_CACHE") or pathlib.Path.home() / ".cache" / "sparsecc")
+    return root / f"cost-table-{mcpu}-{caps.vector_bits}b-t{caps.threads}.json"
+
+
+class CostTable:
+    """Measured kernel times per problem, with the fastest schedule; a JSON file.
+
+    The file names the CPU, vector width and thread count it was measured with; loading a table
+    measured elsewhere is refused (its times would mislead the cost model).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], machine: dict[str, Any]):
+        self.path = pathlib.Path(path)
+        self.machine = dict(machine)
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], machine: dict[str, Any]) -> CostTable:
+        """The table at ``path`` (empty when the file does not exist yet)."""
+        table = cls(path, machine)
+        if not table.path.is_file():
+            return table
+        try:
+            data = json.loads(table.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CostTableError(f"cost table {table.path} is unreadable ({exc}); delete it and run "
+                                 "`sparsecc tune` again") from None
+        if data.get("version") != TABLE_VERSION:
+            raise CostTableError(f"cost table {table.path} has version {data.get('version')}, this sparsecc "
+                                 f"writes {TABLE_VERSION}; delete it and run `sparsecc tune` again")
+        if data.get("machine") != table.machine:
+            raise CostTableError(f"cost table {table.path} was measured on {data.get('machine')}, not on this "
+                                 f"machine ({table.machine}); use --table to pick another file")
+        table.entries = dict(data.get("entries", {}))
+        return table
+
+    def save(self) -> pathlib.Path:
+        """Write atomically (a crash never leaves a half-written table)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"version": TABLE_VERSION, "machine": self.machine, "entries": self.entries}
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, self.path)
+        return self.path
+
+    def record(self, problem: Problem, results: list[tuple[Any, float]]) -> dict[str, Any]:
+        """Store explorer results ``[(schedule, seconds), ...]`` (any order) for ``problem``."""
+        ranked = sorted(results, key=lambda item: item[1])
+        best, seconds = ranked[0]
+        entry = {
+            "fmt": problem.fmt,
+            "schedule": dataclasses.asdict(best),
+            "seconds": seconds,
+            "candidates": [[_describe(s), t] for s, t in ranked],
+            "default_seconds": results[0][1],
+            "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        self.entries[problem.key()] = entry
+        return entry
+
+    def best(self, problem: Problem) -> Any | None:
+        """The fastest measured schedule for ``problem``, or None when it was never measured."""
+        entry = self.entries.get(problem.key())
+        if entry is None:
+            return None
+        return schedule_from_dict(entry["fmt"], entry["schedule"])
+
+    def seconds(self, problem: Problem) -> float | None:
+        entry = self.entries.get(problem.key())
+        return None if entry is None else float(entry["seconds"])
+
+
+def synthetic_weight(shape: tuple[int, int], pattern: str, sparsity: float, seed: int = 0) -> np.ndarray:
+    """A random weight pruned to ``pattern`` at ``sparsity`` by magnitude (what the explorer times)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32)
+    if sparsity <= 0:
+        return w
+    mask = parse_pattern(pattern).mask(torch.from_numpy(np.abs(w)), sparsity).numpy()
+    return np.where(mask, w, np.float32(0))
+
+
+def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilities, tvm_target: Any,
+            rounds: int = 7, candidates: list[Any] | None = None) -> list[tuple[Any, float]]:
+    """Build and time every candidate schedule of one problem, side by side.
+
+    ``weight`` is the masked-dense weight (the reference); ``packed`` its packed form, or None for
+    the dense kernel. Returns ``[(schedule, median seconds), ...]`` in candidate order; a
+    candidate whose output disagrees with the reference raises (a wrong kernel must never win).
+    """
+    import tvm
+    from sparsecc.timing import interleave
+
+    from .kernels import dense_args, dense_linear, sparse_kernel
+
+    shape = tuple(weight.shape)
+    schedules = candidates if candidates is not None else schedule_space(m, packed, caps, shape)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((m, shape[1])).astype(np.float32)
+    bias = rng.standard_normal(shape[0]).astype(np.float32)
+    reference = x.astype(np.float64) @ weight.astype(np.float64).T + bias
+    scale = max(1.0, float(np.abs(reference).max()))
+    dev = tvm.cpu()
+    calls = {}
+    for index, schedule in enumerate(schedules):
+        if packed is None:
+            func = dense_linear(m, shape, True, caps, "explore", schedule=schedule)
+            arrays = dense_args(weight, m, caps, schedule=schedule)
+        else:
+            func, arrays = sparse_kernel(m, packed, True, caps, "explore", schedule=schedule)
+        lib = tvm.compile(func, target=tvm_target)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in [x, *arrays, bias]]
+        y = tvm.runtime.tensor(np.zeros((m, shape[0]), np.float32), dev)
+        kernel = lib["explore"]
+        kernel(*args, y)
+        error = float(np.abs(y.numpy() - reference).max())
+        if not error <= 1e-3 * scale:
+            raise SparseccError(f"schedule {_describe(schedule)} computes a wrong result for {shape} at M={m} "
+                                f"(max error {error:.3g}); this is a kernel bug")
+        calls[str(index)] = (lambda kernel=kernel, args=args, y=y: kernel(*args, y))
+    times = interleave(calls, rounds=rounds)
+    return [(schedule, times[str(i)]["median"]) for i, schedule in enumerate(schedules)]
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A device's peak numbers for predictions where nothing was measured.
+
+    ``efficiency`` is the fraction of peak FLOP/s each kernel format reaches when compute bound
+    (sparse formats lose some to index arithmetic and gathers); the time is the larger of the
+    compute time and the time to stream the kernel's weight bytes at ``bandwidth_gbs``.
+    """
+
+    gflops_per_thread: float
+    bandwidth_gbs: float
+    efficiency: tuple[tuple[str, float], ...] = (("dense", 0.6), ("bsr", 0.45), ("nm", 0.3), ("csr", 0.2))
+
+    def seconds(self, fmt: str, flops: float, weight_bytes: float, threads: int) -> float:
+        eff = dict(self.efficiency).get(fmt, 0.2)
+        return max(flops / (self.gflops_per_thread * threads * eff * 1e9), weight_bytes / (self.bandwidth_gbs * 1e9))
+
+
+class CostModel:
+    """Per-kernel time predictions and schedule choices for one target: measured entries of the
+    cost table where they exist, the roofline elsewhere."""
+
+    def __init__(self, caps: Capabilities, roofline: Roofline, table: CostTable | None = None):
+        self.caps = caps
+        self.roofline = roofline
+        self.table = table
+
+    def schedule(self, m: int, packed: Packed | None, shape: tuple[int, int] | None = None) -> Any | None:
+        """The measured-fastest schedule for this kernel, or None (use the kernel's heuristic)."""
+        if self.table is None:
+            return None
+        return self.table.best(Problem.of(m, packed, shape))
+
+    def predict(self, m: int, packed: Packed | None, shape: tuple[int, int] | None = None) -> tuple[float, str]:
+        """(seconds, "measured" or "roofline") for one call of the kernel."""
+        problem = Problem.of(m, packed, shape)
+        if self.table is not None:
+            seconds = self.table.seconds(problem)
+            if seconds is not None:
+                return seconds, "measured"
+        n, k = problem.shape
+        if packed is None:
+            stored, weight_bytes = n * k, 4 * n * k
+        else:
+            from sparsecc.sparsity import packed_nbytes
+
+            stored, weight_bytes = packed.nnz, packed_nbytes(packed)
+        flops = 2.0 * m * stored
+        activation_bytes = 4.0 * m * (n + k)
+        return self.roofline.seconds(problem.fmt, flops, weight_bytes + activation_bytes, self.caps.threads), "roofline"
+
+
+def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], patterns: list[str],
+         sparsities: list[float], table_path: str | os.PathLike[str] | None = None, rounds: int = 7,
+         log: Any = print) -> CostTable:
+    """Explore every (shape, M, pattern, sparsity) problem on this machine and store the results.
+
+    ``patterns`` may include ``"dense"`` (the dense kernel; sparsities do not apply). An N:M
+    pattern has one sparsity, 1 - N/M. The table is saved after every problem, so an interrupted
+    run keeps what it measured.
+    """
+    from sparsecc.sparsity import NM
+
+    from .registry import get_target
+
+    record = get_target(target_name)
+    if not record.runs_here or record.cost_model is None:
+        raise SparseccError(f"target {target_name!r} cannot be measured on this machine; its cost model is a "
+                            "roofline only")
+    module = __import__(f"sparsecc.targets.{target_name}", fromlist=["machine", "cost_table_path"])
+    caps = record.capabilities()
+    path = pathlib.Path(table_path) if table_path else module.cost_table_path()
+    table = CostTable.load(path, module.machine())
+    tvm_target = record.tvm_target()
+    for shape in shapes:
+        for m in ms:
+            for pattern in patterns:
+                if pattern == "dense":
+                    cells = [(None, 0.0)]
+                else:
+                    parsed = parse_pattern(pattern)
+                    cells = [(parsed, 1 - parsed.n / parsed.m)] if isinstance(parsed, NM) else \
+                        [(parsed, s) for s in sparsities]
+                for parsed, sparsity in cells:
+                    weight = synthetic_weight(shape, pattern if parsed else "unstructured", sparsity)
+                    packed = parsed.pack(weight) if parsed is not None else None
+                    problem = Problem.of(m, packed, shape)
+                    results = explore(m, weight, packed, caps, tvm_target, rounds=rounds)
+                    entry = table.record(problem, results)
+                    gain = entry["default_seconds"] / entry["seconds"]
+                    best = entry["candidates"][0][0]
+                    log(f"{problem.key():34s} best {best}  {entry['seconds'] * 1e6:9.1f} us  "
+                        f"({gain:.2f}x the heuristic's, {len(results)} candidates)")
+                    table.save()
+    return table

@@ -1,0 +1,127 @@
+"""The schedule explorer, the cost table and how lowering and the cost model use them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from sparsecc.errors import SparseccError  # noqa: E402
+from sparsecc.sparsity import pack_bsr, pack_csr  # noqa: E402
+from sparsecc.targets import get_target  # noqa: E402
+from sparsecc.targets import x86 as x86_mod  # noqa: E402
+from sparsecc.targets.kernels import bsr as bsr_mod  # noqa: E402
+from sparsecc.targets.tuning import (  # noqa: E402
+    CostTable,
+    CostTableError,
+    Problem,
+    explore,
+    schedule_space,
+    synthetic_weight,
+    tune,
+)
+
+TARGET = get_target("x86")
+CAPS = TARGET.capabilities()
+
+
+def test_problem_key_buckets_density() -> None:
+    w = synthetic_weight((32, 64), "block16x1", 0.71)
+    key = Problem.of(8, pack_bsr(w, (16, 1))).key()
+    assert key == "bsr/r16c1 32x64 m8 d0.30"
+    assert Problem.of(1, None, (10, 20)).key() == "dense 10x20 m1 d1.00"
+
+
+def test_table_round_trip_and_refusals(tmp_path) -> None:
+    machine = x86_mod.machine()
+    path = tmp_path / "table.json"
+    table = CostTable.load(path, machine)
+    assert table.entries == {}
+    w = synthetic_weight((32, 64), "unstructured", 0.5)
+    problem = Problem.of(4, pack_csr(w))
+    space = schedule_space(4, pack_csr(w), CAPS)
+    table.record(problem, [(space[0], 2e-6), (space[-1], 1e-6)])
+    table.save()
+    again = CostTable.load(path, machine)
+    assert again.best(problem) == space[-1]  # the faster one, rebuilt as a schedule object
+    assert again.seconds(problem) == 1e-6
+    assert again.best(Problem.of(5, pack_csr(w))) is None
+    with pytest.raises(CostTableError, match="measured on"):
+        CostTable.load(path, {**machine, "mcpu": "some-other-cpu"})
+    data = json.loads(path.read_text())
+    data["version"] = 999
+    path.write_text(json.dumps(data))
+    with pytest.raises(CostTableError, match="version"):
+        CostTable.load(path, machine)
+    path.write_text("{ not json")
+    with pytest.raises(CostTableError, match="unreadable"):
+        CostTable.load(path, machine)
+
+
+def test_explore_times_every_candidate() -> None:
+    w = synthetic_weight((48, 64), "block16x1", 0.5)
+    packed = pack_bsr(w, (16, 1))
+    results = explore(3, w, packed, CAPS, TARGET.tvm_target(), rounds=2)
+    assert [s for s, _ in results] == bsr_mod.bsr_schedules(3, packed, CAPS)
+    assert all(np.isfinite(t) and t > 0 for _, t in results)
+
+
+def test_explore_refuses_a_wrong_kernel() -> None:
+    w = synthetic_weight((48, 64), "block16x1", 0.5)
+    other = synthetic_weight((48, 64), "block16x1", 0.5, seed=5)
+    # The packed weight does not match the reference weight: every candidate computes "wrong".
+    with pytest.raises(SparseccError, match="wrong result"):
+        explore(1, w, pack_bsr(other, (16, 1)), CAPS, TARGET.tvm_target(), rounds=1)
+
+
+def test_tune_writes_the_table_and_lowering_reads_it(tmp_path, monkeypatch, mlp) -> None:
+    import sparsecc
+
+    path = tmp_path / "x86.json"
+    monkeypatch.setenv("SPARSECC_COST_TABLE", str(path))
+    table = tune("x86", [(64, 64)], [6], ["block16x1"], [0.5], rounds=1, log=lambda *_: None)
+    assert path.is_file() and len(table.entries) == 1
+    # Force a schedule that is not the heuristic's into the table: lowering must use it.
+    (key, entry), = table.entries.items()
+    space = bsr_mod.bsr_schedules(6, pack_bsr(synthetic_weight((64, 64), "block16x1", 0.5), (16, 1)), CAPS)
+    forced = space[-1]
+    assert forced != space[0]
+    entry["schedule"] = dataclasses.asdict(forced)
+    table.save()
+
+    model, example, calib = mlp
+    artifact = sparsecc.compile(model, example, sparsity=0.5, pattern="block16x1", method="magnitude",
+                                calibration=calib, progress=False)
+    fc1 = next(layer for layer in artifact.report.layers if layer.name == "fc1")
+    assert forced.describe() in fc1.kernel and "(measured best)" in fc1.kernel
+    with torch.no_grad():
+        torch.testing.assert_close(artifact(*example), artifact.reference(*example), rtol=1e-4, atol=1e-4)
+
+
+def test_cost_model_prefers_measurements(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "x86.json"
+    monkeypatch.setenv("SPARSECC_COST_TABLE", str(path))
+    w = synthetic_weight((64, 64), "unstructured", 0.7)
+    packed = pack_csr(w)
+    seconds, source = TARGET.cost_model().predict(8, packed)
+    assert source == "roofline" and seconds > 0
+    table = CostTable.load(path, x86_mod.machine())
+    table.record(Problem.of(8, packed), [(schedule_space(8, packed, CAPS)[0], 3.5e-6)])
+    table.save()
+    assert TARGET.cost_model().predict(8, packed) == (3.5e-6, "measured")
+    # The roofline orders formats sensibly: a 90 % sparse weight is predicted faster than dense.
+    dense_s, _ = TARGET.cost_model().predict(128, None, (3072, 768))
+    sparse_s, _ = TARGET.cost_model().predict(128, pack_csr(synthetic_weight((3072, 768), "unstructured", 0.9)))
+    assert sparse_s < dense_s
+
+
+def test_tune_refuses_a_bad_request(tmp_path) -> None:
+    from sparsecc.cli import main
+
+    assert main(["tune", "--shapes", "64by64", "--table", str(tmp_path / "t.json")]) == 2
+    assert main(["tune", "--shapes", "64x64", "--sparsities", "1.5", "--table", str(tmp_path / "t.json")]) == 2
