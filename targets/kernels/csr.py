@@ -10,8 +10,9 @@ nonzeros (:func:`csr_args` re-lays the packed CSR out for the kernel):
 * ``spmv`` (M = 1): one row at a time, its nonzeros consumed 16 at a time (x gathered by column
   index) into ``unroll`` vector accumulators, the ragged end as one masked vector, the vector
   summed once per row. For rows of very unequal length, where slices would be mostly padding.
-* ``spmm`` (M > 1): x is transposed per tile of up to 64 rows so every nonzero multiplies a
-  contiguous register tile of x rows. The nonzeros are regrouped into blocks of K columns (see
+* ``spmm`` (M > 1): x is transposed (16 x 16 blocks in registers) per tile of up to 64 rows so
+  every nonzero multiplies a contiguous register tile of x rows, ``unroll`` nonzeros at a time
+  into separate accumulators. The nonzeros are regrouped into blocks of K columns (see
   :func:`_spmm_plan`) so the transposed-x panel a block reads stays in L1; chunks of output rows
   run in parallel, keep their accumulators in an L1 scratch across K blocks, and write y through
   a 16 x 16 register transpose.
@@ -107,30 +108,41 @@ def default_schedule(m: int, packed: PackedCSR, caps: Capabilities | None) -> CS
 
 
 def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[CSRSchedule]:
-    """Candidate schedules worth measuring for ``packed`` at M = ``m``, the heuristic default first."""
+    """Candidate schedules worth measuring for ``packed`` at M = ``m``, the heuristic default first.
+
+    Defaults, from side-by-side runs at 1 thread (3072 x 768 unless said otherwise):
+
+    * M = 1: ``sell`` with 2 accumulators. 50 % sparse: 1.6x the per-row gather of 16 scalar
+      inserts with int32 indices (1.9x at 768 x 768); 90 %: sell 2x faster than with 1
+      accumulator at 768 x 768, 4 accumulators 25 % slower than 2 at 50 %.
+    * M < 16 (tile of 4 or 8 x rows, one ymm per nonzero): 8 nonzeros into 8 accumulators per
+      step; with one accumulator the loop waits on the multiply-add latency (M = 8, 70 %: 1.9x
+      faster than 1, 1.07x than 4).
+    * M >= 16: 4 zmm per nonzero already give 4 independent chains; 2 accumulator sets measured
+      within noise (0.9-1.05x), so it is only a candidate.
+    """
     n_out, k = packed.shape
     index = _index_dtype(k)
     if m == 1:
         if not _has_gather(caps):
-            return [CSRSchedule("spmv", index, unroll=u) for u in (1, 2)]
-        sell = [CSRSchedule("sell", index, unroll=u) for u in (2, 1, 4)]
-        spmv = [CSRSchedule("spmv", index, unroll=u) for u in (1, 2)]
-        # Slices pay for their padding; rows of equal length (per-row pruning) have none.
-        first, second = (sell, spmv) if _slice_padding(packed) <= 0.1 else (spmv, sell)
-        return first + second + [CSRSchedule("sell", "int32", unroll=2)]
-    tile, kblock = _spmm_plan(m, k, n_out, packed.nnz, caps)
-    base = CSRSchedule("spmm", index, tile=tile, kblock=kblock, unroll=4 if tile < 16 else 1)
-    out = [base, dataclasses.replace(base, unroll=2), dataclasses.replace(base, index="int32")]
-    if tile < 16:
-        out += [dataclasses.replace(base, unroll=8), dataclasses.replace(base, unroll=1)]
+            out = [CSRSchedule("spmv", index, unroll=u) for u in (2, 1)]
+        else:
+            sell = [CSRSchedule("sell", index, unroll=u) for u in (2, 1, 4)]
+            spmv = [CSRSchedule("spmv", index, unroll=u) for u in (2, 1)]
+            # Slices pay for their padding; rows of equal length (per-row pruning) have none.
+            first, second = (sell, spmv) if _slice_padding(packed) <= 0.1 else (spmv, sell)
+            out = first + second + [CSRSchedule("sell", "int32", unroll=2)]
     else:
-        out += [dataclasses.replace(base, kblock=min(round_up(k, 16), 2 * kblock)),
-                dataclasses.replace(base, kblock=max(16, round_up(kblock // 2, 16)))]
-    seen: list[CSRSchedule] = []
-    for s in out:
-        if s not in seen:
-            seen.append(s)
-    return seen
+        tile, kblock = _spmm_plan(m, k, n_out, packed.nnz, caps)
+        small = tile < 16
+        base = CSRSchedule("spmm", index, tile=tile, kblock=kblock, unroll=8 if small else 1)
+        out = [base, dataclasses.replace(base, index="int32")]
+        out += [dataclasses.replace(base, unroll=u) for u in ((4, 2) if small else (2,))]
+        out += [dataclasses.replace(base, kblock=max(16, round_up(kblock // 2, 16)))]
+        if not small:
+            out += [dataclasses.replace(base, kblock=min(round_up(k, 16), 2 * kblock)),
+                    dataclasses.replace(base, tile=tile // 2, unroll=2)]
+    return list(dict.fromkeys(out))
 
 
 def _check_schedule(m: int, k: int, s: CSRSchedule, caps: Capabilities | None) -> None:
@@ -370,6 +382,17 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
             dst_hi[i, T.Ramp(0, 1, 16)] = T.Shuffle([a, b], _shuffle_lanes(3, True))
 
     @T.macro
+    def _transpose16(lo0, hi0, lo1, hi1):
+        # rows of (lo0; hi0) -> columns, result back in (lo0; hi0)
+        _stage_within(lo0, lo1, 0)
+        _stage_within(hi0, hi1, 0)
+        _stage_within(lo1, lo0, 1)
+        _stage_within(hi1, hi0, 1)
+        _stage_within(lo0, lo1, 2)
+        _stage_within(hi0, hi1, 2)
+        _stage_across(lo1, hi1, lo0, hi0)
+
+    @T.macro
     def _store_row(src, bias, y, row, col, j):
         if row < m:
             if has_bias:
@@ -388,14 +411,16 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
     def do_chunk(x, xt, indptr, indices, data, bias, y, c, rows):
         yt = T.decl_buffer((rows, tile), "float32", scope=ACC_SCOPE)
         for mt in range(n_mt):
-            for r in range(rows):
-                for v in T.vectorized(tile):
-                    yt[r, v] = T.float32(0)
             for kb in range(nkb):
                 for r in range(rows):
                     acc = T.decl_buffer((unroll, tile), "float32", scope=ACC_SCOPE)
-                    for v in T.vectorized(tile):
-                        acc[0, v] = yt[r, v]
+                    # The first K block starts from zero (no separate clearing pass over yt).
+                    if kb == 0:
+                        for v in T.vectorized(tile):
+                            acc[0, v] = T.float32(0)
+                    else:
+                        for v in T.vectorized(tile):
+                            acc[0, v] = yt[r, v]
                     for u in T.unroll(1, unroll):
                         for v in T.vectorized(tile):
                             acc[u, v] = T.float32(0)
@@ -429,13 +454,7 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                             for i in T.unroll(8):
                                 lo0[i, T.Ramp(0, 1, 16)] = yt[rb * 16 + i, T.Ramp(mb * 16, 1, 16)]
                                 hi0[i, T.Ramp(0, 1, 16)] = yt[rb * 16 + 8 + i, T.Ramp(mb * 16, 1, 16)]
-                            _stage_within(lo0, lo1, 0)
-                            _stage_within(hi0, hi1, 0)
-                            _stage_within(lo1, lo0, 1)
-                            _stage_within(hi1, hi0, 1)
-                            _stage_within(lo0, lo1, 2)
-                            _stage_within(hi0, hi1, 2)
-                            _stage_across(lo1, hi1, lo0, hi0)
+                            _transpose16(lo0, hi0, lo1, hi1)
                             for j in T.unroll(8):
                                 _store_row(lo0, bias, y, mt * tile + mb * 16 + j, c * chunk + rb * 16, j)
                                 _store_row(hi0, bias, y, mt * tile + mb * 16 + 8 + j, c * chunk + rb * 16, j)
@@ -456,14 +475,38 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
         # x transposed per tile of rows: xt[t, col, :] is a contiguous vector of x[t*tile : (t+1)*tile, col].
         xt = T.decl_buffer((n_mt, k, tile), "float32")
         for s in T.parallel(n_mt * strips):
-            for mm in range(tile):
+            t = T.meta_var(s // strips)
+            c0 = T.meta_var((s % strips) * 16)
+            for mb in range(tile // 16):
+                if (t * tile + mb * 16 + 16 <= m) and (c0 + 16 <= k):
+                    # A whole 16 x 16 block: transposed in registers (the scalar copy below took
+                    # about 6 % of the kernel at 3072 x 768, 90 % sparse).
+                    lo0 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
+                    hi0 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
+                    lo1 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
+                    hi1 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
+                    for i in T.unroll(8):
+                        lo0[i, T.Ramp(0, 1, 16)] = x[t * tile + mb * 16 + i, T.Ramp(c0, 1, 16)]
+                        hi0[i, T.Ramp(0, 1, 16)] = x[t * tile + mb * 16 + 8 + i, T.Ramp(c0, 1, 16)]
+                    _transpose16(lo0, hi0, lo1, hi1)
+                    for j in T.unroll(8):
+                        xt[t, c0 + j, T.Ramp(mb * 16, 1, 16)] = lo0[j, T.Ramp(0, 1, 16)]
+                        xt[t, c0 + 8 + j, T.Ramp(mb * 16, 1, 16)] = hi0[j, T.Ramp(0, 1, 16)]
+                else:
+                    for mm in range(16):
+                        for kk in range(16):
+                            if c0 + kk < k:
+                                if t * tile + mb * 16 + mm < m:
+                                    xt[t, c0 + kk, mb * 16 + mm] = x[t * tile + mb * 16 + mm, c0 + kk]
+                                else:
+                                    xt[t, c0 + kk, mb * 16 + mm] = T.float32(0)
+            for mm in range(tile // 16 * 16, tile):
                 for kk in range(16):
-                    if (s % strips) * 16 + kk < k:
-                        if (s // strips) * tile + mm < m:
-                            xt[s // strips, (s % strips) * 16 + kk, mm] = x[(s // strips) * tile + mm,
-                                                                            (s % strips) * 16 + kk]
+                    if c0 + kk < k:
+                        if t * tile + mm < m:
+                            xt[t, c0 + kk, mm] = x[t * tile + mm, c0 + kk]
                         else:
-                            xt[s // strips, (s % strips) * 16 + kk, mm] = T.float32(0)
+                            xt[t, c0 + kk, mm] = T.float32(0)
         for c in T.parallel(n_chunks):
             if c < full:
                 do_chunk(x, xt, indptr, indices, data, bias, y, c, chunk)
