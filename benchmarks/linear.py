@@ -8,7 +8,8 @@ same round-robin blocks:
 * ONNX Runtime dense MatMul + Add (the project's dense bar; a model built with ``onnx.helper``),
 * torch dense ``F.linear``,
 * torch CSR (``W.to_sparse_csr()``; ``addmm`` producing y transposed, a view away from y),
-* sparsecc's own dense kernel (``dense_linear``), for reference.
+* sparsecc's own dense kernel (``dense_linear``), for reference, with fp32 and with bf16-stored
+  weights (fp32 arithmetic; column ``scDbf16``).
 
 All implementations of one (shape, M) are timed in one interleaved group, so every ratio in a row
 is measured against the same ORT and torch numbers. Every output is checked against numpy once
@@ -23,6 +24,7 @@ whole model, where weights stream from DRAM.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -164,6 +166,7 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
     import torch
     from sparsecc.sparsity import packed_nbytes, parse_pattern
     from sparsecc.targets.kernels import dense_args, dense_linear, sparse_kernel
+    from sparsecc.targets.kernels.dense import DenseSchedule, dense_params, from_bfloat16_bits, to_bfloat16_bits
 
     x = rng.standard_normal((m, k)).astype(np.float32)
     dense_w = rng.standard_normal((n_out, k)).astype(np.float32)
@@ -188,6 +191,13 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
     fns["sc_dense"], outputs["sc_dense"] = _tvm_runner(func, [x, *dense_args(dense_w, m, caps), bias], m,
                                                        n_out, target)
     refs["sc_dense"] = refs["ort"]
+    # The same dense kernel with bf16-stored weights (fp32 arithmetic): checked against the layer
+    # with bf16-rounded weights, since that is what it computes.
+    bf16 = dataclasses.replace(DenseSchedule(*dense_params(m, (n_out, k), caps)), weights="bfloat16")
+    func = dense_linear(m, (n_out, k), True, caps, "dense_bf16_bench", schedule=bf16)
+    fns["sc_dense_bf16"], outputs["sc_dense_bf16"] = _tvm_runner(
+        func, [x, *dense_args(dense_w, m, caps, schedule=bf16), bias], m, n_out, target)
+    refs["sc_dense_bf16"] = dense_ref(from_bfloat16_bits(to_bfloat16_bits(dense_w)))
 
     build_s = 0.0
     for pattern, sparsities in _patterns(args):
@@ -229,6 +239,7 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
         cell.update({
             "sparsecc_s": t, "sparsecc_q1_s": times[key]["q1"], "sparsecc_q3_s": times[key]["q3"],
             "ort_dense_s": ort_s, "torch_dense_s": torch_s, "sparsecc_dense_s": times["sc_dense"]["median"],
+            "sparsecc_dense_bf16_s": times["sc_dense_bf16"]["median"],
             "torch_csr_s": times[f"tcsr:{key}"]["median"] if f"tcsr:{key}" in times else None,
             "vs_ort": ort_s / t, "vs_torch": torch_s / t,
             "gflops": 2 * m * cell["nnz"] / t / 1e9, "weight_gbs": cell["weight_bytes"] / t / 1e9,
@@ -244,8 +255,8 @@ def _fmt_us(s: float | None) -> str:
 
 def print_table(cells: list[dict[str, Any]]) -> None:
     head = (f"{'N x K':>11} {'M':>4} {'pattern':>12} {'sp':>4} | {'sparsecc':>9} {'ORT':>9} {'torch':>9} "
-            f"{'tCSR':>9} {'scDense':>9} us | {'xORT':>6} {'xTorch':>6} {'tCSRxORT':>8} | {'GFLOP/s':>7} "
-            f"{'wGB/s':>6} {'ORT GF/s':>8}")
+            f"{'tCSR':>9} {'scDense':>9} {'scDbf16':>9} us | {'xORT':>6} {'xTorch':>6} {'tCSRxORT':>8} | "
+            f"{'GFLOP/s':>7} {'wGB/s':>6} {'ORT GF/s':>8}")
     print(head)
     print("-" * len(head))
     for c in cells:
@@ -253,7 +264,8 @@ def print_table(cells: list[dict[str, Any]]) -> None:
         tcsr_ratio = f"{c['ort_dense_s'] / tcsr:8.2f}" if tcsr else f"{'-':>8}"
         print(f"{c['shape'][0]:>5}x{c['shape'][1]:<5} {c['m']:>4} {c['pattern']:>12} {int(c['sparsity'] * 100):>3}% | "
               f"{_fmt_us(c['sparsecc_s'])} {_fmt_us(c['ort_dense_s'])} {_fmt_us(c['torch_dense_s'])} "
-              f"{_fmt_us(tcsr):>9} {_fmt_us(c['sparsecc_dense_s'])}    | {c['vs_ort']:6.2f} {c['vs_torch']:6.2f} "
+              f"{_fmt_us(tcsr):>9} {_fmt_us(c['sparsecc_dense_s'])} "
+              f"{_fmt_us(c['sparsecc_dense_bf16_s'])}    | {c['vs_ort']:6.2f} {c['vs_torch']:6.2f} "
               f"{tcsr_ratio} | {c['gflops']:7.1f} {c['weight_gbs']:6.1f} {c['ort_gflops']:8.1f}")
 
 

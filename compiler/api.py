@@ -168,7 +168,9 @@ def compile(  # noqa: A001 - the public name users expect
         reference = pruned.run_flat(*program.example_inputs)
         max_abs, rel = compare_outputs(reference, compiled)
         report.compiled_vs_reference = {"rel": rel, "max_abs": max_abs}
-        if rel > 1e-4:
+        # bf16-stored weights round every weight by up to 2^-9 relative; fp32 kernels only reorder sums.
+        bf16 = any("bf16-weights" in layer.kernel for layer in report.layers if layer.kernel)
+        if rel > (1e-2 if bf16 else 1e-4):
             report.diagnostics.append({
                 "severity": "error", "pass_name": "build", "layer": None,
                 "message": f"compiled output differs from the masked-dense program by {rel:.3g} (relative); "

@@ -116,12 +116,17 @@ def _static_shape(expr: Any, owner: str) -> tuple[int, ...]:
             "shapes (export without dynamic_shapes, or compile once per input size)") from None
 
 
-def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> LoweringResult:
-    """Import ``ep`` into Relax with sparsecc's kernels for sparse and dense linear layers."""
+def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
+                   dense_weights: str = "float32") -> LoweringResult:
+    """Import ``ep`` into Relax with sparsecc's kernels for sparse and dense linear layers
+    (``dense_weights="bfloat16"``: the dense linears' weights stored as bf16, fp32 arithmetic)."""
+    import dataclasses
+
     import tvm_ffi
     from sparsecc.targets.kernels import SCHEDULE_ATTR, dense_args, dense_linear, sparse_kernel
     from sparsecc.targets.kernels.batch_matmul import batch_matmul
     from sparsecc.targets.kernels.conv import conv2d_panels, conv_geometry, grouped_conv2d
+    from sparsecc.targets.kernels.dense import DenseSchedule, dense_params
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -244,11 +249,15 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord) -> Lo
         bb = importer.block_builder
         x2 = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, (m, k)))
         bias = bias_arg(node, bias_node, n_out)
-        chosen = measured_schedule(m, None, (n_out, k))
+        measured = measured_schedule(m, None, (n_out, k))
+        chosen = measured
+        if dense_weights != "float32":
+            chosen = dataclasses.replace(chosen or DenseSchedule(*dense_params(m, (n_out, k), caps)),
+                                         weights=dense_weights)
         func = dense_linear(m, (n_out, k), bias is not None, caps, "kernel", schedule=chosen)
         out, kname, schedule = emit_kernel(importer, node, func, x2, dense_args(weight, m, caps, schedule=chosen),
                                            bias, m, n_out, "dense")
-        schedule += MEASURED_NOTE if chosen is not None else ""
+        schedule += MEASURED_NOTE if measured is not None else ""
         if len(shape) != 2:
             out = bb.emit(relax.op.reshape(out, (*shape[:-1], n_out)))
         records.append(KernelRecord(node.name, "linear", "dense", kname, schedule, shape, (n_out, k),

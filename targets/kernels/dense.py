@@ -26,9 +26,11 @@ class DenseSchedule:
     mr: int
     nr: int
     kc: int
+    weights: str = "float32"  # or "bfloat16": weights stored as bf16, widened to f32 on load
 
     def describe(self) -> str:
-        return f"mr{self.mr} nr{self.nr} kc{self.kc or 'all'}"
+        bf16 = " bf16-weights" if self.weights == "bfloat16" else ""
+        return f"mr{self.mr} nr{self.nr} kc{self.kc or 'all'}{bf16}"
 
 
 def dense_schedules(m: int, shape: tuple[int, int], caps: Capabilities) -> list[DenseSchedule]:
@@ -67,15 +69,30 @@ def dense_params(m: int, shape: tuple[int, int], caps: Capabilities) -> tuple[in
     return 4, 2 * v, 128
 
 
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 (round to nearest even) as the uint16 bit patterns kernels store."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """The fp32 values of stored bf16 bit patterns (what the kernel computes with)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def dense_args(weight: np.ndarray, m: int, caps: Capabilities,
                schedule: DenseSchedule | None = None) -> list[np.ndarray]:
-    """The packed weight panels (N/nr, K, nr) the dense kernel takes after x."""
-    nr = (schedule or DenseSchedule(*dense_params(m, weight.shape, caps))).nr
+    """The packed weight panels (N/nr, K, nr) the dense kernel takes after x (f32, or bf16 bits as
+    uint16 when the schedule stores bf16 weights)."""
+    schedule = schedule or DenseSchedule(*dense_params(m, weight.shape, caps))
+    nr = schedule.nr
     n_out, k = weight.shape
     panels = ceil_div(n_out, nr)
     padded = np.zeros((panels * nr, k), np.float32)
     padded[:n_out] = weight
-    return [np.ascontiguousarray(padded.reshape(panels, nr, k).transpose(0, 2, 1))]
+    out = np.ascontiguousarray(padded.reshape(panels, nr, k).transpose(0, 2, 1))
+    return [to_bfloat16_bits(out) if schedule.weights == "bfloat16" else out]
 
 
 def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilities,
@@ -94,6 +111,10 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
         raise ValueError(f"dense schedule {schedule}: nr must be a multiple of the vector width {lanes(caps)}")
     kc = min(kc, k) if kc > 0 else k
     n_kb = ceil_div(k, kc)
+    bf16 = schedule.weights == "bfloat16"
+    if schedule.weights not in ("float32", "bfloat16"):
+        raise ValueError(f"dense schedule {schedule}: weights must be float32 or bfloat16")
+    stored = "uint16" if bf16 else "float32"
     full_panels, tail_n = divmod(n_out, nr)
     panels = ceil_div(n_out, nr)
     full_m, tail_m = divmod(m, mr)
@@ -101,6 +122,13 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
     # threads as well, so the panels run as panels x m_chunks tasks instead of leaving threads idle.
     m_chunks = 1 if panels >= caps.threads else max(1, min(caps.threads, full_m))
     tiles_per_chunk = ceil_div(full_m, m_chunks)
+
+    def widen(value):
+        # bf16 is the top half of an fp32: shifting the stored bits up 16 is the exact f32 value
+        # (one zero-extend and one shift per vector, no AVX-512 BF16 instructions needed).
+        if bf16:
+            return T.reinterpret("float32", T.shift_left(T.Cast("uint32", value), T.uint32(16)))
+        return value
 
     @T.macro
     def tile(x, wp, bias, y, nb, kb, m0, rows, cols):
@@ -119,7 +147,7 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
         for kk in range(T.min(kc, k - kb * kc)):
             for mm in T.unroll(rows):
                 for i in T.vectorized(cols):
-                    acc[mm, i] = acc[mm, i] + x[m0 + mm, kb * kc + kk] * wp[nb, kb * kc + kk, i]
+                    acc[mm, i] = acc[mm, i] + x[m0 + mm, kb * kc + kk] * widen(wp[nb, kb * kc + kk, i])
         for mm in T.unroll(rows):
             for i in T.vectorized(cols):
                 y[m0 + mm, nb * nr + i] = acc[mm, i]
@@ -134,7 +162,7 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
                     tile(x, wp, bias, y, nb, kb, full_m * mr, tail_m, cols)
 
     @T.prim_func
-    def kernel(x: T.Buffer((m, k), "float32"), wp: T.Buffer((panels, k, nr), "float32"),
+    def kernel(x: T.Buffer((m, k), "float32"), wp: T.Buffer((panels, k, nr), stored),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         for task in T.parallel(full_panels * m_chunks):
             panel(x, wp, bias, y, task // m_chunks, nr, task % m_chunks)
