@@ -209,6 +209,36 @@ def test_nm_every_candidate(m: int, nm: tuple[int, int]) -> None:
     _check(_run(func, [x, *arrays, bias], m, n_out), ref)
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)], ids=lambda p: f"{p[0]}:{p[1]}")
+def test_nm_permute_prefetch(m: int, nm: tuple[int, int]) -> None:
+    """Prefetching windows ahead (on by default only for weights larger than L2) runs past the last
+    window of a row group into the next one and past the end of the arrays: harmless."""
+    if not ("avx512f" in CAPS.features and CAPS.vector_bits == 512):
+        pytest.skip("the permute schedule needs AVX-512")
+    n, group = nm
+    rng = np.random.default_rng(m + group)
+    n_out, k = 48, 80
+    w = _nm_weight(rng, n_out, k, n, group)
+    packed = pack_nm(w, n, group)
+    x, bias = _inputs(rng, m, n_out, k, True)
+    for schedule in (NMSchedule("permute", m, 4 if m == 1 else 1, 0, 1, 3), NMSchedule("permute", 2, 1, 0, 1, 1)):
+        func = nm_linear(m, packed, True, CAPS, "nm_pf", schedule=schedule)
+        assert "prefetch" in str(func.attrs["sparsecc.schedule"])
+        _check(_run(func, [x, *nm_args(packed, m, CAPS, schedule=schedule), bias], m, n_out), _reference(x, w, bias))
+
+
+def test_nm_default_prefetches_large_weights() -> None:
+    from sparsecc.sparsity import PackedNM
+
+    n_out, k = 4096, 4096
+    big = PackedNM((n_out, k), 2, 4, np.zeros((n_out, k // 2), np.float32), np.zeros((n_out, k // 2), np.uint8))
+    if "avx512f" in CAPS.features and CAPS.vector_bits == 512:
+        assert nm_schedules(1, big, CAPS)[0].prefetch > 0
+    small = pack_nm(np.zeros((32, 64), np.float32), 2, 4)
+    assert nm_schedules(1, small, CAPS)[0].prefetch == 0
+
+
 def test_nm_mvec_partial_k_block() -> None:
     # a K block that does not divide K: the last block holds fewer groups
     rng = np.random.default_rng(5)
