@@ -86,6 +86,7 @@ def _collect_packed_arrays(program: Program) -> dict[str, torch.Tensor]:
 
 def _layer_reports(plan: Plan, packed: Program, lowering: Any) -> list[LayerReport]:
     kernels = lowering.kernels_by_layer() if lowering is not None and hasattr(lowering, "kernels_by_layer") else {}
+    kernel_bytes = lowering.kernel_bytes_by_layer() if lowering is not None else {}
     reports = []
     for lp in plan.layers.values():
         info = packed.sparsity.get(lp.name)
@@ -95,11 +96,11 @@ def _layer_reports(plan: Plan, packed: Program, lowering: Any) -> list[LayerRepo
         if info is not None and info.packed_format:
             reports.append(LayerReport(lp.name, lp.kind, lp.shape, "sparse", info.pattern, info.sparsity,
                                        info.packed_format, dense_bytes, info.packed_bytes,
-                                       kernel=kernels.get(lp.name)))
+                                       kernel=kernels.get(lp.name), kernel_bytes=kernel_bytes.get(lp.name)))
         else:
             reason = lp.reason or "not packed (see diagnostics)"
             reports.append(LayerReport(lp.name, lp.kind, lp.shape, "dense", None, 0.0, None, dense_bytes,
-                                       None, reason, kernels.get(lp.name)))
+                                       None, reason, kernels.get(lp.name), kernel_bytes.get(lp.name)))
     return reports
 
 

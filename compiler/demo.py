@@ -64,7 +64,7 @@ def run_demo(pattern: str = "block16x1", sparsity: float = 0.7, output: str | No
     dense_bytes, packed_bytes = artifact.report.weight_bytes
     print(f"held-out accuracy ({len(data.test_labels)} images): dense {acc_dense:.2%}, "
           f"ONNX Runtime dense {acc_ort:.2%}, pruned {acc_pruned:.2%}, compiled {acc_compiled:.2%}")
-    print(f"prunable weights: {dense_bytes / 1024:.1f} KiB dense -> {packed_bytes / 1024:.1f} KiB packed")
+    print(f"prunable weights: {dense_bytes / 1024:.1f} KiB dense -> {packed_bytes / 1024:.1f} KiB as compiled")
     print(f"latency per batch of {DEMO_BATCH} (median of interleaved runs, {threads} thread(s) for torch and "
           f"sparsecc; load average {os.getloadavg()[0]:.2f}):")
     base, bar = times["torch dense"], times["ONNX Runtime dense"]

@@ -24,6 +24,16 @@ class LayerReport:
     packed_bytes: int | None = None
     reason: str = ""
     kernel: str | None = None
+    # Bytes of the weight arrays the compiled kernel reads (what the library stores: 16-bit
+    # indices, panel padding, bf16); None when the layer has no sparsecc kernel.
+    kernel_bytes: int | None = None
+
+    @property
+    def stored_bytes(self) -> int:
+        """What the layer's weights take in the built library (else in the packed program)."""
+        if self.kernel_bytes is not None:
+            return self.kernel_bytes
+        return self.packed_bytes if self.packed_bytes is not None else self.dense_bytes
 
 
 @dataclass
@@ -49,9 +59,9 @@ class Report:
 
     @property
     def weight_bytes(self) -> tuple[int, int]:
-        """(dense bytes of all layers, bytes after packing) for the prunable layers."""
+        """(fp32 dense bytes of the prunable layers, the bytes their compiled kernels store)."""
         dense = sum(lr.dense_bytes for lr in self.layers)
-        after = sum(lr.packed_bytes if lr.packed_bytes is not None else lr.dense_bytes for lr in self.layers)
+        after = sum(lr.stored_bytes for lr in self.layers)
         return dense, after
 
     def summary(self) -> str:
@@ -62,14 +72,14 @@ class Report:
         lines += [header, "-" * len(header)]
         for lr in self.layers:
             shape = "x".join(str(d) for d in lr.shape)
-            size = lr.packed_bytes if lr.packed_bytes is not None else lr.dense_bytes
+            size = lr.stored_bytes
             note = lr.reason if lr.decision == "dense" else (lr.kernel or lr.packed_format or "")
             lines.append(f"{lr.name[:40]:40s} {lr.kind:7s} {shape:>11s} {lr.decision:8s} "
                          f"{(lr.pattern or '-'):12s} {lr.sparsity * 100:7.1f}% {size:>10d}  {note}")
         dense, after = self.weight_bytes
         if dense:
             lines.append("")
-            lines.append(f"prunable weights: {dense} B dense -> {after} B packed ({after / dense:.2f}x)")
+            lines.append(f"prunable weights: {dense} B dense -> {after} B as compiled ({after / dense:.2f}x)")
         if self.compiled_vs_reference:
             lines.append("compiled vs masked-dense reference: relative error "
                          f"{self.compiled_vs_reference.get('rel', float('nan')):.3g}, max abs "

@@ -46,6 +46,7 @@ class KernelRecord:
     weight_shape: tuple[int, ...] = ()
     nnz: int | None = None
     note: str = ""
+    const_bytes: int | None = None  # bytes of the weight arrays the kernel reads (as the library stores them)
 
 
 @dataclass
@@ -222,7 +223,7 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
                                                f"sparse_{fmt}")
             schedule += MEASURED_NOTE if chosen is not None else ""
             records.append(KernelRecord(node.name, str(node.target), fmt, kname, schedule, (m, k),
-                                        packed.shape, packed.nnz))
+                                        packed.shape, packed.nnz, const_bytes=sum(a.nbytes for a in arrays)))
             return out
 
         return convert
@@ -255,13 +256,13 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
             chosen = dataclasses.replace(chosen or DenseSchedule(*dense_params(m, (n_out, k), caps)),
                                          weights=dense_weights)
         func = dense_linear(m, (n_out, k), bias is not None, caps, "kernel", schedule=chosen)
-        out, kname, schedule = emit_kernel(importer, node, func, x2, dense_args(weight, m, caps, schedule=chosen),
-                                           bias, m, n_out, "dense")
+        arrays = dense_args(weight, m, caps, schedule=chosen)
+        out, kname, schedule = emit_kernel(importer, node, func, x2, arrays, bias, m, n_out, "dense")
         schedule += MEASURED_NOTE if measured is not None else ""
         if len(shape) != 2:
             out = bb.emit(relax.op.reshape(out, (*shape[:-1], n_out)))
         records.append(KernelRecord(node.name, "linear", "dense", kname, schedule, shape, (n_out, k),
-                                    int(np.count_nonzero(weight))))
+                                    int(np.count_nonzero(weight)), const_bytes=sum(a.nbytes for a in arrays)))
         return out
 
     def conv_converter(node: Any, importer: Any) -> Any:

@@ -37,6 +37,12 @@ class Lowered:
                 found[layer] = f"{record.kernel} [{record.schedule}]"
         return found
 
+    def kernel_bytes_by_layer(self) -> dict[str, int]:
+        """Bytes of the weight arrays each layer's kernel reads, as the built library stores them
+        (index widths, padding and bf16 included), for the layers with a sparsecc kernel."""
+        return {self.layer_of_node[r.node]: r.const_bytes for r in self.records
+                if r.const_bytes is not None and r.node in self.layer_of_node}
+
 
 @register_pass
 @dataclass(frozen=True)

@@ -50,3 +50,18 @@ def test_every_pattern_compiles_and_matches_the_masked_dense_program(pattern: st
     scale = max(1.0, float(want.abs().max()))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
     assert not [d for d in artifact.report.diagnostics if d["severity"] == "error"]
+
+
+def test_report_counts_the_bytes_the_kernels_store() -> None:
+    # 50 % unstructured: 4-byte values and 2-byte column indices are 0.75x of the dense bytes (an
+    # int32 index would make it 1.0x); the report must count what the library stores.
+    torch.manual_seed(0)
+    model = OddShapes().eval()
+    x = torch.randn(1, 100)
+    artifact = sparsecc.compile(model, (x,), sparsity=0.5, pattern="unstructured", method="magnitude",
+                                calibration=[(x,)], progress=False)
+    fc2 = next(layer for layer in artifact.report.layers if layer.name == "fc2")
+    assert fc2.kernel_bytes is not None and fc2.stored_bytes == fc2.kernel_bytes
+    assert 0.7 * fc2.dense_bytes < fc2.kernel_bytes < 0.85 * fc2.dense_bytes, (fc2.kernel_bytes, fc2.dense_bytes)
+    dense, stored = artifact.report.weight_bytes
+    assert stored < dense
