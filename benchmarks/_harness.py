@@ -60,3 +60,48 @@ def interleave(fns: dict[str, Callable[[], Any]], **options: Any) -> dict[str, d
     from sparsecc.timing import interleave as package_interleave
 
     return package_interleave(fns, **options)
+
+
+def machine_peaks(threads: int) -> dict[str, float]:
+    """This machine's bars for reading achieved numbers against: DRAM copy bandwidth (numpy, one
+    256 MiB array, read + write bytes counted), the fp32 FMA peak of the probed vector width
+    (2 FMA units per core at the clock /proc/cpuinfo reports) and ONNX Runtime's dense GEMM
+    (2048^3) at ``threads`` threads."""
+    import time
+
+    import numpy as np
+    from sparsecc.targets.x86 import _cpu_ghz, capabilities
+
+    src = np.ones(64 * 1024 * 1024, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    caps = capabilities()
+    fma_peak = caps.vector_lanes_f32 * 2 * 2 * _cpu_ghz() * threads
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = 2048
+    w = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = w.copy()
+    sess.run(None, {"x": x})
+    gemm = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        sess.run(None, {"x": x})
+        gemm = min(gemm, time.perf_counter() - start)
+    return {"dram_copy_gbs": 2 * src.nbytes / best / 1e9, "fma_peak_gflops": fma_peak,
+            "ort_gemm_gflops": 2 * n ** 3 / gemm / 1e9}

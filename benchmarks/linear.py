@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"threads: {args.threads} (torch {torch.get_num_threads()}, TVM pool {_harness.tvm_threads()}, "
           f"ORT intra_op {args.threads}); host {tvm_target['mcpu']}, {caps.vector_bits}-bit vectors; "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, tvm {tvm.__version__}")
+    peaks = _harness.machine_peaks(args.threads)
+    print(f"machine bars: DRAM copy {peaks['dram_copy_gbs']:.1f} GB/s, fp32 FMA peak {peaks['fma_peak_gflops']:.0f} "
+          f"GFLOP/s, ORT 2048^3 GEMM {peaks['ort_gemm_gflops']:.0f} GFLOP/s ({args.threads} thread(s))")
     start_load = _harness.load()
     print(f"load average before: {start_load[0]:.2f} {start_load[1]:.2f} {start_load[2]:.2f}", flush=True)
     rng = np.random.default_rng(0)
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print("ratios are median ORT (or torch) dense time / median sparsecc time, same interleaved run; "
           "GFLOP/s counts 2*M*nnz; wGB/s = packed weight bytes / time")
     if args.out:
-        meta = {"command": _harness.command_line(), "threads": args.threads, "mcpu": tvm_target["mcpu"],
+        meta = {"command": _harness.command_line(), "threads": args.threads, "mcpu": tvm_target["mcpu"], "peaks": peaks,
                 "load_before": start_load, "load_after": end_load}
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "cells": cells}, f, indent=1)
