@@ -17,7 +17,8 @@ Three schedule families (:class:`BSRSchedule`):
 
 Blocks are stored (nblocks, c, r) (transposed from the packed (nblocks, r, c)) so the r values of a
 block column are one contiguous vector load. Block-column indices are uint16 when K / c allows
-(half the index bytes of int32).
+(half the index bytes of int32). When the blocks do not fit in L2, the rowvec families prefetch the
+block stream about 2 KiB ahead (measured 15-35 % faster at 4096 x 4096, see :func:`_prefetch`).
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ def _mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bo
     return kernel
 
 
-def _validate(s: BSRSchedule, m: int, r: int) -> None:
+def _validate(s: BSRSchedule, r: int) -> None:
     if s.family not in FAMILIES:
         raise ValueError(f"unknown BSR schedule family {s.family!r}")
     if s.index not in ("uint16", "int32"):
@@ -305,8 +306,6 @@ def _validate(s: BSRSchedule, m: int, r: int) -> None:
         raise ValueError(f"BSR schedule needs tile, chains >= 1: {s}")
     if s.family == "mvec" and (s.rows < 1 or r % s.rows):
         raise ValueError(f"mvec rows {s.rows} must divide the block height {r}")
-    if s.family == "rowvec" and m > 1 and s.tile > m:
-        raise ValueError(f"rowvec tile {s.tile} exceeds M = {m}")
 
 
 def bsr_linear(m: int, packed: PackedBSR, has_bias: bool, caps: Capabilities,
@@ -321,7 +320,7 @@ def bsr_linear(m: int, packed: PackedBSR, has_bias: bool, caps: Capabilities,
     r, c = packed.block
     nblocks = int(packed.indices.shape[0])
     s = schedule if schedule is not None else _default(m, packed, caps)
-    _validate(s, m, r)
+    _validate(s, r)
     if s.index == "uint16" and k // c > 65536:
         raise ValueError(f"{k // c} block columns do not fit uint16 indices")
     if s.family == "mvec":
