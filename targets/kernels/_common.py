@@ -3,6 +3,8 @@ small integer arithmetic the schedules use to pick tile sizes."""
 
 from __future__ import annotations
 
+import functools
+
 from sparsecc.targets.base import Capabilities
 
 #: function attribute holding a short description of the schedule a kernel was built with
@@ -13,6 +15,16 @@ SCHEDULE_ATTR = "sparsecc.schedule"
 #: iteration of the loop that declares it (four calls per output row in the SpMV), while a small
 #: ``"global"`` one becomes a stack ``alloca`` that LLVM promotes to registers.
 ACC_SCOPE = "global"
+
+
+def cached_builder(builder):
+    """Memoize a TIR builder whose arguments are all hashable (ints, strings, frozen dataclasses).
+
+    Parsing a TVMScript kernel takes 0.1-3 s; a model's layers ask for the same kernel many times
+    (SmolLM2's 30 layers x 7 linears come in 4 shapes), so each distinct kernel is parsed once.
+    PrimFuncs are immutable, so sharing one between callers is safe.
+    """
+    return functools.lru_cache(maxsize=512)(builder)
 
 
 def finish(func, name: str, schedule: str):

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 from sparsecc.targets.base import Capabilities
 
-from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes
+from ._common import ACC_SCOPE, cached_builder, ceil_div, drop_param, finish, lanes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +102,16 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
     Parameters: x (m, K) f32, panels (N/nr, K, nr) f32 from :func:`dense_args`, [bias (N,)],
     y (m, N) f32.
     """
+    schedule = schedule or DenseSchedule(*dense_params(m, tuple(shape), caps))
+    func, description = _dense_kernel(m, tuple(shape), has_bias, caps, schedule)
+    return finish(func, name, description)
+
+
+@cached_builder
+def _dense_kernel(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilities, schedule: DenseSchedule):
     from tvm.script import tirx as T
 
     n_out, k = shape
-    schedule = schedule or DenseSchedule(*dense_params(m, shape, caps))
     mr, nr, kc = min(schedule.mr, m), schedule.nr, schedule.kc
     if nr % lanes(caps):
         raise ValueError(f"dense schedule {schedule}: nr must be a multiple of the vector width {lanes(caps)}")
@@ -175,4 +181,4 @@ def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilit
 
     func = kernel if has_bias else drop_param(kernel, "bias")
     split = f" m-split{m_chunks}" if m_chunks > 1 else ""
-    return finish(func, name, f"dense-panels {schedule.describe()}{split}")
+    return func, f"dense-panels {schedule.describe()}{split}"
