@@ -168,6 +168,12 @@ def test_bsr_schedule_rejects_bad_knobs() -> None:
         bsr_linear(8, packed, False, CAPS, schedule=BSRSchedule("rowvec", 8, 1, 0, "int8"))
     with pytest.raises(ValueError):
         bsr_linear(8, packed, False, CAPS, schedule=BSRSchedule("colvec", 8, 1, 0, "int32"))
+    with pytest.raises(ValueError):  # 16-row blocks fill a vector already: nothing to pack
+        bsr_linear(8, packed, False, CAPS, schedule=BSRSchedule("rowvec-xe", 8, 1, 0, "int32"))
+    narrow = pack_bsr(np.ones((8, 8), np.float32), (4, 2))
+    with pytest.raises(ValueError):  # a tile of x rows that does not fill whole vectors
+        bsr_linear(8, narrow, False, CAPS, schedule=BSRSchedule("rowvec-xe", CAPS.vector_lanes_f32 // 4 + 1, 1, 0,
+                                                                 "int32"))
 
 
 @pytest.mark.parametrize("m", MS)
