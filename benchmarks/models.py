@@ -225,7 +225,7 @@ def _onnx_size(work: Workload) -> int:
 
 def print_table(rows: list[dict[str, Any]], threads: int) -> None:
     head = (f"{'model':>7} {'implementation':>28} | {'median ms':>9} {'q1-q3 ms':>15} | {'xORT':>5} {'xTorch':>6} | "
-            f"{'lib MB':>7} {'xDenseBuild':>11} {'prunable MB':>15} | {'build s':>7} | output vs dense")
+            f"{'lib MB':>7} {'xDenseBuild':>11} {'weights MB':>15} | {'build s':>7} | output vs dense")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -239,7 +239,8 @@ def print_table(rows: list[dict[str, Any]], threads: int) -> None:
               f"{r['vs_ort']:5.2f} {r['vs_torch']:6.2f} | {lib} {ratio} {prunable} | {build} | {r['closeness']}")
     print(f"\n{threads} thread(s) for torch, ONNX Runtime and sparsecc alike; medians of interleaved rounds; "
           "xORT / xTorch = that runtime's dense time / this row's time; lib MB = compiled library (ONNX file for "
-          "ONNX Runtime); prunable MB = bytes of the pruned layers' weights dense -> packed")
+          "ONNX Runtime); weights MB = the linear and conv layers' weights, fp32 dense -> as the compiled "
+          "kernels store them")
 
 
 def main(argv: list[str] | None = None) -> int:
