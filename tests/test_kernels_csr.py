@@ -109,6 +109,22 @@ def test_index_widths(index: str, family: str, unroll: int) -> None:
     assert index in desc and f"unroll{unroll}" in desc
 
 
+@pytest.mark.parametrize("index", ["uint16", "int32"])
+@pytest.mark.parametrize("m", [5, 131])
+def test_scaled_indices(index: str, m: int) -> None:
+    # Indices stored as column * tile: x tiles after the first (m = 131: three tiles of 64 minus
+    # padding) add their own panel offset; K blocks of 96 leave a ragged last block.
+    rng = np.random.default_rng(m)
+    w = _weight(rng, 33, 301, 0.6)
+    tile = 8 if m < 16 else 64
+    schedule = CSRSchedule("spmm", index, tile=tile, kblock=96, unroll=2, scaled=True)
+    packed = pack_csr(w)
+    indices = csr_args(packed, m, CAPS, schedule=schedule)[1]
+    assert indices.dtype == np.dtype(index)
+    assert sorted(indices.astype(np.int64)) == sorted(packed.indices.astype(np.int64) * tile)
+    assert "scaled" in _build_and_check(m, w, schedule, with_bias=m % 2 == 1, seed=m)
+
+
 def test_uint16_column_beyond_int16() -> None:
     # Columns past 32767 must not come back negative from a uint16 index.
     k = 40000
@@ -172,3 +188,10 @@ def test_invalid_schedules_are_refused() -> None:
         csr_linear(4, packed, False, CAPS, schedule=CSRSchedule("sell", "int32"))  # M = 1 only
     with pytest.raises(ValueError):
         csr_linear(4, packed, False, CAPS, schedule=CSRSchedule("spmm", "int32", unroll=0))
+    wide = pack_csr(np.eye(8, 2000, dtype=np.float32))
+    with pytest.raises(ValueError):  # 1999 * 64 does not fit 16 bits
+        csr_args(wide, 128, CAPS, schedule=CSRSchedule("spmm", "uint16", tile=64, kblock=96, scaled=True))
+    limit = {"uint16": 1 << 16, "int32": 1 << 31}
+    candidates = csr_schedules(128, wide, CAPS)
+    assert not candidates[0].scaled and any(s.scaled for s in candidates)
+    assert all(not s.scaled or 1999 * s.tile < limit[s.index] for s in candidates)
