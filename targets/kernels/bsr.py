@@ -33,7 +33,18 @@ import numpy as np
 from sparsecc.sparsity import PackedBSR
 from sparsecc.targets.base import Capabilities
 
-from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes, mvec_tile, round_up, transpose_pad, untranspose
+from ._common import (
+    ACC_SCOPE,
+    cached_builder,
+    ceil_div,
+    drop_param,
+    finish,
+    lanes,
+    mvec_tile,
+    round_up,
+    transpose_pad,
+    untranspose,
+)
 
 FAMILIES = ("rowvec", "rowvec-xt", "rowvec-xe", "mvec")
 
@@ -177,6 +188,7 @@ def bsr_args(packed: PackedBSR, m: int = 1, caps: Capabilities | None = None,
     return [packed.indptr.astype(np.int32), indices, data]
 
 
+@cached_builder
 def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bool,
             s: BSRSchedule):
     """rowvec and rowvec-xt kernels (see module doc)."""
@@ -268,6 +280,7 @@ def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: 
     return kernel
 
 
+@cached_builder
 def _rowvec_xe(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bool,
                v: int, s: BSRSchedule):
     """rowvec with lanes packed: narrow blocks (r < v) with g = v / r x rows per vector."""
@@ -339,6 +352,7 @@ def _rowvec_xe(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bia
     return kernel
 
 
+@cached_builder
 def _mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bool,
           caps: Capabilities, s: BSRSchedule):
     """M-vectorized block-row kernel (see module doc)."""

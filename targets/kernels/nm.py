@@ -28,7 +28,17 @@ import numpy as np
 from sparsecc.sparsity import PackedNM
 from sparsecc.targets.base import Capabilities
 
-from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes, pow2_at_least, round_up, untranspose
+from ._common import (
+    ACC_SCOPE,
+    cached_builder,
+    ceil_div,
+    drop_param,
+    finish,
+    lanes,
+    pow2_at_least,
+    round_up,
+    untranspose,
+)
 
 FAMILIES = ("gather", "permute", "mvec")
 
@@ -169,6 +179,7 @@ def nm_args(packed: PackedNM, m: int, caps: Capabilities, schedule: NMSchedule |
     return [np.ascontiguousarray(values), np.ascontiguousarray(positions)]
 
 
+@cached_builder
 def _gather(m: int, n_out: int, k: int, keep: int, group: int, r: int, s: NMSchedule, has_bias: bool):
     from tvm.script import tirx as T
 
@@ -215,6 +226,7 @@ def _gather(m: int, n_out: int, k: int, keep: int, group: int, r: int, s: NMSche
     return kernel
 
 
+@cached_builder
 def _permute(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, has_bias: bool):
     from tvm.script import tirx as T
 
@@ -272,6 +284,7 @@ def _permute(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, h
     return kernel
 
 
+@cached_builder
 def _mvec(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, has_bias: bool,
           caps: Capabilities):
     from tvm.script import tirx as T
