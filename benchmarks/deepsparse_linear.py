@@ -2,7 +2,7 @@
 
 DeepSparse 1.8.0 (the last release that installs) needs onnx<1.15 and numpy<2, which conflict
 with sparsecc's own dependencies, so this script runs in a separate virtual environment and
-imports nothing from sparsecc:
+imports nothing from sparsecc (only the ONNX model builder of ``linear.py``):
 
     python -m venv /opt/ds-venv
     /opt/ds-venv/bin/pip install deepsparse==1.8.0 "onnx<1.15" "numpy<2" onnxruntime
@@ -21,8 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from linear import onnx_linear_model  # noqa: E402  (numpy and onnx only; no sparsecc import)
 
 SHAPES = [(768, 768), (3072, 768), (768, 3072), (4096, 4096)]
 
@@ -35,26 +39,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sparsities", default="0.5,0.7,0.9")
     p.add_argument("--rounds", type=int, default=15)
     return p.parse_args()
-
-
-def _model(weight, bias, m: int):
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    n_out, k = weight.shape
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "wt"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
-        "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n_out])],
-        initializer=[numpy_helper.from_array(np.ascontiguousarray(weight.T), "wt"),
-                     numpy_helper.from_array(bias, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def _interleave(fns: dict, rounds: int, block_seconds: float = 0.02) -> dict[str, float]:
@@ -98,14 +82,14 @@ def main() -> int:
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = args.threads
                 opts.inter_op_num_threads = 1
-                dense_sess = ort.InferenceSession(_model(dense, bias, m).SerializeToString(), opts,
+                dense_sess = ort.InferenceSession(onnx_linear_model(dense, bias, m).SerializeToString(), opts,
                                                   providers=["CPUExecutionProvider"])
                 for sparsity in sparsities:
                     w = rng.standard_normal((n_out, k)).astype(np.float32)
                     cut = np.sort(np.abs(w), axis=None)[int(round(w.size * sparsity)) - 1]
                     w[np.abs(w) <= cut] = 0
                     path = os.path.join(tmp, f"sparse_{n_out}_{k}_{m}_{sparsity}.onnx")
-                    onnx.save(_model(w, bias, m), path)
+                    onnx.save(onnx_linear_model(w, bias, m), path)
                     engine = Engine(path, batch_size=m, num_cores=args.threads)
                     got = engine([x])[0]
                     ref = x.astype(np.float64) @ w.astype(np.float64).T + bias

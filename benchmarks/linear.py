@@ -85,9 +85,10 @@ def _patterns(args: argparse.Namespace) -> list[tuple[str, tuple[float, ...]]]:
     return cells
 
 
-def _ort_session(weight: np.ndarray, bias: np.ndarray, m: int, threads: int):
+def onnx_linear_model(weight: np.ndarray, bias: np.ndarray, m: int):
+    """y = x @ W.T + b as an ONNX model (MatMul + Add, x of shape (m, K)); the DeepSparse
+    benchmark builds its models with this too, so both runtimes see the same graph."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     n_out, k = weight.shape
@@ -100,9 +101,16 @@ def _ort_session(weight: np.ndarray, bias: np.ndarray, m: int, threads: int):
                      numpy_helper.from_array(bias, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 accepts at most 13.
+    # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 accepts at most 13 (IR 9 also reads in onnx 1.14).
     model.ir_version = 9
     onnx.checker.check_model(model)
+    return model
+
+
+def _ort_session(weight: np.ndarray, bias: np.ndarray, m: int, threads: int):
+    import onnxruntime as ort
+
+    model = onnx_linear_model(weight, bias, m)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
