@@ -51,11 +51,11 @@ class CSRSchedule:
     accumulator, so that many multiply-add chains run side by side. ``chunk``: spmm output rows
     per parallel chunk (0: as many as keep the chunk's accumulators in 16 KiB).
     ``index``: width of the stored column indices, ``"uint16"`` (K <= 65536) or ``"int32"``.
-    ``scaled`` (spmm): indices stored as column * tile, the offset of the column's row in the
-    transposed-x panel, when that fits the index type; it saves the shift on every nonzero, and
-    keeps LLVM from computing 8 offsets in a vector register and extracting them one by one
-    (``vpextrd``), which it did for tiles of 8 (M = 8, 50 %: 1.07-1.15x; M = 128, K = 768, 70 %:
-    1.08-1.12x).
+    ``scaled`` (spmm): indices stored as (column - first column of its K block) * tile, the
+    offset of the column's row in the block's transposed-x panel, when that fits the index type;
+    it saves the shift on every nonzero, and keeps LLVM from computing 8 offsets in a vector
+    register and extracting them one by one (``vpextrd``), which it did for tiles of 8 (M = 8,
+    50 %: 1.07-1.15x; M = 128, K = 768, 70 %: 1.08-1.12x; K = 3072: no change).
     """
 
     family: str = "spmm"
@@ -159,8 +159,9 @@ def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[
 
 
 def _scale_fits(k: int, s: CSRSchedule) -> bool:
-    """Whether column * tile (the ``scaled`` index) fits the index type."""
-    return (k - 1) * s.tile < (1 << 16 if s.index == "uint16" else 1 << 31)
+    """Whether (column - block start) * tile, the ``scaled`` index, fits the index type."""
+    span = min(k, s.kblock) if s.kblock else k
+    return (span - 1) * s.tile < (1 << 16 if s.index == "uint16" else 1 << 31)
 
 
 def _scaled_if_fits(s: CSRSchedule, k: int) -> CSRSchedule:
@@ -267,7 +268,7 @@ def csr_args(packed: PackedCSR, m: int, caps: Capabilities | None = None,
         # Kernels declare at least one stored element; it is never read (every row is empty).
         indices, data = np.zeros(1, np.int64), np.zeros(1, np.float32)
     if s.scaled:
-        indices = indices * s.tile
+        indices = indices % (s.kblock or round_up(packed.shape[1], 16)) * s.tile
     return [ptr, indices.astype(s.index), data]
 
 
@@ -433,10 +434,11 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
         else:
             y[row, col0 + r] = yt[r, mm]
 
-    def xrow(mt, index):
-        # flat offset of column ``index``'s row in x tile ``mt``'s transposed panel
+    def xrow(mt, kb, index):
+        # flat offset of column ``index``'s row in x tile ``mt``'s transposed panel; scaled
+        # indices are already offsets, from the K block's first column
         if scaled:
-            return mt * (k * tile) + T.Cast("int32", index)
+            return (mt * k + kb * kblock) * tile + T.Cast("int32", index)
         return mt * (k * tile) + T.Cast("int32", index) * tile
 
     @T.macro
@@ -464,10 +466,10 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                         for u in T.unroll(unroll):
                             for v in T.vectorized(tile):
                                 acc[u, v] = acc[u, v] + data[p0 + q * unroll + u] * xtf[
-                                    xrow(mt, indices[p0 + q * unroll + u]) + v]
+                                    xrow(mt, kb, indices[p0 + q * unroll + u]) + v]
                     for p in range(p0 + cnt // unroll * unroll, indptr[row + 1]):
                         for v in T.vectorized(tile):
-                            acc[0, v] = acc[0, v] + data[p] * xtf[xrow(mt, indices[p]) + v]
+                            acc[0, v] = acc[0, v] + data[p] * xtf[xrow(mt, kb, indices[p]) + v]
                     for u in T.unroll(1, unroll):
                         for v in T.vectorized(tile):
                             acc[0, v] = acc[0, v] + acc[u, v]
