@@ -109,6 +109,31 @@ def transpose_pad(m: int, k: int, mp: int, strip: int = 16):
     return transpose
 
 
+def tile_transpose(m: int, k: int, tile: int):
+    """TIR macro copying x (m, k) into xt (ceil(m / tile), k, tile): ``xt[t, col, :]`` holds
+    ``x[t*tile : (t+1)*tile, col]`` (zero past row m), so one input column of a tile of x rows is
+    one contiguous vector. Strips of 16 columns of one tile run in parallel (a strip of x rows
+    and its xt rows both stay in L1 while it is copied)."""
+    from tvm.script import tirx as T
+
+    strips = ceil_div(k, 16)
+    n_mt = ceil_div(m, tile)
+
+    @T.macro
+    def transpose(x, xt):
+        for st in T.parallel(n_mt * strips):
+            for mm in range(tile):
+                for kk in range(16):
+                    if (st % strips) * 16 + kk < k:
+                        if (st // strips) * tile + mm < m:
+                            xt[st // strips, (st % strips) * 16 + kk, mm] = x[(st // strips) * tile + mm,
+                                                                              (st % strips) * 16 + kk]
+                        else:
+                            xt[st // strips, (st % strips) * 16 + kk, mm] = T.float32(0)
+
+    return transpose
+
+
 def untranspose(m: int, n_out: int, mp: int, has_bias: bool, v: int):
     """TIR macro writing y (m, n_out) (+ bias) from yt (n_out, mp).
 

@@ -42,6 +42,7 @@ from ._common import (
     lanes,
     mvec_tile,
     round_up,
+    tile_transpose,
     transpose_pad,
     untranspose,
 )
@@ -200,7 +201,7 @@ def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: 
     transposed = s.family == "rowvec-xt"
     n_mt = ceil_div(m, tile)
     full, tail = divmod(m, tile)
-    strips = ceil_div(k, 16)
+    to_tiles = tile_transpose(m, k, tile)
 
     # one prefetch per 64-byte line of a block
     lines = ceil_div(r * c, 16)
@@ -258,15 +259,7 @@ def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: 
         if transposed:
             # xt[t, col, :] holds x[t*tile : (t+1)*tile, col], zero past row m.
             xt = T.decl_buffer((n_mt, k, tile), "float32")
-            for st in T.parallel(n_mt * strips):
-                for mm in range(tile):
-                    for kk in range(16):
-                        if (st % strips) * 16 + kk < k:
-                            if (st // strips) * tile + mm < m:
-                                xt[st // strips, (st % strips) * 16 + kk, mm] = x[(st // strips) * tile + mm,
-                                                                                  (st % strips) * 16 + kk]
-                            else:
-                                xt[st // strips, (st % strips) * 16 + kk, mm] = T.float32(0)
+            to_tiles(x, xt)
             for br in T.parallel(nbr):
                 for t in range(n_mt):
                     block_row(x, xt, indptr, indices, data, bias, y, br, t, t * tile, tile)

@@ -37,6 +37,7 @@ from ._common import (
     lanes,
     pow2_at_least,
     round_up,
+    tile_transpose,
     untranspose,
 )
 
@@ -296,7 +297,7 @@ def _mvec(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, has_
     nkb = ceil_div(k, kblock)
     gpb = kblock // group  # groups per K block
     groups = k // group
-    strips = ceil_div(k, 16)
+    to_tiles = tile_transpose(m, k, tile)
     chunk = max(nr, min(n_out, _CHUNK_BYTES // (4 * tile)) // nr * nr)
     n_chunks = ceil_div(n_out, chunk)
     copy_out = untranspose(m, n_out, mp, has_bias, lanes(caps))
@@ -324,15 +325,7 @@ def _mvec(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, has_
         # xt[t, col, :] holds x[t*tile : (t+1)*tile, col], zero past row m.
         xt = T.decl_buffer((n_mt, k, tile), "float32")
         yt = T.decl_buffer((n_out, mp), "float32")
-        for st in T.parallel(n_mt * strips):
-            for mm in range(tile):
-                for kk in range(16):
-                    if (st % strips) * 16 + kk < k:
-                        if (st // strips) * tile + mm < m:
-                            xt[st // strips, (st % strips) * 16 + kk, mm] = x[(st // strips) * tile + mm,
-                                                                              (st % strips) * 16 + kk]
-                        else:
-                            xt[st // strips, (st % strips) * 16 + kk, mm] = T.float32(0)
+        to_tiles(x, xt)
         for c in T.parallel(n_chunks):
             for mt in range(n_mt):
                 for n in range(T.min(chunk, n_out - c * chunk)):
