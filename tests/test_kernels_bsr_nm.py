@@ -11,6 +11,9 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
+from kernel_check import check_close as _check  # noqa: E402
+from kernel_check import reference as _reference  # noqa: E402
+from kernel_check import run_kernel as _run  # noqa: E402
 from sparsecc.sparsity import pack_bsr, pack_nm, parse_pattern  # noqa: E402
 from sparsecc.targets import get_target  # noqa: E402
 from sparsecc.targets.kernels import sparse_kernel  # noqa: E402
@@ -19,28 +22,9 @@ from sparsecc.targets.kernels.nm import NMSchedule, nm_args, nm_linear, nm_sched
 
 TARGET = get_target("x86")
 CAPS = TARGET.capabilities()
-DEV = tvm.cpu()
 MS = [1, 3, 8, 128]
 BLOCKS = [(r, c) for r in (4, 8, 16, 32) for c in (1, 2, 4)]
 NM_PATTERNS = [(1, 4), (2, 8), (2, 4), (4, 8)]
-
-
-def _run(func, inputs: list[np.ndarray], m: int, n_out: int) -> np.ndarray:
-    ex = tvm.compile(func, target=TARGET.tvm_target())
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), DEV) for a in inputs]
-    y = tvm.runtime.tensor(np.full((m, n_out), np.nan, np.float32), DEV)
-    ex[str(func.attrs["global_symbol"])](*args, y)
-    return y.numpy()
-
-
-def _check(got: np.ndarray, ref: np.ndarray) -> None:
-    scale = max(1.0, float(np.abs(ref).max()))
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * scale)
-
-
-def _reference(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    ref = x.astype(np.float64) @ w.astype(np.float64).T
-    return ref + bias if bias is not None else ref
 
 
 def _inputs(rng: np.random.Generator, m: int, n_out: int, k: int, with_bias: bool):

@@ -10,6 +10,8 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
+from kernel_check import check_close as _check  # noqa: E402
+from kernel_check import run_kernel as _run  # noqa: E402
 from sparsecc.sparsity import pack_csr  # noqa: E402
 from sparsecc.targets import get_target  # noqa: E402
 from sparsecc.targets.kernels import sparse_kernel  # noqa: E402
@@ -17,21 +19,7 @@ from sparsecc.targets.kernels.csr import CSRSchedule, csr_args, csr_linear, csr_
 
 TARGET = get_target("x86")
 CAPS = TARGET.capabilities()
-DEV = tvm.cpu()
 HAS_GATHER = "avx512f" in CAPS.features and CAPS.vector_bits >= 512
-
-
-def _run(func, inputs: list[np.ndarray], m: int, n_out: int) -> np.ndarray:
-    ex = tvm.compile(func, target=TARGET.tvm_target())
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a), DEV) for a in inputs]
-    y = tvm.runtime.tensor(np.full((m, n_out), np.nan, np.float32), DEV)
-    ex[str(func.attrs["global_symbol"])](*args, y)
-    return y.numpy()
-
-
-def _check(got: np.ndarray, ref: np.ndarray) -> None:
-    scale = max(1.0, float(np.abs(ref).max()))
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * scale)
 
 
 def _weight(rng: np.random.Generator, n_out: int, k: int, sparsity: float) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 from sparsecc.sparsity import PackedCSR
 from sparsecc.targets.base import Capabilities
 
-from ._common import ACC_SCOPE, ceil_div, drop_param, finish, pow2_at_least, round_up
+from ._common import ACC_SCOPE, cached_builder, ceil_div, drop_param, finish, pow2_at_least, round_up
 
 #: L1 bytes the SpMM's transposed-x panel of one K block may take (see :func:`_spmm_plan`)
 _PANEL_BYTES = 24 * 1024
@@ -272,6 +272,7 @@ def csr_args(packed: PackedCSR, m: int, caps: Capabilities | None = None,
     return [ptr, indices.astype(s.index), data]
 
 
+@cached_builder
 def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str):
     from tvm.script import tirx as T
 
@@ -310,6 +311,7 @@ def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype
     return kernel
 
 
+@cached_builder
 def _spmv(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str, hw_gather: bool):
     from tvm.script import tirx as T
 
@@ -372,6 +374,7 @@ def _shuffle_lanes(bit: int, upper: bool) -> list[int]:
     return [16 + (c ^ s) if c & s else c for c in range(16)]
 
 
+@cached_builder
 def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kblock: int, idx_dtype: str,
           chunk: int | None = None, unroll: int = 1, scaled: bool = False):
     from tvm.script import tirx as T
