@@ -165,7 +165,7 @@ def test_verifier_rejects_broken_programs_with_a_message(mlp, x86):
     with torch.no_grad():
         pruned.tensor("fc1.weight").fill_(1.0)  # every weight non-zero again: breaks 2:4
     problems = pruned.verify()
-    assert len(problems) == 1 and problems[0].startswith("layer fc1: weight has 4096 non-zeros, 2:4")
+    assert len(problems) == 1 and problems[0].startswith("layer fc1: weight has 4096 non-zeros that do not fit 2:4")
 
 
 def test_verify_instrument_stops_a_pipeline_at_the_breaking_pass(mlp, x86):

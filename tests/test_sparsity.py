@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparsecc import ops  # noqa: F401 - registers the ops
 from sparsecc.errors import SparseccError
-from sparsecc.sparsity import NM, Block, PatternError, Unstructured, check_sparsity_value, parse_pattern
+from sparsecc.sparsity import (
+    NM,
+    Block,
+    PatternError,
+    Unstructured,
+    check_sparsity_value,
+    parse_pattern,
+    plan_violation,
+)
 
 SPARSITIES = st.sampled_from([0.0, 0.25, 0.5, 0.7, 0.9])
 
@@ -124,3 +132,25 @@ def test_ops_pass_torch_opcheck():
     packed = Unstructured().pack((w * Unstructured().mask(w.abs(), 0.5)).numpy())
     args = (torch.randn(3, 8), *[torch.from_numpy(a) for a in packed.arrays().values()], torch.randn(16))
     torch.library.opcheck(torch.ops.sparsecc.sparse_linear_csr.default, args)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["unstructured", "block16x1", "block4x2", "2:4", "1:4"]),
+       st.integers(min_value=0, max_value=2**31 - 1))
+def test_kept_weights_that_are_zero_still_fit_the_plan(name: str, seed: int) -> None:
+    # Weights on a coarse grid (like SmolLM2's 4-bit ones) have exact zeros among the kept
+    # weights; the per-band rounding of block patterns then kept more than a whole-tensor count
+    # allowed, which the old upper-bound check wrongly refused.
+    pattern = parse_pattern(name)
+    sparsity = pattern.sparsity if isinstance(pattern, NM) else 0.7
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(32, 576, generator=gen)
+    mask = pattern.mask(scores, sparsity)
+    weight = torch.where(mask, torch.randn(32, 576, generator=gen), torch.zeros(()))
+    weight[torch.rand(32, 576, generator=gen) < 0.3] = 0  # kept weights that are exactly zero
+    assert plan_violation(pattern, weight != 0, sparsity) is None
+    # One non-zero outside the mask, in a row/band/group that is already full, breaks the plan.
+    full = mask.clone()
+    outside = (~mask).nonzero()[0]
+    full[outside[0], outside[1]] = True
+    assert plan_violation(pattern, full, sparsity) is not None
