@@ -134,6 +134,48 @@ def tile_transpose(m: int, k: int, tile: int):
     return transpose
 
 
+def init_panel_tile(has_bias: bool, nr: int):
+    """TIR macro starting a (rows x cols) register tile of a K-blocked GEMM panel: from the bias
+    (or zero) on the first K block, else from the partial sums already stored in y's rows
+    ``row0 .. row0 + rows``, columns ``nb * nr ..``. Shared by the dense GEMM and the direct
+    convolution, whose tiles accumulate over K blocks the same way."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def init(acc, bias, y, first, row0, nb, rows, cols):
+        if first:
+            for mm in T.unroll(rows):
+                for i in T.vectorized(cols):
+                    if has_bias:
+                        acc[mm, i] = bias[nb * nr + i]
+                    else:
+                        acc[mm, i] = T.float32(0)
+        else:
+            for mm in T.unroll(rows):
+                for i in T.vectorized(cols):
+                    acc[mm, i] = y[row0 + mm, nb * nr + i]
+
+    return init
+
+
+def init_chains(has_bias: bool, chains: int, r: int):
+    """TIR macro zeroing ``chains`` independent accumulator sets of (mt x r), the first one
+    starting from the bias of output rows ``row0 .. row0 + r`` (row-vector BSR and N:M kernels)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def init(acc, bias, row0, mt):
+        for u in T.unroll(chains):
+            for mm in T.unroll(mt):
+                for i in T.vectorized(r):
+                    if has_bias:
+                        acc[u, mm, i] = T.if_then_else(u == 0, bias[row0 + i], T.float32(0))
+                    else:
+                        acc[u, mm, i] = T.float32(0)
+
+    return init
+
+
 def untranspose(m: int, n_out: int, mp: int, has_bias: bool, v: int):
     """TIR macro writing y (m, n_out) (+ bias) from yt (n_out, mp).
 

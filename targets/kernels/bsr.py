@@ -39,6 +39,7 @@ from ._common import (
     ceil_div,
     drop_param,
     finish,
+    init_chains,
     lanes,
     mvec_tile,
     round_up,
@@ -202,6 +203,7 @@ def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: 
     n_mt = ceil_div(m, tile)
     full, tail = divmod(m, tile)
     to_tiles = tile_transpose(m, k, tile)
+    start_chains = init_chains(has_bias, chains, r)
 
     # one prefetch per 64-byte line of a block
     lines = ceil_div(r * c, 16)
@@ -225,13 +227,7 @@ def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: 
     @T.macro
     def block_row(x, xt, indptr, indices, data, bias, y, br, t, m0, mt):
         acc = T.decl_buffer((chains, mt, r), "float32", scope=ACC_SCOPE)
-        for u in T.unroll(chains):
-            for mm in T.unroll(mt):
-                for i in T.vectorized(r):
-                    if has_bias:
-                        acc[u, mm, i] = T.if_then_else(u == 0, bias[br * r + i], T.float32(0))
-                    else:
-                        acc[u, mm, i] = T.float32(0)
+        start_chains(acc, bias, br * r, mt)
         if chains == 1:
             for b in range(indptr[br], indptr[br + 1]):
                 fma_block(acc, 0, x, xt, indices, data, b, t, m0, mt)

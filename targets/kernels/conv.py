@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from sparsecc.targets.base import Capabilities
 
-from ._common import ACC_SCOPE, ceil_div, drop_param, finish, lanes
+from ._common import ACC_SCOPE, ceil_div, drop_param, finish, init_panel_tile, lanes
 from .dense import dense_params
 
 
@@ -138,21 +138,12 @@ def conv2d_panels(x_shape: tuple[int, int, int, int], w_shape: tuple[int, int, i
     per_chunk = ceil_div(b_, chunks)
     chunks = ceil_div(b_, per_chunk)
     hp, wp_ = h_ + 2 * ph, w_ + 2 * pw
+    start_tile = init_panel_tile(has_bias, nr)
 
     @T.macro
     def tile(xp, wp, bias, y, b, oh, ow0, nb, blk, rows, cols):
         acc = T.decl_buffer((rows, cols), "float32", scope=ACC_SCOPE)
-        if blk == 0:
-            for mm in T.unroll(rows):
-                for i in T.vectorized(cols):
-                    if has_bias:
-                        acc[mm, i] = bias[nb * nr + i]
-                    else:
-                        acc[mm, i] = T.float32(0)
-        else:
-            for mm in T.unroll(rows):
-                for i in T.vectorized(cols):
-                    acc[mm, i] = y[(b * oh_ + oh) * ow_ + ow0 + mm, nb * nr + i]
+        start_tile(acc, bias, y, blk == 0, (b * oh_ + oh) * ow_ + ow0, nb, rows, cols)
         for c in range(blk * cb, T.min(blk * cb + cb, c_)):
             for ki in T.unroll(kh):
                 for kj in T.unroll(kw):

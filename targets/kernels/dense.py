@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 from sparsecc.targets.base import Capabilities
 
-from ._common import ACC_SCOPE, cached_builder, ceil_div, drop_param, finish, lanes
+from ._common import ACC_SCOPE, cached_builder, ceil_div, drop_param, finish, init_panel_tile, lanes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +129,8 @@ def _dense_kernel(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabili
     m_chunks = 1 if panels >= caps.threads else max(1, min(caps.threads, full_m))
     tiles_per_chunk = ceil_div(full_m, m_chunks)
 
+    start_tile = init_panel_tile(has_bias, nr)
+
     def widen(value):
         # bf16 is the top half of an fp32: shifting the stored bits up 16 is the exact f32 value
         # (one zero-extend and one shift per vector, no AVX-512 BF16 instructions needed).
@@ -139,17 +141,7 @@ def _dense_kernel(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabili
     @T.macro
     def tile(x, wp, bias, y, nb, kb, m0, rows, cols):
         acc = T.decl_buffer((rows, cols), "float32", scope=ACC_SCOPE)
-        if kb == 0:
-            for mm in T.unroll(rows):
-                for i in T.vectorized(cols):
-                    if has_bias:
-                        acc[mm, i] = bias[nb * nr + i]
-                    else:
-                        acc[mm, i] = T.float32(0)
-        else:
-            for mm in T.unroll(rows):
-                for i in T.vectorized(cols):
-                    acc[mm, i] = y[m0 + mm, nb * nr + i]
+        start_tile(acc, bias, y, kb == 0, m0, nb, rows, cols)
         for kk in range(T.min(kc, k - kb * kc)):
             for mm in T.unroll(rows):
                 for i in T.vectorized(cols):

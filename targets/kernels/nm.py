@@ -34,6 +34,7 @@ from ._common import (
     ceil_div,
     drop_param,
     finish,
+    init_chains,
     lanes,
     pow2_at_least,
     round_up,
@@ -188,17 +189,12 @@ def _gather(m: int, n_out: int, k: int, keep: int, group: int, r: int, s: NMSche
     slots = groups * keep
     tile, chains = s.tile, s.chains
     full, tail = divmod(m, tile)
+    start_chains = init_chains(has_bias, chains, r)
 
     @T.macro
     def rows(x, values, positions, bias, y, g, m0, mt):
         acc = T.decl_buffer((chains, mt, r), "float32", scope=ACC_SCOPE)
-        for u in T.unroll(chains):
-            for mm in T.unroll(mt):
-                for i in T.vectorized(r):
-                    if has_bias:
-                        acc[u, mm, i] = T.if_then_else(u == 0, bias[g * r + i], T.float32(0))
-                    else:
-                        acc[u, mm, i] = T.float32(0)
+        start_chains(acc, bias, g * r, mt)
         for gr in range(groups):
             for sl in T.unroll(keep):
                 for mm in T.unroll(mt):
