@@ -256,10 +256,15 @@ class CostModel:
     """Per-kernel time predictions and schedule choices for one target: measured entries of the
     cost table where they exist, the roofline elsewhere."""
 
-    def __init__(self, caps: Capabilities, roofline: Roofline, table: CostTable | None = None):
+    def __init__(self, caps: Capabilities, roofline: Roofline, table: CostTable | None = None,
+                 table_path: pathlib.Path | None = None, machine: dict[str, Any] | None = None):
         self.caps = caps
         self.roofline = roofline
         self.table = table
+        # Where the target keeps its measured table and what it must have been measured on
+        # (``sparsecc tune`` writes there); None for a target that cannot be measured here.
+        self.table_path = table_path
+        self.machine = machine
 
     def schedule(self, m: int, packed: Packed | None, shape: tuple[int, int] | None = None) -> Any | None:
         """The measured-fastest schedule for this kernel, or None (use the kernel's heuristic)."""
@@ -303,10 +308,14 @@ def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], pattern
     if not record.runs_here or record.cost_model is None:
         raise SparseccError(f"target {target_name!r} cannot be measured on this machine; its cost model is a "
                             "roofline only")
-    module = __import__(f"sparsecc.targets.{target_name}", fromlist=["machine", "cost_table_path"])
+    model = record.cost_model()
+    if model.table_path is None or model.machine is None:
+        raise SparseccError(f"target {target_name!r} keeps no measured cost table")
     caps = record.capabilities()
-    path = pathlib.Path(table_path) if table_path else module.cost_table_path()
-    table = CostTable.load(path, module.machine())
+    if table_path is None and model.table is not None:
+        table = model.table  # the target's own table, already read by its cost model
+    else:
+        table = CostTable.load(pathlib.Path(table_path) if table_path else model.table_path, model.machine)
     tvm_target = record.tvm_target()
     for shape in shapes:
         for m in ms:

@@ -121,7 +121,7 @@ def cost_model():
     path = cost_table_path()
     # Read on every call (a compile reads it once): `sparsecc tune` may have just rewritten it.
     table = CostTable.load(path, machine()) if path.is_file() else None
-    return CostModel(caps, roofline, table)
+    return CostModel(caps, roofline, table, table_path=path, machine=machine())
 
 
 def tvm_target() -> dict[str, Any]:
