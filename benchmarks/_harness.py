@@ -25,11 +25,36 @@ def pin_threads(threads: int) -> None:
     TVM's runtime reads ``TVM_NUM_THREADS`` when its thread pool first starts and OpenMP (torch,
     MKL) reads ``OMP_NUM_THREADS`` at load, so this must run before ``import torch`` / ``import
     tvm``. torch and ONNX Runtime also get the count explicitly after import (see
-    :func:`configure_torch` and the sessions' ``intra_op_num_threads``).
+    :func:`configure_torch` and :func:`ort_session_options`).
+
+    With more than one thread, no pool may spin: TVM's workers spin-wait for the next parallel
+    region by default, and so do ONNX Runtime's and OpenMP's, so in an interleaved comparison the
+    runtime timed second finds the cores still busy with the first one's spinning workers (2
+    threads, M = 1: ORT timed 2-3x slower next to TVM than alone). Every pool sleeps between
+    regions instead, alike for all runtimes.
     """
     value = str(threads)
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = value
+    if threads > 1:
+        os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+def ort_session_options(threads: int) -> Any:
+    """ONNX Runtime session options for a benchmark: ``threads`` intra-op threads, one inter-op,
+    sequential, all graph optimizations, and no spinning when there is more than one thread (see
+    :func:`pin_threads`)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 def configure_torch(threads: int) -> None:
@@ -93,9 +118,8 @@ def machine_peaks(threads: int) -> dict[str, float]:
                               initializer=[numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), ort_session_options(threads),
+                                providers=["CPUExecutionProvider"])
     x = w.copy()
     sess.run(None, {"x": x})
     gemm = float("inf")

@@ -111,12 +111,8 @@ def _ort_session(weight: np.ndarray, bias: np.ndarray, m: int, threads: int):
     import onnxruntime as ort
 
     model = onnx_linear_model(weight, bias, m)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), _harness.ort_session_options(threads),
+                                providers=["CPUExecutionProvider"])
 
 
 def _ort_runner(weight: np.ndarray, bias: np.ndarray, x: np.ndarray, threads: int):

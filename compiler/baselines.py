@@ -18,9 +18,11 @@ ONNX_OPSET = 17
 
 
 def onnxruntime_dense(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
-                      threads: int = 1) -> Callable[..., list[torch.Tensor]]:
+                      threads: int = 1, spinning: bool = True) -> Callable[..., list[torch.Tensor]]:
     """Export ``model`` to ONNX (TorchScript exporter, fixed shapes) and return a function that
-    runs it in ONNX Runtime on the CPU with ``threads`` intra-op threads."""
+    runs it in ONNX Runtime on the CPU with ``threads`` intra-op threads. ``spinning=False`` makes
+    its idle workers sleep instead of spin-waiting, for timing it interleaved with another
+    runtime whose threads must not find the cores busy."""
     import onnx
     import onnxruntime
 
@@ -35,6 +37,8 @@ def onnxruntime_dense(model: torch.nn.Module, example_inputs: Sequence[torch.Ten
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def run(*inputs: torch.Tensor) -> list[torch.Tensor]:

@@ -113,6 +113,32 @@ def test_scaled_indices(index: str, m: int) -> None:
     assert "scaled" in _build_and_check(m, w, schedule, with_bias=m % 2 == 1, seed=m)
 
 
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("prefetch_out, prefetch_panel", [(True, False), (False, True), (True, True)])
+def test_prefetches_do_not_change_results(tile: int, prefetch_out: bool, prefetch_panel: bool) -> None:
+    # Prefetches only touch addresses: y lines of a ragged last chunk (70 rows in chunks of 32)
+    # and of a last x tile cut short (M = 131), panel lines of a ragged last K block (301 = 3 x 96
+    # + 13); the result must stay that of the layer.
+    rng = np.random.default_rng(tile)
+    w = _weight(rng, 70, 301, 0.5)
+    plain = CSRSchedule("spmm", "uint16", tile=tile, kblock=96, chunk=32, scaled=True)
+    schedule = dataclasses.replace(plain, prefetch_out=prefetch_out, prefetch_panel=prefetch_panel)
+    desc = _build_and_check(131, w, schedule, with_bias=True, seed=tile)
+    assert ("prefetch-y" in desc) == prefetch_out and ("prefetch-panel" in desc) == prefetch_panel
+
+
+def test_wide_tile_default_where_rows_are_dense() -> None:
+    # M = 128 at 50 % density: 8-vector tiles with 24 KiB panels (48 columns); at 90 %: 4-vector
+    # tiles with longer blocks; y lines prefetched in both.
+    rng = np.random.default_rng(0)
+    dense_rows = csr_schedules(128, pack_csr(_weight(rng, 64, 768, 0.5)), CAPS)[0]
+    sparse_rows = csr_schedules(128, pack_csr(_weight(rng, 64, 768, 0.9)), CAPS)[0]
+    lanes = CAPS.vector_lanes_f32
+    assert (dense_rows.tile, dense_rows.kblock) == (8 * lanes, 24 * 1024 // (32 * lanes) // 16 * 16)
+    assert sparse_rows.tile == 4 * lanes and sparse_rows.kblock > dense_rows.kblock
+    assert dense_rows.prefetch_out and sparse_rows.prefetch_out
+
+
 def test_uint16_column_beyond_int16() -> None:
     # Columns past 32767 must not come back negative from a uint16 index.
     k = 40000

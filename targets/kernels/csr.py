@@ -36,6 +36,9 @@ from ._common import ACC_SCOPE, cached_builder, ceil_div, drop_param, finish, po
 _PANEL_BYTES = 24 * 1024
 #: nonzeros a row should have per K block, on average, for the block to pay for itself
 _NNZ_PER_BLOCK_ROW = 32
+#: transposed-x bytes above which the SpMM prefetches each K block's panel (768 x 3072 at
+#: M = 128 has 786 KB and gains; 3072 x 768 has 196-393 KB and loses)
+_PANEL_PREFETCH_BYTES = 512 * 1024
 #: output rows per slice of the ``sell`` layout (one zmm of f32 sums)
 _SLICE = 16
 #: lanes of one gathered vector of x (``vgatherdps`` on zmm)
@@ -51,6 +54,14 @@ class CSRSchedule:
     accumulator, so that many multiply-add chains run side by side. ``chunk``: spmm output rows
     per parallel chunk (0: as many as keep the chunk's accumulators in 16 KiB).
     ``index``: width of the stored column indices, ``"uint16"`` (K <= 65536) or ``"int32"``.
+    ``prefetch_out`` (spmm): when a chunk starts, ask for write ownership of the y lines its
+    transposed store will write at the end. Those stores go to ``tile`` rows of y, one or two
+    lines each, a row length apart, a pattern no hardware prefetcher follows; left to miss they
+    took a quarter of the kernel at 90 % sparse (3072 x 768, M = 128: 1.12x faster with it, 1.03x
+    at 50 %). ``prefetch_panel`` (spmm): while a K block runs, prefetch the next block's panel
+    of transposed x, spread over the block's rows. Pays when all of transposed x does not stay in
+    L2 next to the weight stream (4096 x 4096, M = 128, 50 %: 1.13x; 768 x 3072: 1.13x), costs
+    load slots when it does (3072 x 768, 90 %: 0.88x).
     ``scaled`` (spmm): indices stored as (column - first column of its K block) * tile, the
     offset of the column's row in the block's transposed-x panel, when that fits the index type;
     it saves the shift on every nonzero, and keeps LLVM from computing 8 offsets in a vector
@@ -65,11 +76,14 @@ class CSRSchedule:
     unroll: int = 1
     chunk: int = 0
     scaled: bool = False
+    prefetch_out: bool = False
+    prefetch_panel: bool = False
 
     def describe(self) -> str:
         if self.family == "spmm":
             return (f"csr-spmm tile{self.tile} kblock{self.kblock} unroll{self.unroll} chunk{self.chunk} "
-                    f"{self.index}{' scaled' if self.scaled else ''}")
+                    f"{self.index}{' scaled' if self.scaled else ''}{' prefetch-y' if self.prefetch_out else ''}"
+                    f"{' prefetch-panel' if self.prefetch_panel else ''}")
         return f"csr-{self.family} gather{_GATHER} unroll{self.unroll} {self.index}"
 
 
@@ -77,21 +91,38 @@ def _spmm_plan(m: int, k: int, n_out: int, nnz: int, caps: Capabilities | None) 
     """(tile, kblock) of the SpMM: ``tile`` x rows per register tile and ``kblock`` input columns
     per block of the CSR.
 
-    Every stored weight multiplies a ``tile``-wide row of transposed x. Without blocking K that
-    row comes from a K x tile panel far larger than L1 (393 KB at K = 768, M = 128), and the
-    L2 -> L1 traffic of one 4*tile-byte row per nonzero bounds the kernel (50 % sparse: 1.5x
-    slower than with blocks of 96 columns). But every (block, row) pair costs a load and store of
-    the accumulator and a mispredicted loop exit, which dominated at 90 % with 96-column blocks
-    (10 nonzeros each). So a block is as wide as a 24 KiB (half of L1) panel allows, widened
-    until a row has about 32 nonzeros in it; blocks are made equal so none is a tiny remainder.
+    Every stored weight multiplies a ``tile``-wide row of transposed x, one vector load per
+    multiply-add plus the weight's broadcast and its index. Loads, not multiply-adds, bound the
+    loop (this core sustains about as many 64-byte loads as FMAs per second), so a wider tile
+    costs fewer loads per FMA: 10 per 8 at 8 vectors, 6 per 4 at 4. Without blocking K that row
+    comes from a K x tile panel far larger than L1 (393 KB at K = 768, M = 128), and the L2 -> L1
+    traffic of one 4*tile-byte row per nonzero bounds the kernel (50 % sparse: 1.5x slower than
+    with blocks of 96 columns). But every (block, row) pair costs a load and store of the
+    accumulators and a mispredicted loop exit, which dominated at 90 % with 96-column blocks (10
+    nonzeros each). So a block is as wide as a 24 KiB (half of L1) panel allows, widened until a
+    row has about 32 nonzeros in it; blocks are made equal so none is a tiny remainder. The
+    8-vector tile pays only while rows are dense enough to fill its narrower blocks (40 % of
+    weights kept or more: 3072 x 768, M = 128, 50 %: 1.07x the 4-vector tile, 768 x 768: 1.02x);
+    sparser, the 4-vector tile's longer blocks win (70 %: 1.04x, 90 %: 1.35x).
     """
     v = max(4, caps.vector_lanes_f32) if caps is not None else 16
-    # 4 vector registers of accumulators per nonzero (8 measured no faster).
-    tile = min(round_up(m, v), 4 * v) if m >= v else pow2_at_least(m, 4)
     density = nnz / max(1, n_out * k)
+    if m >= 8 * v and density >= 0.4:
+        tile = 8 * v
+    else:
+        tile = min(round_up(m, v), 4 * v) if m >= v else pow2_at_least(m, 4)
     want = max(_PANEL_BYTES // (4 * tile), int(_NNZ_PER_BLOCK_ROW / max(density, 1e-6)))
+    if tile == 8 * v:
+        want = _PANEL_BYTES // (4 * tile)
     nkb = max(1, ceil_div(k, max(16, want)))
     return tile, round_up(ceil_div(k, nkb), 16)
+
+
+def _panel_prefetch_pays(k: int, tile: int) -> bool:
+    """Whether the whole transposed x (K x tile floats) is too big to stay in L2 beside the weight
+    stream, so that each K block's panel would otherwise arrive by demand misses (see
+    :class:`CSRSchedule`)."""
+    return 4 * k * tile > _PANEL_PREFETCH_BYTES
 
 
 def _index_dtype(k: int) -> str:
@@ -124,9 +155,10 @@ def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[
     * M < 16 (tile of 4 or 8 x rows, one ymm per nonzero): 8 nonzeros into 8 accumulators per
       step; with one accumulator the loop waits on the multiply-add latency (M = 8, 70 %: 1.9x
       faster than 1, 1.07x than 4).
-    * M >= 16: 4 zmm per nonzero already give 4 independent chains; 2 accumulator sets, tiles of
-      32 or 128 rows and other K blocks all measured within noise of it (0.9-1.1x), so they are
-      candidates only.
+    * M >= 16: 4 zmm per nonzero already give 4 independent chains (2 accumulator sets measured
+      within noise); 8 zmm (tiles of 128 rows) where rows are dense enough, see
+      :func:`_spmm_plan`; y-line prefetch on, panel prefetch where x^T outgrows L2
+      (:class:`CSRSchedule`). The other tiles, K blocks and prefetch choices are candidates.
     """
     n_out, k = packed.shape
     index = _index_dtype(k)
@@ -142,17 +174,26 @@ def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[
     else:
         tile, kblock = _spmm_plan(m, k, n_out, packed.nnz, caps)
         small = tile < 16
-        # Scaled indices wherever they fit (see CSRSchedule).
-        base = _scaled_if_fits(CSRSchedule("spmm", index, tile=tile, kblock=kblock, unroll=8 if small else 1), k)
+        # Scaled indices wherever they fit (see CSRSchedule); y lines prefetched for full tiles.
+        base = _scaled_if_fits(CSRSchedule("spmm", index, tile=tile, kblock=kblock, unroll=8 if small else 1,
+                                           prefetch_out=not small,
+                                           prefetch_panel=not small and _panel_prefetch_pays(k, tile)), k)
         variants = [dataclasses.replace(base, scaled=False), dataclasses.replace(base, index="int32")]
+        if not small:
+            variants += [dataclasses.replace(base, prefetch_panel=not base.prefetch_panel),
+                         dataclasses.replace(base, prefetch_out=False)]
         variants += [dataclasses.replace(base, unroll=u) for u in ((4, 2) if small else (2,))]
         variants += [dataclasses.replace(base, kblock=max(16, round_up(kblock // 2, 16)))]
         if not small:
             variants += [dataclasses.replace(base, kblock=min(round_up(k, 16), 2 * kblock)),
                          dataclasses.replace(base, tile=tile // 2, unroll=2)]
-            if m > tile:
-                # 8 zmm per nonzero, half the K block (same panel bytes): 1.25 loads per
-                # multiply-add instead of 1.5; measured 0.9-1.1x the default.
+            v = max(4, caps.vector_lanes_f32) if caps is not None else 16
+            if tile == 8 * v:
+                # the 4-vector tile with its longer blocks (the default below 40 % density)
+                variants += [dataclasses.replace(base, tile=tile // 2, kblock=min(round_up(k, 16), 2 * kblock))]
+            elif m > tile:
+                # 8 vectors per nonzero, half the K block (same panel bytes): 1.25 loads per
+                # multiply-add instead of 1.5 (the default at 40 % density or more).
                 variants += [dataclasses.replace(base, tile=2 * tile, kblock=max(16, round_up(kblock // 2, 16)))]
         out = [base, variants[0]] + [_scaled_if_fits(v, k) for v in variants[1:]]
     return list(dict.fromkeys(out))
@@ -376,7 +417,8 @@ def _shuffle_lanes(bit: int, upper: bool) -> list[int]:
 
 @cached_builder
 def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kblock: int, idx_dtype: str,
-          chunk: int | None = None, unroll: int = 1, scaled: bool = False):
+          chunk: int | None = None, unroll: int = 1, scaled: bool = False, prefetch_out: bool = False,
+          prefetch_panel: bool = False):
     from tvm.script import tirx as T
 
     nz = max(nnz, 1)
@@ -389,6 +431,9 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
     n_chunks = ceil_div(n_out, chunk)
     full, tail = divmod(n_out, chunk)
     strips = ceil_div(k, 16)
+    # Panel prefetch: the next K block's panel lines, spread evenly over this block's rows.
+    panel_lines = kblock * tile // 16
+    lines_per_row = ceil_div(panel_lines, chunk)
 
     # Row pairs of stage ``bit`` < 3 lie within one half of the block, stage 3 pairs row i of the
     # lower half with row i of the upper. Halves are separate (8 x 16) buffers: TVM gives a buffer
@@ -449,8 +494,20 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
         xtf = T.decl_buffer((n_mt * k * tile,), "float32", data=xt.data)
         yt = T.decl_buffer((rows, tile), "float32", scope=ACC_SCOPE)
         for mt in range(n_mt):
+            if prefetch_out:
+                # write ownership of the y lines the transposed store below fills (16 floats each)
+                for mm in range(T.min(tile, m - mt * tile)):
+                    for line in range(ceil_div(rows, 16)):
+                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                            y[mt * tile + mm, c * chunk + line * 16]), 1, 3, 1))
             for kb in range(nkb):
                 for r in range(rows):
+                    if prefetch_panel:
+                        for i in T.unroll(lines_per_row):
+                            if (kb + 1 < nkb) and (r * lines_per_row + i < panel_lines) and (
+                                    (kb + 1) * kblock * tile + (r * lines_per_row + i) * 16 < k * tile):
+                                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                                    xtf[(mt * k + (kb + 1) * kblock) * tile + (r * lines_per_row + i) * 16]), 0, 3, 1))
                     acc = T.decl_buffer((unroll, tile), "float32", scope=ACC_SCOPE)
                     # The first K block starts from zero (no separate clearing pass over yt).
                     if kb == 0:
@@ -572,6 +629,6 @@ def csr_linear(m: int, packed: PackedCSR, has_bias: bool, caps: Capabilities,
     else:
         kblock = s.kblock or round_up(k, 16)
         func = _spmm(m, n_out, k, total, has_bias, s.tile, kblock, s.index, chunk=s.chunk or None, unroll=s.unroll,
-                     scaled=s.scaled)
+                     scaled=s.scaled, prefetch_out=s.prefetch_out, prefetch_panel=s.prefetch_panel)
     func = func if has_bias else drop_param(func, "bias")
     return finish(func, name, s.describe())
