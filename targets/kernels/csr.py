@@ -14,8 +14,8 @@ nonzeros (:func:`csr_args` re-lays the packed CSR out for the kernel):
   every nonzero multiplies a contiguous register tile of x rows, ``unroll`` nonzeros at a time
   into separate accumulators. The nonzeros are regrouped into blocks of K columns (see
   :func:`_spmm_plan`) so the transposed-x panel a block reads stays in L1; chunks of output rows
-  run in parallel, keep their accumulators in an L1 scratch across K blocks, and write y through
-  a 16 x 16 register transpose.
+  run in parallel, keep their accumulators in a scratch across K blocks, and write y through a
+  16 x 16 register transpose.
 
 Column indices are uint16 when K allows (``index``), which shrinks the weight stream from 8 to 6
 bytes per nonzero.
@@ -52,7 +52,7 @@ class CSRSchedule:
     ``tile``: spmm x rows per register tile. ``kblock``: spmm K columns per block (0: all of K).
     ``unroll``: nonzeros (spmm) or gathered vectors (sell, spmv) per step, each into its own
     accumulator, so that many multiply-add chains run side by side. ``chunk``: spmm output rows
-    per parallel chunk (0: as many as keep the chunk's accumulators in 16 KiB).
+    per parallel chunk (0: see :func:`_default_chunk`).
     ``index``: width of the stored column indices, ``"uint16"`` (K <= 65536) or ``"int32"``.
     ``prefetch_out`` (spmm): when a chunk starts, ask for write ownership of the y lines its
     transposed store will write at the end. Those stores go to ``tile`` rows of y, one or two
@@ -118,6 +118,23 @@ def _spmm_plan(m: int, k: int, n_out: int, nnz: int, caps: Capabilities | None) 
     return tile, round_up(ceil_div(k, nkb), 16)
 
 
+def _default_chunk(n_out: int, k: int, tile: int, threads: int) -> int:
+    """Output rows per parallel chunk of the SpMM.
+
+    A chunk sweeps every K block's panel of transposed x once. Where all of x^T stays in L2 that
+    costs little, and accumulators of 16 KiB that stay in L1 beside the panel are best (3072 x
+    768, M = 128: 32 rows of 128 1.05x faster than 256 at 50 %). Where x^T outgrows L2 (see
+    :func:`_panel_prefetch_pays`), every sweep comes from L3 and bigger chunks read it fewer
+    times: accumulators of 128 KiB (in L2, read and written once per block and row, in order,
+    which the prefetcher follows), 256 rows of 128 instead of 32: 4096 x 4096, M = 128, 50 %:
+    1.13x; 768 x 3072: 1.10x. At least 4 chunks per thread keep the threads evenly loaded.
+    """
+    budget = (128 if tile >= 16 and _panel_prefetch_pays(k, tile) else 16) * 1024
+    rows = (budget // (4 * tile)) // 16 * 16
+    balanced = round_up(ceil_div(n_out, 4 * max(1, threads)), 16)
+    return max(16, min(round_up(n_out, 16), rows, balanced))
+
+
 def _panel_prefetch_pays(k: int, tile: int) -> bool:
     """Whether the whole transposed x (K x tile floats) is too big to stay in L2 beside the weight
     stream, so that each K block's panel would otherwise arrive by demand misses (see
@@ -180,8 +197,13 @@ def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[
                                            prefetch_panel=not small and _panel_prefetch_pays(k, tile)), k)
         variants = [dataclasses.replace(base, scaled=False), dataclasses.replace(base, index="int32")]
         if not small:
+            threads = caps.threads if caps is not None else 1
+            # the other chunk size: 16 KiB of accumulators where 128 KiB is the default, and back
+            other = 128 * 1024 // (4 * tile) if _default_chunk(n_out, k, tile, threads) * 4 * tile <= 16 * 1024 \
+                else 16 * 1024 // (4 * tile)
             variants += [dataclasses.replace(base, prefetch_panel=not base.prefetch_panel),
-                         dataclasses.replace(base, prefetch_out=False)]
+                         dataclasses.replace(base, prefetch_out=False),
+                         dataclasses.replace(base, chunk=max(16, min(round_up(n_out, 16), other // 16 * 16)))]
         variants += [dataclasses.replace(base, unroll=u) for u in ((4, 2) if small else (2,))]
         variants += [dataclasses.replace(base, kblock=max(16, round_up(kblock // 2, 16)))]
         if not small:
@@ -424,13 +446,12 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
     nz = max(nnz, 1)
     n_mt = ceil_div(m, tile)
     nkb = ceil_div(k, kblock)
-    # Output rows per chunk: the chunk's accumulator rows (chunk x tile floats, 16 KiB) stay in L1
-    # beside the x panel while every K block adds into them.
     if chunk is None:
-        chunk = max(16, min(round_up(n_out, 16), (16 * 1024 // (4 * tile)) // 16 * 16))
+        chunk = _default_chunk(n_out, k, tile, 1)
     n_chunks = ceil_div(n_out, chunk)
     full, tail = divmod(n_out, chunk)
     strips = ceil_div(k, 16)
+    n_bands = ceil_div(tile, 16)
     # Panel prefetch: the next K block's panel lines, spread evenly over this block's rows.
     panel_lines = kblock * tile // 16
     lines_per_row = ceil_div(panel_lines, chunk)
@@ -568,12 +589,16 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                indices: T.Buffer((nz,), idx_dtype), data: T.Buffer((nz,), "float32"),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         # x transposed per tile of rows: xt[t, col, :] is a contiguous vector of x[t*tile : (t+1)*tile, col].
+        # One band of 16 x rows per parallel task, walked along K: the band's 16 row streams are
+        # read in order, which the prefetcher follows (strips of 16 columns across all the tile's
+        # rows read each x row one line at a time, 12 KB apart at K = 3072: the transpose took
+        # 1.04x longer over the whole kernel, 768 x 3072, M = 128, 50 %).
         xt = T.decl_buffer((n_mt, k, tile), "float32")
-        for s in T.parallel(n_mt * strips):
-            t = T.meta_var(s // strips)
-            c0 = T.meta_var((s % strips) * 16)
-            for mb in range(tile // 16):
-                if (t * tile + mb * 16 + 16 <= m) and (c0 + 16 <= k):
+        for s in T.parallel(n_mt * n_bands):
+            t = T.meta_var(s // n_bands)
+            mb = T.meta_var(s % n_bands)
+            for st in range(strips):
+                if (mb * 16 + 16 <= tile) and (t * tile + mb * 16 + 16 <= m) and (st * 16 + 16 <= k):
                     # A whole 16 x 16 block: transposed in registers (the scalar copy below took
                     # about 6 % of the kernel at 3072 x 768, 90 % sparse).
                     lo0 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
@@ -581,27 +606,20 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                     lo1 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
                     hi1 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
                     for i in T.unroll(8):
-                        lo0[i, T.Ramp(0, 1, 16)] = x[t * tile + mb * 16 + i, T.Ramp(c0, 1, 16)]
-                        hi0[i, T.Ramp(0, 1, 16)] = x[t * tile + mb * 16 + 8 + i, T.Ramp(c0, 1, 16)]
+                        lo0[i, T.Ramp(0, 1, 16)] = x[t * tile + mb * 16 + i, T.Ramp(st * 16, 1, 16)]
+                        hi0[i, T.Ramp(0, 1, 16)] = x[t * tile + mb * 16 + 8 + i, T.Ramp(st * 16, 1, 16)]
                     _transpose16(lo0, hi0, lo1, hi1)
                     for j in T.unroll(8):
-                        xt[t, c0 + j, T.Ramp(mb * 16, 1, 16)] = lo0[j, T.Ramp(0, 1, 16)]
-                        xt[t, c0 + 8 + j, T.Ramp(mb * 16, 1, 16)] = hi0[j, T.Ramp(0, 1, 16)]
+                        xt[t, st * 16 + j, T.Ramp(mb * 16, 1, 16)] = lo0[j, T.Ramp(0, 1, 16)]
+                        xt[t, st * 16 + 8 + j, T.Ramp(mb * 16, 1, 16)] = hi0[j, T.Ramp(0, 1, 16)]
                 else:
-                    for mm in range(16):
-                        for kk in range(16):
-                            if c0 + kk < k:
-                                if t * tile + mb * 16 + mm < m:
-                                    xt[t, c0 + kk, mb * 16 + mm] = x[t * tile + mb * 16 + mm, c0 + kk]
-                                else:
-                                    xt[t, c0 + kk, mb * 16 + mm] = T.float32(0)
-            for mm in range(tile // 16 * 16, tile):
-                for kk in range(16):
-                    if c0 + kk < k:
-                        if t * tile + mm < m:
-                            xt[t, c0 + kk, mm] = x[t * tile + mm, c0 + kk]
-                        else:
-                            xt[t, c0 + kk, mm] = T.float32(0)
+                    # ragged: past the last x row (zeros), past K, or a tile narrower than 16
+                    for mm in range(T.min(16, tile - mb * 16)):
+                        for kk in range(T.min(16, k - st * 16)):
+                            if t * tile + mb * 16 + mm < m:
+                                xt[t, st * 16 + kk, mb * 16 + mm] = x[t * tile + mb * 16 + mm, st * 16 + kk]
+                            else:
+                                xt[t, st * 16 + kk, mb * 16 + mm] = T.float32(0)
         for c in T.parallel(n_chunks):
             if c < full:
                 do_chunk(x, xt, indptr, indices, data, bias, y, c, chunk)
@@ -628,7 +646,8 @@ def csr_linear(m: int, packed: PackedCSR, has_bias: bool, caps: Capabilities,
         func = _spmv(n_out, k, total, has_bias, s.unroll, s.index, _has_gather(caps))
     else:
         kblock = s.kblock or round_up(k, 16)
-        func = _spmm(m, n_out, k, total, has_bias, s.tile, kblock, s.index, chunk=s.chunk or None, unroll=s.unroll,
+        chunk = s.chunk or _default_chunk(n_out, k, s.tile, caps.threads if caps is not None else 1)
+        func = _spmm(m, n_out, k, total, has_bias, s.tile, kblock, s.index, chunk=chunk, unroll=s.unroll,
                      scaled=s.scaled, prefetch_out=s.prefetch_out, prefetch_panel=s.prefetch_panel)
     func = func if has_bias else drop_param(func, "bias")
     return finish(func, name, s.describe())
