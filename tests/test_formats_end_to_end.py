@@ -65,3 +65,22 @@ def test_report_counts_the_bytes_the_kernels_store() -> None:
     assert 0.7 * fc2.dense_bytes < fc2.kernel_bytes < 0.85 * fc2.dense_bytes, (fc2.kernel_bytes, fc2.dense_bytes)
     dense, stored = artifact.report.weight_bytes
     assert stored < dense
+
+
+def test_row_pairs_at_many_input_rows() -> None:
+    # M = 128 at 50 %: unstructured layers run as row pairs (a column both rows keep stored once
+    # with its two weights, 5 bytes per weight instead of 6), and still match the masked-dense
+    # program; the report counts the smaller bytes.
+    torch.manual_seed(0)
+    model = OddShapes().eval()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(128, 100, generator=gen)
+    artifact = sparsecc.compile(model, (x,), sparsity=0.5, pattern="unstructured", method="magnitude",
+                                calibration=[(x,)], progress=False)
+    with torch.no_grad():
+        got, want = artifact(x), artifact.reference(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max())))
+    fc2 = next(layer for layer in artifact.report.layers if layer.name == "fc2")
+    assert fc2.kernel is not None and "pairs" in fc2.kernel, fc2.kernel
+    assert fc2.kernel_bytes is not None and fc2.kernel_bytes < 0.75 * fc2.dense_bytes, (fc2.kernel_bytes,
+                                                                                        fc2.dense_bytes)

@@ -7,6 +7,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 tvm = pytest.importorskip("tvm")
 
@@ -15,7 +17,13 @@ from kernel_check import run_kernel as _run  # noqa: E402
 from sparsecc.sparsity import pack_csr  # noqa: E402
 from sparsecc.targets import get_target  # noqa: E402
 from sparsecc.targets.kernels import sparse_kernel  # noqa: E402
-from sparsecc.targets.kernels.csr import CSRSchedule, csr_args, csr_linear, csr_schedules  # noqa: E402
+from sparsecc.targets.kernels.csr import (  # noqa: E402
+    CSRSchedule,
+    _spmm_pair_layout,
+    csr_args,
+    csr_linear,
+    csr_schedules,
+)
 
 TARGET = get_target("x86")
 CAPS = TARGET.capabilities()
@@ -127,9 +135,58 @@ def test_prefetches_do_not_change_results(tile: int, prefetch_out: bool, prefetc
     assert ("prefetch-y" in desc) == prefetch_out and ("prefetch-panel" in desc) == prefetch_panel
 
 
+@settings(max_examples=60, deadline=None)
+@given(n_out=st.integers(1, 9), k=st.integers(1, 70), kblock=st.sampled_from([16, 32, 80]),
+       density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_pair_layout_holds_every_weight_once(n_out: int, k: int, kblock: int, density: float, seed: int) -> None:
+    # Rebuilding the weight from the three segments of every (block, pair), with the weight
+    # offsets the kernel computes, gives it back exactly; a shared column is stored once.
+    rng = np.random.default_rng(seed)
+    w = np.where(rng.random((n_out, k)) < density, rng.standard_normal((n_out, k)), 0).astype(np.float32)
+    schedule = CSRSchedule("spmm", "int32", tile=16, kblock=kblock, pairs=True)
+    ptr, shared_before, indices, data = _spmm_pair_layout(pack_csr(w), schedule)
+    n_pairs, nkb = -(-n_out // 2), -(-k // kblock)
+    assert len(ptr) == 3 * n_pairs * nkb + 1 and ptr[-1] == len(indices) and len(data) == (w != 0).sum()
+    rebuilt = np.zeros((2 * n_pairs, k), np.float32)
+    seen = np.zeros(len(data), np.int64)
+    for b in range(nkb):
+        for g in range(n_pairs):
+            i = b * n_pairs + g
+            for segment in range(3):
+                for p in range(ptr[3 * i + segment], ptr[3 * i + segment + 1]):
+                    col = int(indices[p])
+                    assert col // kblock == b
+                    if segment == 0:
+                        at = shared_before[i] - ptr[3 * i] + 2 * p
+                        rebuilt[2 * g:2 * g + 2, col] += data[at:at + 2]
+                        seen[at:at + 2] += 1
+                    else:
+                        at = shared_before[i] + ptr[3 * i + 1] - ptr[3 * i] + p
+                        rebuilt[2 * g + segment - 1, col] += data[at]
+                        seen[at] += 1
+    np.testing.assert_array_equal(rebuilt[:n_out], w)
+    assert (seen == 1).all()
+    assert len(indices) == (w != 0).sum() - int(((w[0:n_out - 1:2] != 0) & (w[1::2] != 0)).sum())
+
+
+@pytest.mark.parametrize("m, tile, chunk", [(131, 64, 32), (128, 128, 0), (5, 8, 16)])
+def test_row_pairs(m: int, tile: int, chunk: int) -> None:
+    # An odd row count (the last row pairs with an empty one), an empty row beside a dense one, a
+    # ragged last K block and x tile; prefetches on.
+    rng = np.random.default_rng(m)
+    w = _weight(rng, 71, 301, 0.5)
+    w[3] = 0
+    w[4] = rng.standard_normal(301)
+    schedule = CSRSchedule("spmm", "uint16", tile=tile, kblock=96, chunk=chunk, scaled=True, pairs=True,
+                           prefetch_out=True, prefetch_panel=True)
+    assert "pairs" in _build_and_check(m, w, schedule, with_bias=m % 2 == 1, seed=m)
+    with pytest.raises(ValueError, match="pairs"):
+        csr_linear(m, pack_csr(w), False, CAPS, schedule=dataclasses.replace(schedule, unroll=2))
+
+
 def test_wide_tile_default_where_rows_are_dense() -> None:
-    # M = 128 at 50 % density: 8-vector tiles with 24 KiB panels (48 columns); at 90 %: 4-vector
-    # tiles with longer blocks; y lines prefetched in both.
+    # M = 128 at 50 % density: row pairs of 8-vector tiles with 24 KiB panels (48 columns); at
+    # 90 %: single rows of 4-vector tiles with longer blocks; y lines prefetched in both.
     rng = np.random.default_rng(0)
     dense_rows = csr_schedules(128, pack_csr(_weight(rng, 64, 768, 0.5)), CAPS)[0]
     sparse_rows = csr_schedules(128, pack_csr(_weight(rng, 64, 768, 0.9)), CAPS)[0]
@@ -137,6 +194,7 @@ def test_wide_tile_default_where_rows_are_dense() -> None:
     assert (dense_rows.tile, dense_rows.kblock) == (8 * lanes, 24 * 1024 // (32 * lanes) // 16 * 16)
     assert sparse_rows.tile == 4 * lanes and sparse_rows.kblock > dense_rows.kblock
     assert dense_rows.prefetch_out and sparse_rows.prefetch_out
+    assert dense_rows.pairs and not sparse_rows.pairs
 
 
 def test_uint16_column_beyond_int16() -> None:

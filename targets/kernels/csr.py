@@ -62,6 +62,12 @@ class CSRSchedule:
     of transposed x, spread over the block's rows. Pays when all of transposed x does not stay in
     L2 next to the weight stream (4096 x 4096, M = 128, 50 %: 1.13x; 768 x 3072: 1.13x), costs
     load slots when it does (3072 x 768, 90 %: 0.88x).
+    ``pairs`` (spmm): output rows go in pairs, and a column both rows of a pair keep is stored
+    once with both weights: its row of transposed x is loaded once for the two rows' multiply-adds
+    (see :func:`_spmm_pair_layout`). The loop is bound by vector loads, about one per cycle
+    here, and x rows are most of them, so sharing a row saves nearly half the loads of the pair's
+    shared columns: a quarter of the weights at 50 % random sparsity, more where pruning keeps
+    the same input columns in many rows. It costs a third loop exit per pair and block.
     ``scaled`` (spmm): indices stored as (column - first column of its K block) * tile, the
     offset of the column's row in the block's transposed-x panel, when that fits the index type;
     it saves the shift on every nonzero, and keeps LLVM from computing 8 offsets in a vector
@@ -78,44 +84,45 @@ class CSRSchedule:
     scaled: bool = False
     prefetch_out: bool = False
     prefetch_panel: bool = False
+    pairs: bool = False
 
     def describe(self) -> str:
         if self.family == "spmm":
             return (f"csr-spmm tile{self.tile} kblock{self.kblock} unroll{self.unroll} chunk{self.chunk} "
                     f"{self.index}{' scaled' if self.scaled else ''}{' prefetch-y' if self.prefetch_out else ''}"
-                    f"{' prefetch-panel' if self.prefetch_panel else ''}")
+                    f"{' prefetch-panel' if self.prefetch_panel else ''}{' pairs' if self.pairs else ''}")
         return f"csr-{self.family} gather{_GATHER} unroll{self.unroll} {self.index}"
 
 
-def _spmm_plan(m: int, k: int, n_out: int, nnz: int, caps: Capabilities | None) -> tuple[int, int]:
-    """(tile, kblock) of the SpMM: ``tile`` x rows per register tile and ``kblock`` input columns
-    per block of the CSR.
+def _spmm_plan(m: int, k: int, n_out: int, nnz: int, caps: Capabilities | None) -> tuple[int, int, bool]:
+    """(tile, kblock, pairs) of the SpMM: ``tile`` x rows per register tile, ``kblock`` input
+    columns per block of the CSR, and whether output rows go in pairs (:class:`CSRSchedule`).
 
     Every stored weight multiplies a ``tile``-wide row of transposed x, one vector load per
-    multiply-add plus the weight's broadcast and its index. Loads, not multiply-adds, bound the
-    loop (this core sustains about as many 64-byte loads as FMAs per second), so a wider tile
-    costs fewer loads per FMA: 10 per 8 at 8 vectors, 6 per 4 at 4. Without blocking K that row
-    comes from a K x tile panel far larger than L1 (393 KB at K = 768, M = 128), and the L2 -> L1
-    traffic of one 4*tile-byte row per nonzero bounds the kernel (50 % sparse: 1.5x slower than
-    with blocks of 96 columns). But every (block, row) pair costs a load and store of the
-    accumulators and a mispredicted loop exit, which dominated at 90 % with 96-column blocks (10
-    nonzeros each). So a block is as wide as a 24 KiB (half of L1) panel allows, widened until a
-    row has about 32 nonzeros in it; blocks are made equal so none is a tiny remainder. The
-    8-vector tile pays only while rows are dense enough to fill its narrower blocks (40 % of
-    weights kept or more: 3072 x 768, M = 128, 50 %: 1.07x the 4-vector tile, 768 x 768: 1.02x);
-    sparser, the 4-vector tile's longer blocks win (70 %: 1.04x, 90 %: 1.35x).
+    multiply-add plus the weight's broadcast and its index. Vector loads, about one per cycle
+    here, bound the loop, not multiply-adds. Without blocking K that row comes from a K x tile
+    panel far larger than L1 (393 KB at K = 768, M = 128), and the L2 -> L1 traffic of one
+    4*tile-byte row per nonzero bounds the kernel (50 % sparse: 1.5x slower than with blocks of
+    96 columns). But every (block, row) pair costs a load and store of the accumulators and a
+    mispredicted loop exit, which dominated at 90 % with 96-column blocks (10 nonzeros each). So
+    a block is as wide as a 24 KiB (half of L1) panel allows, widened until a row has about 32
+    nonzeros in it (a pair of rows: 64); blocks are made equal so none is a tiny remainder.
+
+    Row pairs with 8-vector tiles pay where at least 20 % of the weights are kept (3072 x 768,
+    M = 128: 1.16x the single rows of 8 vectors at 50 %, 1.12x the single rows of 4 at 70 %);
+    sparser, pairs rarely share a column and the 4-vector tile's longer blocks win (90 %: pairs
+    1.02x, 8 vectors 0.97x).
     """
     v = max(4, caps.vector_lanes_f32) if caps is not None else 16
     density = nnz / max(1, n_out * k)
-    if m >= 8 * v and density >= 0.4:
+    pairs = m >= 8 * v and density >= 0.2
+    if pairs:
         tile = 8 * v
     else:
         tile = min(round_up(m, v), 4 * v) if m >= v else pow2_at_least(m, 4)
-    want = max(_PANEL_BYTES // (4 * tile), int(_NNZ_PER_BLOCK_ROW / max(density, 1e-6)))
-    if tile == 8 * v:
-        want = _PANEL_BYTES // (4 * tile)
+    want = max(_PANEL_BYTES // (4 * tile), int(_NNZ_PER_BLOCK_ROW / max(density * (2 if pairs else 1), 1e-6)))
     nkb = max(1, ceil_div(k, max(16, want)))
-    return tile, round_up(ceil_div(k, nkb), 16)
+    return tile, round_up(ceil_div(k, nkb), 16), pairs
 
 
 def _default_chunk(n_out: int, k: int, tile: int, threads: int) -> int:
@@ -173,9 +180,10 @@ def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[
       step; with one accumulator the loop waits on the multiply-add latency (M = 8, 70 %: 1.9x
       faster than 1, 1.07x than 4).
     * M >= 16: 4 zmm per nonzero already give 4 independent chains (2 accumulator sets measured
-      within noise); 8 zmm (tiles of 128 rows) where rows are dense enough, see
+      within noise); row pairs of 8 zmm (tiles of 128 rows) where rows are dense enough, see
       :func:`_spmm_plan`; y-line prefetch on, panel prefetch where x^T outgrows L2
-      (:class:`CSRSchedule`). The other tiles, K blocks and prefetch choices are candidates.
+      (:class:`CSRSchedule`). The other tiles, K blocks, pairing and prefetch choices are
+      candidates.
     """
     n_out, k = packed.shape
     index = _index_dtype(k)
@@ -189,11 +197,11 @@ def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[
             first, second = (sell, spmv) if _slice_padding(packed) <= 0.1 else (spmv, sell)
             out = first + second + [CSRSchedule("sell", "int32", unroll=2)]
     else:
-        tile, kblock = _spmm_plan(m, k, n_out, packed.nnz, caps)
+        tile, kblock, pairs = _spmm_plan(m, k, n_out, packed.nnz, caps)
         small = tile < 16
         # Scaled indices wherever they fit (see CSRSchedule); y lines prefetched for full tiles.
         base = _scaled_if_fits(CSRSchedule("spmm", index, tile=tile, kblock=kblock, unroll=8 if small else 1,
-                                           prefetch_out=not small,
+                                           prefetch_out=not small, pairs=pairs,
                                            prefetch_panel=not small and _panel_prefetch_pays(k, tile)), k)
         variants = [dataclasses.replace(base, scaled=False), dataclasses.replace(base, index="int32")]
         if not small:
@@ -204,19 +212,24 @@ def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[
             variants += [dataclasses.replace(base, prefetch_panel=not base.prefetch_panel),
                          dataclasses.replace(base, prefetch_out=False),
                          dataclasses.replace(base, chunk=max(16, min(round_up(n_out, 16), other // 16 * 16)))]
-        variants += [dataclasses.replace(base, unroll=u) for u in ((4, 2) if small else (2,))]
+        if base.pairs:
+            variants += [dataclasses.replace(base, pairs=False)]
+        else:
+            variants += [dataclasses.replace(base, unroll=u) for u in ((4, 2) if small else (2,))]
         variants += [dataclasses.replace(base, kblock=max(16, round_up(kblock // 2, 16)))]
         if not small:
             variants += [dataclasses.replace(base, kblock=min(round_up(k, 16), 2 * kblock)),
-                         dataclasses.replace(base, tile=tile // 2, unroll=2)]
+                         dataclasses.replace(base, tile=tile // 2, unroll=2, pairs=False)]
             v = max(4, caps.vector_lanes_f32) if caps is not None else 16
             if tile == 8 * v:
-                # the 4-vector tile with its longer blocks (the default below 40 % density)
-                variants += [dataclasses.replace(base, tile=tile // 2, kblock=min(round_up(k, 16), 2 * kblock))]
+                # single rows of 4 vectors with longer blocks (the default below 20 % density)
+                variants += [dataclasses.replace(base, tile=tile // 2, kblock=min(round_up(k, 16), 2 * kblock),
+                                                 pairs=False)]
             elif m > tile:
-                # 8 vectors per nonzero, half the K block (same panel bytes): 1.25 loads per
-                # multiply-add instead of 1.5 (the default at 40 % density or more).
-                variants += [dataclasses.replace(base, tile=2 * tile, kblock=max(16, round_up(kblock // 2, 16)))]
+                # row pairs of 8 vectors, half the K block (same panel bytes; the default at 20 %
+                # density or more)
+                variants += [dataclasses.replace(base, tile=2 * tile, kblock=max(16, round_up(kblock // 2, 16)),
+                                                 pairs=True)]
         out = [base, variants[0]] + [_scaled_if_fits(v, k) for v in variants[1:]]
     return list(dict.fromkeys(out))
 
@@ -245,6 +258,8 @@ def _check_schedule(m: int, k: int, s: CSRSchedule, caps: Capabilities | None) -
         raise ValueError(f"scaled indices: {s.index} cannot hold column * {s.tile} for K = {k} (spmm only)")
     if s.unroll < 1 or s.tile < 1 or s.kblock < 0 or s.chunk < 0:
         raise ValueError(f"bad CSR schedule {s}")
+    if s.pairs and (s.family != "spmm" or s.unroll != 1 or s.chunk % 2):
+        raise ValueError(f"row pairs need the spmm family, unroll 1 and an even chunk, got {s}")
 
 
 def _gather(x_ptr, idx):
@@ -273,6 +288,53 @@ def _spmm_layout(packed: PackedCSR, s: CSRSchedule) -> tuple[np.ndarray, np.ndar
     return indptr, indices[order], packed.data[order].astype(np.float32)
 
 
+def _spmm_pair_layout(packed: PackedCSR, s: CSRSchedule) -> tuple[np.ndarray, ...]:
+    """The nonzeros of output rows ``2g`` and ``2g + 1`` (a pair; an odd last row pairs with an
+    empty one) regrouped by K block and split in three segments: columns both rows keep, columns
+    only the first keeps, columns only the second keeps. Pair ``g`` of block ``b`` (``i = b * P +
+    g``, P pairs) has its segments at ``ptr[3 * i + 0..3]``. A shared column is one index and two
+    weights, a single one an index and one weight, so ``data`` is longer than ``indices`` by the
+    shared entries; ``shared_before[i]`` counts those of earlier (block, pair)s, which puts the
+    weights of entry ``p`` at ``shared_before[i] - ptr[3 i] + 2 p + h`` (shared, row ``h``) and
+    ``shared_before[i] + ptr[3 i + 1] - ptr[3 i] + p`` (single). Returns (ptr, shared_before,
+    indices, data).
+    """
+    n_out, k = packed.shape
+    kblock = s.kblock or round_up(k, 16)
+    nkb = ceil_div(k, kblock)
+    n_pairs = ceil_div(n_out, 2)
+    cols = packed.indices.astype(np.int64)
+    rows = np.repeat(np.arange(n_out, dtype=np.int64), np.diff(packed.indptr))
+    vals = packed.data.astype(np.float32)
+    keys = rows * k + cols
+    partner = (rows ^ 1) * k + cols
+    # keys are sorted (CSR rows in order, columns sorted within a row)
+    at = np.clip(np.searchsorted(keys, partner), 0, max(len(keys) - 1, 0))
+    has_partner = (rows ^ 1) < n_out
+    if len(keys):
+        has_partner &= keys[at] == partner
+    first = rows % 2 == 0
+    # one entry per shared column (kept by the first row), one per column only one row keeps
+    entry = ~has_partner | first
+    segment = np.where(has_partner, 0, np.where(first, 1, 2))[entry]
+    e_cols, e_first, e_vals = cols[entry], vals[entry], np.where(has_partner, vals[at], 0)[entry]
+    bg = (e_cols // kblock) * n_pairs + rows[entry] // 2
+    # Stable: within a segment the columns stay sorted.
+    order = np.argsort(bg * 3 + segment, kind="stable")
+    e_cols, e_first, e_vals, segment, bg = e_cols[order], e_first[order], e_vals[order], segment[order], bg[order]
+    counts = np.bincount(bg * 3 + segment, minlength=nkb * n_pairs * 3)
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    shared_counts = counts.reshape(-1, 3)[:, 0]
+    shared_before = (np.cumsum(shared_counts) - shared_counts).astype(np.int32)
+    # values in entry order, a shared entry's two side by side
+    width = np.where(segment == 0, 2, 1)
+    start = np.cumsum(width) - width
+    data = np.zeros(int(width.sum()), np.float32)
+    data[start] = e_first
+    data[start[segment == 0] + 1] = e_vals[segment == 0]
+    return ptr, shared_before, e_cols, data
+
+
 def _sell_steps(packed: PackedCSR, unroll: int) -> np.ndarray:
     """Steps of every 16-row slice: its longest row, rounded up to a multiple of ``unroll``."""
     n_out = packed.shape[0]
@@ -287,6 +349,8 @@ def _stored(packed: PackedCSR, s: CSRSchedule) -> int:
         total = int(_sell_steps(packed, s.unroll).sum()) * _SLICE
     elif s.family == "spmv":
         total = packed.nnz + _GATHER
+    elif s.pairs:
+        total = len(_spmm_pair_layout(packed, s)[2])
     else:
         total = packed.nnz
     return max(total, 1)
@@ -325,14 +389,15 @@ def csr_args(packed: PackedCSR, m: int, caps: Capabilities | None = None,
     those :func:`csr_linear` got)."""
     s = schedule or default_schedule(m, packed, caps)
     _check_schedule(m, packed.shape[1], s, caps)
-    layout = {"spmm": _spmm_layout, "sell": _sell_layout, "spmv": _spmv_layout}[s.family]
-    ptr, indices, data = layout(packed, s)
+    layout = {"spmm": _spmm_pair_layout if s.pairs else _spmm_layout, "sell": _sell_layout,
+              "spmv": _spmv_layout}[s.family]
+    *ptrs, indices, data = layout(packed, s)
     if len(data) == 0:
         # Kernels declare at least one stored element; it is never read (every row is empty).
         indices, data = np.zeros(1, np.int64), np.zeros(1, np.float32)
     if s.scaled:
         indices = indices % (s.kblock or round_up(packed.shape[1], 16)) * s.tile
-    return [ptr, indices.astype(s.index), data]
+    return [*ptrs, indices.astype(s.index), data]
 
 
 @cached_builder
@@ -440,7 +505,7 @@ def _shuffle_lanes(bit: int, upper: bool) -> list[int]:
 @cached_builder
 def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kblock: int, idx_dtype: str,
           chunk: int | None = None, unroll: int = 1, scaled: bool = False, prefetch_out: bool = False,
-          prefetch_panel: bool = False):
+          prefetch_panel: bool = False, pairs: bool = False, n_values: int = 0):
     from tvm.script import tirx as T
 
     nz = max(nnz, 1)
@@ -452,9 +517,13 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
     full, tail = divmod(n_out, chunk)
     strips = ceil_div(k, 16)
     n_bands = ceil_div(tile, 16)
-    # Panel prefetch: the next K block's panel lines, spread evenly over this block's rows.
+    # Panel prefetch: the next K block's panel lines, spread evenly over this block's rows (pairs).
     panel_lines = kblock * tile // 16
-    lines_per_row = ceil_div(panel_lines, chunk)
+    lines_per_row = ceil_div(panel_lines, chunk // 2 if pairs else chunk)
+    n_pairs = ceil_div(n_out, 2)
+    ptr_len = nkb * n_pairs * 3 + 1 if pairs else nkb * n_out + 1
+    # pairs: one weight per nonzero, fewer indices than weights (see _spmm_pair_layout)
+    nv = max(n_values, 1) if pairs else nz
 
     # Row pairs of stage ``bit`` < 3 lie within one half of the block, stage 3 pairs row i of the
     # lower half with row i of the upper. Halves are separate (8 x 16) buffers: TVM gives a buffer
@@ -511,9 +580,18 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
         return mt * (k * tile) + T.Cast("int32", index) * tile
 
     @T.macro
-    def do_chunk(x, xt, indptr, indices, data, bias, y, c, rows):
+    def _prefetch_next_panel(xtf, mt, kb, r):
+        if prefetch_panel:
+            for i in T.unroll(lines_per_row):
+                if (kb + 1 < nkb) and (r * lines_per_row + i < panel_lines) and (
+                        (kb + 1) * kblock * tile + (r * lines_per_row + i) * 16 < k * tile):
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                        xtf[(mt * k + (kb + 1) * kblock) * tile + (r * lines_per_row + i) * 16]), 0, 3, 1))
+
+    @T.macro
+    def do_chunk(x, xt, indptr, shared_before, indices, data, bias, y, c, rows):
         xtf = T.decl_buffer((n_mt * k * tile,), "float32", data=xt.data)
-        yt = T.decl_buffer((rows, tile), "float32", scope=ACC_SCOPE)
+        yt = T.decl_buffer((rows + rows % 2 if pairs else rows, tile), "float32", scope=ACC_SCOPE)
         for mt in range(n_mt):
             if prefetch_out:
                 # write ownership of the y lines the transposed store below fills (16 floats each)
@@ -521,41 +599,71 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                     for line in range(ceil_div(rows, 16)):
                         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
                             y[mt * tile + mm, c * chunk + line * 16]), 1, 3, 1))
-            for kb in range(nkb):
-                for r in range(rows):
-                    if prefetch_panel:
-                        for i in T.unroll(lines_per_row):
-                            if (kb + 1 < nkb) and (r * lines_per_row + i < panel_lines) and (
-                                    (kb + 1) * kblock * tile + (r * lines_per_row + i) * 16 < k * tile):
-                                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                                    xtf[(mt * k + (kb + 1) * kblock) * tile + (r * lines_per_row + i) * 16]), 0, 3, 1))
-                    acc = T.decl_buffer((unroll, tile), "float32", scope=ACC_SCOPE)
-                    # The first K block starts from zero (no separate clearing pass over yt).
-                    if kb == 0:
-                        for v in T.vectorized(tile):
-                            acc[0, v] = T.float32(0)
-                    else:
-                        for v in T.vectorized(tile):
-                            acc[0, v] = yt[r, v]
-                    for u in T.unroll(1, unroll):
-                        for v in T.vectorized(tile):
-                            acc[u, v] = T.float32(0)
-                    row = T.meta_var(kb * n_out + c * chunk + r)
-                    p0 = T.meta_var(indptr[row])
-                    cnt = T.meta_var(indptr[row + 1] - indptr[row])
-                    for q in range(cnt // unroll):
-                        for u in T.unroll(unroll):
+            if pairs:
+                for kb in range(nkb):
+                    for r in range(ceil_div(rows, 2)):
+                        _prefetch_next_panel(xtf, mt, kb, r)
+                        # one accumulator buffer per row: LLVM keeps buffers under 1 KiB in registers
+                        acc_a = T.decl_buffer((tile,), "float32", scope=ACC_SCOPE)
+                        acc_b = T.decl_buffer((tile,), "float32", scope=ACC_SCOPE)
+                        if kb == 0:
                             for v in T.vectorized(tile):
-                                acc[u, v] = acc[u, v] + data[p0 + q * unroll + u] * xtf[
-                                    xrow(mt, kb, indices[p0 + q * unroll + u]) + v]
-                    for p in range(p0 + cnt // unroll * unroll, indptr[row + 1]):
+                                acc_a[v] = T.float32(0)
+                                acc_b[v] = T.float32(0)
+                        else:
+                            for v in T.vectorized(tile):
+                                acc_a[v] = yt[2 * r, v]
+                                acc_b[v] = yt[2 * r + 1, v]
+                        pair = T.meta_var(kb * n_pairs + c * (chunk // 2) + r)
+                        seg = T.meta_var(3 * pair)
+                        shared_base = T.meta_var(shared_before[pair] - indptr[seg])
+                        single_base = T.meta_var(shared_before[pair] + indptr[seg + 1] - indptr[seg])
+                        for p in range(indptr[seg], indptr[seg + 1]):
+                            # a column both rows keep: one x row, two multiply-adds
+                            for v in T.vectorized(tile):
+                                acc_a[v] = acc_a[v] + data[shared_base + 2 * p] * xtf[xrow(mt, kb, indices[p]) + v]
+                                acc_b[v] = acc_b[v] + data[shared_base + 2 * p + 1] * xtf[
+                                    xrow(mt, kb, indices[p]) + v]
+                        for p in range(indptr[seg + 1], indptr[seg + 2]):
+                            for v in T.vectorized(tile):
+                                acc_a[v] = acc_a[v] + data[single_base + p] * xtf[xrow(mt, kb, indices[p]) + v]
+                        for p in range(indptr[seg + 2], indptr[seg + 3]):
+                            for v in T.vectorized(tile):
+                                acc_b[v] = acc_b[v] + data[single_base + p] * xtf[xrow(mt, kb, indices[p]) + v]
                         for v in T.vectorized(tile):
-                            acc[0, v] = acc[0, v] + data[p] * xtf[xrow(mt, kb, indices[p]) + v]
-                    for u in T.unroll(1, unroll):
+                            yt[2 * r, v] = acc_a[v]
+                            yt[2 * r + 1, v] = acc_b[v]
+            else:
+                for kb in range(nkb):
+                    for r in range(rows):
+                        _prefetch_next_panel(xtf, mt, kb, r)
+                        acc = T.decl_buffer((unroll, tile), "float32", scope=ACC_SCOPE)
+                        # The first K block starts from zero (no separate clearing pass over yt).
+                        if kb == 0:
+                            for v in T.vectorized(tile):
+                                acc[0, v] = T.float32(0)
+                        else:
+                            for v in T.vectorized(tile):
+                                acc[0, v] = yt[r, v]
+                        for u in T.unroll(1, unroll):
+                            for v in T.vectorized(tile):
+                                acc[u, v] = T.float32(0)
+                        row = T.meta_var(kb * n_out + c * chunk + r)
+                        p0 = T.meta_var(indptr[row])
+                        cnt = T.meta_var(indptr[row + 1] - indptr[row])
+                        for q in range(cnt // unroll):
+                            for u in T.unroll(unroll):
+                                for v in T.vectorized(tile):
+                                    acc[u, v] = acc[u, v] + data[p0 + q * unroll + u] * xtf[
+                                        xrow(mt, kb, indices[p0 + q * unroll + u]) + v]
+                        for p in range(p0 + cnt // unroll * unroll, indptr[row + 1]):
+                            for v in T.vectorized(tile):
+                                acc[0, v] = acc[0, v] + data[p] * xtf[xrow(mt, kb, indices[p]) + v]
+                        for u in T.unroll(1, unroll):
+                            for v in T.vectorized(tile):
+                                acc[0, v] = acc[0, v] + acc[u, v]
                         for v in T.vectorized(tile):
-                            acc[0, v] = acc[0, v] + acc[u, v]
-                    for v in T.vectorized(tile):
-                        yt[r, v] = acc[0, v]
+                            yt[r, v] = acc[0, v]
             if rows % 16 == 0 and tile % 16 == 0:
                 # yt holds y^T: transpose it 16 x 16 in registers (64 two-source shuffles per block)
                 # so every y row gets 16-wide stores; reading yt with stride ``tile`` instead cost
@@ -585,8 +693,9 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                         _store_one(yt, bias, y, mt * tile + mm, c * chunk, rows // 16 * 16 + r, mm)
 
     @T.prim_func
-    def kernel(x: T.Buffer((m, k), "float32"), indptr: T.Buffer((nkb * n_out + 1,), "int32"),
-               indices: T.Buffer((nz,), idx_dtype), data: T.Buffer((nz,), "float32"),
+    def kernel(x: T.Buffer((m, k), "float32"), indptr: T.Buffer((ptr_len,), "int32"),
+               shared_before: T.Buffer((nkb * n_pairs if pairs else 1,), "int32"),
+               indices: T.Buffer((nz,), idx_dtype), data: T.Buffer((nv,), "float32"),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         # x transposed per tile of rows: xt[t, col, :] is a contiguous vector of x[t*tile : (t+1)*tile, col].
         # One band of 16 x rows per parallel task, walked along K: the band's 16 row streams are
@@ -622,9 +731,9 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                                 xt[t, st * 16 + kk, mb * 16 + mm] = T.float32(0)
         for c in T.parallel(n_chunks):
             if c < full:
-                do_chunk(x, xt, indptr, indices, data, bias, y, c, chunk)
+                do_chunk(x, xt, indptr, shared_before, indices, data, bias, y, c, chunk)
             else:
-                do_chunk(x, xt, indptr, indices, data, bias, y, c, max(tail, 1))
+                do_chunk(x, xt, indptr, shared_before, indices, data, bias, y, c, max(tail, 1))
 
     return kernel
 
@@ -648,6 +757,9 @@ def csr_linear(m: int, packed: PackedCSR, has_bias: bool, caps: Capabilities,
         kblock = s.kblock or round_up(k, 16)
         chunk = s.chunk or _default_chunk(n_out, k, s.tile, caps.threads if caps is not None else 1)
         func = _spmm(m, n_out, k, total, has_bias, s.tile, kblock, s.index, chunk=chunk, unroll=s.unroll,
-                     scaled=s.scaled, prefetch_out=s.prefetch_out, prefetch_panel=s.prefetch_panel)
+                     scaled=s.scaled, prefetch_out=s.prefetch_out, prefetch_panel=s.prefetch_panel, pairs=s.pairs,
+                     n_values=packed.nnz if s.pairs else 0)
+        if not s.pairs:
+            func = drop_param(func, "shared_before")
     func = func if has_bias else drop_param(func, "bias")
     return finish(func, name, s.describe())
