@@ -67,20 +67,22 @@ def test_csr_long_rows(m: int) -> None:
 @pytest.mark.parametrize("n_out", [96, 70], ids=["chunk16", "ragged"])
 def test_csr_spmm_tiles(m: int, n_out: int) -> None:
     # The SpMM's edges: a last x-row tile that is partly or wholly padding (m = 20, 100), a last
-    # chunk of output rows smaller than the others (96 = 64 + 32 takes the register-transpose
-    # store, 70 = 64 + 6 the strided one), several K blocks of which one holds no nonzero.
+    # chunk of output rows smaller than the others (96 = 3 x 32 takes the register-transpose
+    # store, 70 = 2 x 32 + 6 the strided one), several K blocks of which one holds no nonzero,
+    # row pairs from 128 x rows.
     from sparsecc.targets.kernels.csr import _spmm_plan
 
     rng = np.random.default_rng(m + n_out)
     # K a bit over three L1 panels of this tile, so a fairly dense weight gets four K blocks.
-    _, panel = _spmm_plan(m, 1 << 20, n_out, n_out << 20, CAPS)
+    _, panel, _ = _spmm_plan(m, 1 << 20, n_out, n_out << 20, CAPS)
     k = 3 * panel + 13
     w = rng.standard_normal((n_out, k)).astype(np.float32)
     w[:, k // 5:4 * k // 5] = 0
     w[rng.random((n_out, k)) < 0.2] = 0
     w[2] = 0  # an empty row
     packed = pack_csr(w)
-    tile, kblock = _spmm_plan(m, k, n_out, packed.nnz, CAPS)
+    tile, kblock, pairs = _spmm_plan(m, k, n_out, packed.nnz, CAPS)
+    assert pairs == (m >= 128), "rows go in pairs from 128 x rows at this density"
     assert -(-k // kblock) >= 3, "the weight should span several K blocks"
     assert not w[:, kblock:2 * kblock].any(), "the second K block should be empty"
     for with_bias in (True, False):

@@ -184,6 +184,27 @@ def test_row_pairs(m: int, tile: int, chunk: int) -> None:
         csr_linear(m, pack_csr(w), False, CAPS, schedule=dataclasses.replace(schedule, unroll=2))
 
 
+def test_row_pair_kernels_shared_by_layers_of_one_shape() -> None:
+    # Per-row pruning gives every layer of a shape the same weight count but different shared
+    # columns; the kernel depends only on the count's bucket, so six layers need at most two
+    # kernels (the entry counts may straddle a bucket edge), not six.
+    import tvm_ffi
+
+    hashes, entries = set(), set()
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        w = rng.standard_normal((64, 256)).astype(np.float32)
+        w[np.abs(w) < np.sort(np.abs(w), axis=1)[:, 128:129]] = 0
+        packed = pack_csr(w)
+        schedule = csr_schedules(128, packed, CAPS)[0]
+        assert schedule.pairs
+        hashes.add(tvm_ffi.structural_hash(csr_linear(128, packed, True, CAPS, "k", schedule=schedule)))
+        ptr, _, indices, _ = csr_args(packed, 128, CAPS, schedule=schedule)
+        entries.add(int(ptr[-1]))
+        assert ptr[-1] <= len(indices) <= ptr[-1] + packed.nnz // 16 and not indices[ptr[-1]:].any()
+    assert len(hashes) <= 2 and len(entries) == 6
+
+
 def test_wide_tile_default_where_rows_are_dense() -> None:
     # M = 128 at 50 % density: row pairs of 8-vector tiles with 24 KiB panels (48 columns); at
     # 90 %: single rows of 4-vector tiles with longer blocks; y lines prefetched in both.

@@ -350,7 +350,13 @@ def _stored(packed: PackedCSR, s: CSRSchedule) -> int:
     elif s.family == "spmv":
         total = packed.nnz + _GATHER
     elif s.pairs:
-        total = len(_spmm_pair_layout(packed, s)[2])
+        # Index slots rounded up to a sixteenth of the weight count (the unused ones zero): the
+        # kernel's signature then depends on the weight count and this bucket, not on the exact
+        # number of shared columns, so the layers of one shape (pruned to one per-row count) share
+        # one or two kernels. With exact counts every layer of SmolLM2 compiled its own, over 15
+        # minutes per model.
+        entries = int(_spmm_pair_layout(packed, s)[0][-1])
+        total = min(round_up(entries, max(16, packed.nnz // 16)), max(packed.nnz, entries))
     else:
         total = packed.nnz
     return max(total, 1)
@@ -397,6 +403,8 @@ def csr_args(packed: PackedCSR, m: int, caps: Capabilities | None = None,
         indices, data = np.zeros(1, np.int64), np.zeros(1, np.float32)
     if s.scaled:
         indices = indices % (s.kblock or round_up(packed.shape[1], 16)) * s.tile
+    if s.pairs:
+        indices = np.concatenate([indices, np.zeros(_stored(packed, s) - len(indices), indices.dtype)])
     return [*ptrs, indices.astype(s.index), data]
 
 
