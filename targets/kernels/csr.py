@@ -94,6 +94,11 @@ class CSRSchedule:
         return f"csr-{self.family} gather{_GATHER} unroll{self.unroll} {self.index}"
 
 
+def _lanes(caps: Capabilities | None) -> int:
+    """f32 lanes of one vector register (16 when the machine is unknown: AVX-512)."""
+    return max(4, caps.vector_lanes_f32) if caps is not None else 16
+
+
 def _spmm_plan(m: int, k: int, n_out: int, nnz: int, caps: Capabilities | None) -> tuple[int, int, bool]:
     """(tile, kblock, pairs) of the SpMM: ``tile`` x rows per register tile, ``kblock`` input
     columns per block of the CSR, and whether output rows go in pairs (:class:`CSRSchedule`).
@@ -113,7 +118,7 @@ def _spmm_plan(m: int, k: int, n_out: int, nnz: int, caps: Capabilities | None) 
     sparser, pairs rarely share a column and the 4-vector tile's longer blocks win (90 %: pairs
     1.02x, 8 vectors 0.97x).
     """
-    v = max(4, caps.vector_lanes_f32) if caps is not None else 16
+    v = _lanes(caps)
     density = nnz / max(1, n_out * k)
     pairs = m >= 8 * v and density >= 0.2
     if pairs:
@@ -136,7 +141,16 @@ def _default_chunk(n_out: int, k: int, tile: int, threads: int) -> int:
     which the prefetcher follows), 256 rows of 128 instead of 32: 4096 x 4096, M = 128, 50 %:
     1.13x; 768 x 3072: 1.10x. At least 4 chunks per thread keep the threads evenly loaded.
     """
-    budget = (128 if tile >= 16 and _panel_prefetch_pays(k, tile) else 16) * 1024
+    return _chunk_rows(n_out, tile, threads, _chunk_budget(k, tile))
+
+
+def _chunk_budget(k: int, tile: int) -> int:
+    """Accumulator bytes of the default SpMM chunk (see :func:`_default_chunk`)."""
+    return (128 if tile >= 16 and _panel_prefetch_pays(k, tile) else 16) * 1024
+
+
+def _chunk_rows(n_out: int, tile: int, threads: int, budget: int) -> int:
+    """Output rows per chunk for ``budget`` bytes of accumulators, at least 4 chunks per thread."""
     rows = (budget // (4 * tile)) // 16 * 16
     balanced = round_up(ceil_div(n_out, 4 * max(1, threads)), 16)
     return max(16, min(round_up(n_out, 16), rows, balanced))
@@ -207,11 +221,10 @@ def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[
         if not small:
             threads = caps.threads if caps is not None else 1
             # the other chunk size: 16 KiB of accumulators where 128 KiB is the default, and back
-            other = 128 * 1024 // (4 * tile) if _default_chunk(n_out, k, tile, threads) * 4 * tile <= 16 * 1024 \
-                else 16 * 1024 // (4 * tile)
+            other = _chunk_rows(n_out, tile, threads, 16 * 1024 if _chunk_budget(k, tile) > 16 * 1024 else 128 * 1024)
             variants += [dataclasses.replace(base, prefetch_panel=not base.prefetch_panel),
                          dataclasses.replace(base, prefetch_out=False),
-                         dataclasses.replace(base, chunk=max(16, min(round_up(n_out, 16), other // 16 * 16)))]
+                         dataclasses.replace(base, chunk=other)]
         if base.pairs:
             variants += [dataclasses.replace(base, pairs=False)]
         else:
@@ -220,8 +233,7 @@ def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[
         if not small:
             variants += [dataclasses.replace(base, kblock=min(round_up(k, 16), 2 * kblock)),
                          dataclasses.replace(base, tile=tile // 2, unroll=2, pairs=False)]
-            v = max(4, caps.vector_lanes_f32) if caps is not None else 16
-            if tile == 8 * v:
+            if tile == 8 * _lanes(caps):
                 # single rows of 4 vectors with longer blocks (the default below 20 % density)
                 variants += [dataclasses.replace(base, tile=tile // 2, kblock=min(round_up(k, 16), 2 * kblock),
                                                  pairs=False)]
@@ -288,6 +300,34 @@ def _spmm_layout(packed: PackedCSR, s: CSRSchedule) -> tuple[np.ndarray, np.ndar
     return indptr, indices[order], packed.data[order].astype(np.float32)
 
 
+def _pair_partners(packed: PackedCSR) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For every nonzero of ``packed`` (in CSR order): its row, its column, whether the other row
+    of its pair (rows ``2g`` and ``2g + 1``) keeps the same column, and where that weight is."""
+    n_out, k = packed.shape
+    cols = packed.indices.astype(np.int64)
+    rows = np.repeat(np.arange(n_out, dtype=np.int64), np.diff(packed.indptr))
+    keys = rows * k + cols
+    partner = (rows ^ 1) * k + cols
+    # keys are sorted (CSR rows in order, columns sorted within a row)
+    at = np.clip(np.searchsorted(keys, partner), 0, max(len(keys) - 1, 0))
+    has_partner = (rows ^ 1) < n_out
+    if len(keys):
+        has_partner &= keys[at] == partner
+    return rows, cols, has_partner, at
+
+
+def _pair_slots(packed: PackedCSR) -> int:
+    """Index slots of the pair layout: one per shared column and one per column a single row of
+    its pair keeps, rounded up to a sixteenth of the weight count (the unused ones zero). The
+    kernel's signature then depends on the weight count and this bucket, not on the exact number
+    of shared columns, so the layers of one shape (pruned to one per-row count) share one or two
+    kernels. With exact counts every layer of SmolLM2 compiled its own, over 15 minutes per
+    model."""
+    rows, _, has_partner, _ = _pair_partners(packed)
+    entries = packed.nnz - int((has_partner & (rows % 2 == 1)).sum())
+    return min(round_up(entries, max(16, packed.nnz // 16)), max(packed.nnz, entries))
+
+
 def _spmm_pair_layout(packed: PackedCSR, s: CSRSchedule) -> tuple[np.ndarray, ...]:
     """The nonzeros of output rows ``2g`` and ``2g + 1`` (a pair; an odd last row pairs with an
     empty one) regrouped by K block and split in three segments: columns both rows keep, columns
@@ -303,16 +343,8 @@ def _spmm_pair_layout(packed: PackedCSR, s: CSRSchedule) -> tuple[np.ndarray, ..
     kblock = s.kblock or round_up(k, 16)
     nkb = ceil_div(k, kblock)
     n_pairs = ceil_div(n_out, 2)
-    cols = packed.indices.astype(np.int64)
-    rows = np.repeat(np.arange(n_out, dtype=np.int64), np.diff(packed.indptr))
+    rows, cols, has_partner, at = _pair_partners(packed)
     vals = packed.data.astype(np.float32)
-    keys = rows * k + cols
-    partner = (rows ^ 1) * k + cols
-    # keys are sorted (CSR rows in order, columns sorted within a row)
-    at = np.clip(np.searchsorted(keys, partner), 0, max(len(keys) - 1, 0))
-    has_partner = (rows ^ 1) < n_out
-    if len(keys):
-        has_partner &= keys[at] == partner
     first = rows % 2 == 0
     # one entry per shared column (kept by the first row), one per column only one row keeps
     entry = ~has_partner | first
@@ -350,13 +382,7 @@ def _stored(packed: PackedCSR, s: CSRSchedule) -> int:
     elif s.family == "spmv":
         total = packed.nnz + _GATHER
     elif s.pairs:
-        # Index slots rounded up to a sixteenth of the weight count (the unused ones zero): the
-        # kernel's signature then depends on the weight count and this bucket, not on the exact
-        # number of shared columns, so the layers of one shape (pruned to one per-row count) share
-        # one or two kernels. With exact counts every layer of SmolLM2 compiled its own, over 15
-        # minutes per model.
-        entries = int(_spmm_pair_layout(packed, s)[0][-1])
-        total = min(round_up(entries, max(16, packed.nnz // 16)), max(packed.nnz, entries))
+        total = _pair_slots(packed)
     else:
         total = packed.nnz
     return max(total, 1)
