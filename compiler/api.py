@@ -31,7 +31,7 @@ from .program import Program, flatten_outputs
 from .report import LayerReport, Report
 from .sparsity import FORMAT_ARRAYS, check_sparsity_value
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip: str = "") -> str:
@@ -43,7 +43,8 @@ def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip:
         options.append(f"pattern={pattern}")
     if skip:
         options.append(f"skip={skip}")
-    return f"calibrate,plan-uniform{{{','.join(options)}}},prune-{method},pack,lower,build"
+    # The pruning passes calibrate themselves, layer by layer (see sparsecc.passes.prune).
+    return f"plan-uniform{{{','.join(options)}}},prune-{method},pack,lower,build"
 
 
 def _as_program(model: Any, example_inputs: Sequence[Any] | torch.Tensor | None) -> Program:

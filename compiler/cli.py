@@ -12,6 +12,7 @@ import pathlib
 import sys
 from typing import Any
 
+from .api import METHODS
 from .errors import SparseccError
 from .sparsity import check_sparsity_value
 
@@ -192,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="x86")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero, in [0, 1)")
     p.add_argument("--pattern", default=None, help="unstructured | blockRxC (e.g. block16x1) | N:M (e.g. 2:4)")
-    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda"])
+    p.add_argument("--method", default="wanda", choices=list(METHODS),
+                   help="magnitude: |W|; wanda: |W| x ||X||; sparsegpt: Hessian-based, updates kept weights")
     p.add_argument("--calib", default=None, help="CALIB.pt: torch.save'd list of input tuples")
     p.add_argument("--skip", default=None, help="layers to keep dense: fnmatch globs separated by ';'")
     p.add_argument("--pipeline", default=None, help="a full pipeline string replacing the default")

@@ -52,6 +52,25 @@ class Pattern:
         """Whether ``mask`` obeys the pattern at ``sparsity`` (used by verifiers and tests)."""
         raise NotImplementedError
 
+    @property
+    def column_unit(self) -> int:
+        """Input columns the pattern decides together (a block's width, an N:M group)."""
+        return 1
+
+    @property
+    def independent_groups(self) -> bool:
+        """Whether every group of :attr:`column_unit` columns has its own budget (N:M), so a
+        method may decide the groups one at a time with nothing lost."""
+        return False
+
+    def mask_columns(self, scores: torch.Tensor, sparsity: float, start: int) -> torch.Tensor:
+        """Keep-mask for columns ``[start, start + w)`` of a weight, ``scores`` being those columns'
+        (N, w) scores; ``start`` and ``w`` are multiples of :attr:`column_unit`. The masks of
+        ranges that tile all K columns together obey the pattern at ``sparsity`` exactly: each range keeps its
+        share of the row's (or band's) budget, so methods that decide a range at a time
+        (SparseGPT's adaptive mask selection) produce a mask the kernels accept."""
+        raise NotImplementedError
+
     def fits_within(self, nonzero: torch.Tensor, sparsity: float) -> bool:
         """Whether the non-zeros ``nonzero`` lie inside some mask this pattern could produce at
         ``sparsity`` (a kept weight may be exactly zero, so a weight's non-zeros can be fewer than
@@ -68,6 +87,13 @@ class Pattern:
 
 def _keep_count(total: int, sparsity: float) -> int:
     return total - int(round(total * sparsity))
+
+
+def _keep_between(start: int, end: int, sparsity: float) -> int:
+    """The kept units among units ``[start, end)`` of a row: the difference of the cumulative
+    budgets, so consecutive ranges add up to exactly ``_keep_count(total, sparsity)`` (the
+    cumulative budget grows by 0 or 1 per unit, so every range gets between 0 and its width)."""
+    return _keep_count(end, sparsity) - _keep_count(start, sparsity)
 
 
 def _stable_top(scores: torch.Tensor, keep: int, dim: int = -1) -> torch.Tensor:
@@ -105,6 +131,17 @@ class Unstructured(Pattern):
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[_stable_top(flat, _keep_count(flat.numel(), sparsity))] = True
         return mask.reshape(scores.shape)
+
+    def mask_columns(self, scores: torch.Tensor, sparsity: float, start: int) -> torch.Tensor:
+        width = scores.shape[1]
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        if self.per_row:
+            mask.scatter_(1, _stable_top(scores, _keep_between(start, start + width, sparsity), dim=1), True)
+            return mask
+        rows = scores.shape[0]
+        keep = _keep_between(rows * start, rows * (start + width), sparsity)
+        mask.reshape(-1)[_stable_top(scores.reshape(-1), keep)] = True
+        return mask
 
     def satisfied_by(self, mask: torch.Tensor, sparsity: float) -> bool:
         if self.per_row:
@@ -156,6 +193,18 @@ class Block(Pattern):
         n, k = scores.shape
         block = self.block_scores(scores)
         keep = _keep_count(block.shape[1], sparsity)
+        block_mask = torch.zeros_like(block, dtype=torch.bool)
+        block_mask.scatter_(1, _stable_top(block, keep, dim=1), True)
+        return block_mask.repeat_interleave(self.rows, 0).repeat_interleave(self.cols, 1)
+
+    @property
+    def column_unit(self) -> int:
+        return self.cols
+
+    def mask_columns(self, scores: torch.Tensor, sparsity: float, start: int) -> torch.Tensor:
+        block = self.block_scores(scores)
+        first = start // self.cols
+        keep = _keep_between(first, first + block.shape[1], sparsity)
         block_mask = torch.zeros_like(block, dtype=torch.bool)
         block_mask.scatter_(1, _stable_top(block, keep, dim=1), True)
         return block_mask.repeat_interleave(self.rows, 0).repeat_interleave(self.cols, 1)
@@ -212,6 +261,17 @@ class NM(Pattern):
         mask = torch.zeros_like(groups, dtype=torch.bool)
         mask.scatter_(2, _stable_top(groups, self.n, dim=2), True)
         return mask.reshape(n_out, k)
+
+    @property
+    def column_unit(self) -> int:
+        return self.m
+
+    @property
+    def independent_groups(self) -> bool:
+        return True
+
+    def mask_columns(self, scores: torch.Tensor, sparsity: float, start: int) -> torch.Tensor:
+        return self.mask(scores, sparsity)
 
     def satisfied_by(self, mask: torch.Tensor, sparsity: float) -> bool:
         n_out, k = mask.shape

@@ -3,7 +3,10 @@
 This is the planning stage before the per-layer search exists: one pattern and one sparsity for
 all layers, and for every layer that must stay dense a reason the user sees. Rules (also in the
 docs): a k x k, grouped or strided convolution stays dense (sparse kernels cover linear layers
-and pointwise convolutions); a weight the pattern cannot tile stays dense; a layer with fewer
+and pointwise convolutions); a language model's output head stays dense (a linear that produces a
+program output directly and has at least 4x more outputs than inputs, a vocabulary projection:
+every logit depends on it and no later layer makes up for its error, so both the SparseGPT and
+the Wanda papers keep it dense); a weight the pattern cannot tile stays dense; a layer with fewer
 than ``min_inputs`` inputs per output stays dense (pruning leaves too few weights per output to
 keep accuracy, and the layer is too small for a sparse kernel to pay off); layers matching
 ``skip`` (fnmatch globs separated by ';') stay dense; a pattern the target lacks, or a sparsity
@@ -37,6 +40,31 @@ def dense_reason(layer: Layer) -> str | None:
     return None
 
 
+#: ops that only change the shape or the memory layout of a tensor
+_VIEW_OPS = {"view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "permute", "transpose", "contiguous",
+             "clone", "alias", "flatten", "t"}
+
+
+def vocabulary_heads(program: Program) -> set[str]:
+    """Node names of the linears that are a language model's output head (see the module
+    docstring): their result reaches a program output through shape-only ops, and they have at
+    least 4x more outputs than inputs."""
+    outputs = [n for n in program.graph.nodes if n.op == "output"]
+    pending = list(outputs[0].all_input_nodes) if outputs else []
+    feeding: set[str] = set()
+    while pending:
+        node = pending.pop()
+        if node.name in feeding:
+            continue
+        feeding.add(node.name)
+        op = getattr(node.target, "__name__", "").split(".")[0]
+        if node.op == "call_function" and op in _VIEW_OPS:
+            pending.extend(node.all_input_nodes)
+    return {layer.node for layer in program.layers()
+            if layer.kind == "linear" and layer.node in feeding
+            and layer.matrix_shape[0] >= 4 * layer.matrix_shape[1]}
+
+
 @register_pass
 @dataclass(frozen=True)
 class PlanUniform(Pass):
@@ -65,8 +93,13 @@ class PlanUniform(Pass):
         skips = [s.strip() for s in self.skip.split(";") if s.strip()]
         plan = Plan(target=ctx.target.name, method=self.method)
         diagnostics = []
+        heads = vocabulary_heads(program)
         for layer in program.layers():
             reason = dense_reason(layer)
+            if reason is None and layer.node in heads:
+                reason = (f"output head with {layer.matrix_shape[0]} outputs from {layer.matrix_shape[1]} inputs "
+                          "(a vocabulary projection): every prediction depends on it and no later layer "
+                          "corrects its error; kept dense")
             if reason is None and any(fnmatch.fnmatchcase(layer.name, s) for s in skips):
                 reason = "matches a skip pattern; kept dense"
             if reason is None and self.sparsity == 0.0:

@@ -1,12 +1,19 @@
-"""prune-magnitude / prune-wanda: mask weights in place following the plan.
+"""prune-magnitude / prune-wanda / prune-sparsegpt: prune weights in place following the plan.
 
-Both passes score every weight, ask the layer's pattern for a keep-mask at the planned sparsity,
-and multiply the weight by it. The result is the *masked-dense* program: the same graph with
-zeros in the weights, numerically what every sparse kernel must reproduce.
+Every pass scores the weights, asks the layer's pattern for a keep-mask at the planned sparsity,
+and zeroes the rest. The result is the *masked-dense* program: the same graph with zeros in the
+weights, numerically what every sparse kernel must reproduce.
 
 - magnitude: score = |W|.
 - Wanda (Sun et al., 2023): score = |W| * ||X_j||, with ||X_j|| the L2 norm of input feature j
   over the calibration rows, compared within each output row.
+- SparseGPT (Frantar & Alistarh, 2023): masks chosen from the calibration Hessian and the kept
+  weights updated to reconstruct the layer's output (:mod:`sparsecc.passes.sparsegpt`).
+
+The calibration-based methods run layer by layer by default (``sequential=true``,
+:mod:`sparsecc.passes.layerwise`): each layer is pruned from the inputs the already-pruned layers
+before it produce, as both papers do, with memory bounded by ``memory_mb``. With
+``sequential=false`` they use the dense model's statistics from the ``calibrate`` pass instead.
 
 Weights holding NaN or inf are refused: a mask computed from them would be meaningless.
 """
@@ -19,9 +26,11 @@ import torch
 from sparsecc.errors import WeightError
 from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
 from sparsecc.program import Layer, Program, SparsityInfo
-from sparsecc.sparsity import parse_pattern
+from sparsecc.sparsity import Pattern, parse_pattern
 
-from .calibrate import calibration_stats
+from .calibrate import LayerStats, calibration_stats
+from .layerwise import LayerwiseRunner
+from .sparsegpt import sparsegpt_prune
 
 
 def check_finite(program: Program) -> None:
@@ -38,7 +47,13 @@ def check_finite(program: Program) -> None:
 class _PruneBase(Pass):
     numerics = "budget"
 
-    def scores(self, program: Program, ctx: PassContext, layer: Layer, matrix: torch.Tensor) -> torch.Tensor:
+    #: what the method needs from calibration: None, "norms" (||X_j||) or "hessian" (X^T X)
+    statistics: str | None = None
+
+    def prune_layer(self, layer: Layer, matrix: torch.Tensor, pattern: Pattern, sparsity: float,
+                    stats: LayerStats | None) -> tuple[torch.Tensor, float | None]:
+        """The pruned (N, K) matrix and, when the method measures it, the layer's output error
+        on the calibration inputs relative to its dense output."""
         raise NotImplementedError
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
@@ -48,29 +63,81 @@ class _PruneBase(Pass):
         new = program.clone(stage="pruned")
         layers = {layer.name: layer for layer in new.layers()}
         diagnostics = []
-        pruned = zeroed = total = 0
+        planned = {}
         for lp in new.plan.sparse_layers():
-            layer = layers.get(lp.name)
-            if layer is None:
+            if lp.name in layers:
+                planned[layers[lp.name].node] = lp
+            else:
                 diagnostics.append(self.diag("warning", "planned layer not found in the program; skipped", lp.name))
-                continue
+        totals = {"layers_pruned": 0, "weights_zeroed": 0, "weights_in_pruned_layers": 0}
+        errors: list[float] = []
+
+        def prune(layer: Layer, stats: LayerStats | None) -> None:
+            lp = planned.get(layer.node)
+            if lp is None:
+                return
+            if self.statistics is not None and stats is None:
+                raise WeightError(f"layer {layer.name}: no calibration statistics (the layer never ran "
+                                  "on the calibration inputs)")
             weight = new.tensor(layer.weight)
             matrix = weight.detach().reshape(weight.shape[0], -1)
-            pattern = parse_pattern(lp.pattern)
-            keep = pattern.mask(self.scores(new, ctx, layer, matrix), lp.sparsity)
+            pruned, error = self.prune_layer(layer, matrix, parse_pattern(lp.pattern), lp.sparsity, stats)
             with torch.no_grad():
-                weight.mul_(keep.reshape(weight.shape).to(weight.dtype))
+                weight.copy_(pruned.reshape(weight.shape).to(weight.dtype))
             nonzero = int((matrix != 0).sum())
             new.set_sparsity(lp.name, SparsityInfo(
-                pattern=pattern.name, sparsity=1.0 - nonzero / matrix.numel(), made_by=self.name))
-            pruned += 1
-            zeroed += matrix.numel() - nonzero
-            total += matrix.numel()
+                pattern=parse_pattern(lp.pattern).name, sparsity=1.0 - nonzero / matrix.numel(), made_by=self.name))
+            totals["layers_pruned"] += 1
+            totals["weights_zeroed"] += matrix.numel() - nonzero
+            totals["weights_in_pruned_layers"] += matrix.numel()
+            if error is not None:
+                errors.append(error)
+
+        counters: dict[str, int | float] = {}
+        if self.statistics is not None and not ctx.calibration:
+            diagnostics.append(self.diag(
+                "warning", "no calibration data given: statistics come from the example inputs only; "
+                "pass real samples (--calib CALIB.pt) for accurate pruning"))
+        if self.statistics is None:
+            for layer in layers.values():
+                prune(layer, None)
+        elif getattr(self, "sequential", False):
+            runner = LayerwiseRunner(new, ctx.calibration_batches(new), hessian=self.statistics == "hessian",
+                                     memory_budget=int(self.memory_mb * 2**20) if self.memory_mb else None,
+                                     progress=ctx.progress)
+            result = runner.run(prune, [layers[lp.name] for lp in planned.values()], to_end=False)
+            never = sorted(lp.name for lp in planned.values() if lp.name not in new.sparsity)
+            if never:
+                raise WeightError(f"layers {', '.join(never)} never ran on the calibration inputs, so "
+                                  f"{self.name} has no statistics for them; give calibration inputs that "
+                                  "reach them or keep them dense (skip=...)")
+            counters["calibration_peak_mb"] = round(result.peak_bytes / 2**20, 1)
+            counters["calibration_spilled_mb"] = round(result.spilled_bytes / 2**20, 1)
+        else:
+            if self.statistics == "hessian":
+                from .calibrate import ANALYSIS_KEY
+
+                if ANALYSIS_KEY not in ctx.analyses or any(
+                        s.hessian is None for s in ctx.analyses[ANALYSIS_KEY].layers.values()):
+                    ctx.analyses.pop(ANALYSIS_KEY, None)
+                    ctx.analyses[ANALYSIS_KEY] = _hessian_stats(new, ctx)
+            stats = calibration_stats(new, ctx)
+            for layer in layers.values():
+                prune(layer, stats.layers.get(layer.name) if layer.node in planned else None)
         new.invalidate()
-        return PassResult(new, changed=pruned > 0,
-                          counters={"layers_pruned": pruned, "weights_zeroed": zeroed,
-                                    "weights_in_pruned_layers": total},
-                          diagnostics=diagnostics)
+        counters = {**totals, **counters}
+        if errors:
+            counters["mean_relative_output_error"] = round(sum(errors) / len(errors), 6)
+            counters["max_relative_output_error"] = round(max(errors), 6)
+        return PassResult(new, changed=totals["layers_pruned"] > 0, counters=counters, diagnostics=diagnostics)
+
+
+def _hessian_stats(program: Program, ctx: PassContext):
+    from .calibrate import ANALYSIS_KEY, Calibrate
+
+    scratch = PassContext(ctx.target, ctx.calibration, ctx.seed, ctx.progress, ctx.workdir)
+    Calibrate(hessian=True).run(program, scratch)
+    return scratch.analyses[ANALYSIS_KEY]
 
 
 @register_pass
@@ -81,8 +148,8 @@ class PruneMagnitude(_PruneBase):
     name = "prune-magnitude"
     summary = "mask weights by |W| in the planned pattern (masked-dense result)"
 
-    def scores(self, program, ctx, layer, matrix):
-        return matrix.abs()
+    def prune_layer(self, layer, matrix, pattern, sparsity, stats):
+        return matrix * pattern.mask(matrix.abs(), sparsity), None
 
 
 @register_pass
@@ -91,14 +158,34 @@ class PruneWanda(_PruneBase):
     """Wanda: keep weights with the largest |W| x ||X|| per output row."""
 
     name = "prune-wanda"
-    summary = "mask weights by |W| x ||X|| from calibration (Wanda) in the planned pattern"
+    summary = "mask weights by |W| x ||X|| from calibration (Wanda) in the planned pattern, layer by layer"
+    statistics = "norms"
 
-    def scores(self, program, ctx, layer, matrix):
-        stats = calibration_stats(program, ctx).layers.get(layer.name)
-        if stats is None:
-            raise WeightError(f"layer {layer.name}: no calibration statistics (the layer never ran "
-                              "on the calibration inputs)")
-        return matrix.abs() * stats.feature_norms[None, :]
+    sequential: bool = True
+    memory_mb: float = 0.0  # 0: no limit; else spill calibration activations to disk above it
+
+    def prune_layer(self, layer, matrix, pattern, sparsity, stats):
+        return matrix * pattern.mask(matrix.abs() * stats.feature_norms[None, :], sparsity), None
 
 
-METHOD_PASSES = {"magnitude": "prune-magnitude", "wanda": "prune-wanda"}
+@register_pass
+@dataclass(frozen=True)
+class PruneSparseGPT(_PruneBase):
+    """SparseGPT: masks from the calibration Hessian, kept weights updated to reconstruct the
+    layer's output (lazy blocked OBS updates, dampened Hessian)."""
+
+    name = "prune-sparsegpt"
+    summary = "prune with SparseGPT (Hessian-based masks, kept weights updated), layer by layer"
+    statistics = "hessian"
+
+    sequential: bool = True
+    memory_mb: float = 0.0
+    block: int = 128  # columns whose mask is chosen together; updates are lazy across blocks
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+
+    def prune_layer(self, layer, matrix, pattern, sparsity, stats):
+        result = sparsegpt_prune(matrix, stats.hessian, pattern, sparsity, block=self.block, damp=self.damp)
+        return result.weight, result.relative_error
+
+
+METHOD_PASSES = {"magnitude": "prune-magnitude", "wanda": "prune-wanda", "sparsegpt": "prune-sparsegpt"}

@@ -201,3 +201,21 @@ def test_2_4_on_k_not_a_multiple_of_4_keeps_that_layer_dense(x86):
     assert any(d.layer == "0" and "multiple of 4" in d.message for d in result.diagnostics)
     text = format_program(result.program)
     assert "aten.linear" in text and "sparsecc.sparse_linear_nm" in text
+
+
+def test_plan_keeps_a_vocabulary_head_dense_with_a_reason(x86):
+    class TinyLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(512, 64)
+            self.mix = torch.nn.Linear(64, 64)
+            self.lm_head = torch.nn.Linear(64, 512, bias=False)
+
+        def forward(self, ids):
+            return self.lm_head(torch.relu(self.mix(self.embed(ids)))).reshape(-1, 512)
+
+    program = sparsecc.capture(TinyLM().eval(), (torch.randint(0, 512, (1, 8)),))
+    plan = _run(program, "plan-uniform{sparsity=0.5}", x86).program.plan
+    assert [lp.name for lp in plan.sparse_layers()] == ["mix"]
+    (head,) = plan.dense_layers()
+    assert head.name == "lm_head" and "vocabulary projection" in head.reason

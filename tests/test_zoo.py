@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from real_data import smollm_or_skip
 from sparsecc.zoo import (
     DigitsCNN,
     accuracy,
@@ -204,23 +205,10 @@ PYTHON_PROSE = (
 )
 
 
-def _smollm_or_skip():
-    from sparsecc.zoo import smollm as smollm_mod
-
-    try:
-        smollm_mod.gguf_path()
-        import gguf  # noqa: F401
-    except (smollm_mod.SmolLMError, ImportError) as exc:
-        if IN_CI:
-            pytest.fail(f"CI must run the SmolLM2 checks: {exc}")
-        pytest.skip(str(exc))
-    return smollm_mod
-
-
 @pytest.mark.slow
 @pytest.mark.models
 def test_smollm_is_the_real_model_and_exports_identically():
-    smollm_mod = _smollm_or_skip()
+    smollm_mod = smollm_or_skip()
     model = smollm_mod.load_smollm(max_seq=128)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     tokenizer = smollm_mod.load_tokenizer()

@@ -1,0 +1,207 @@
+"""Accuracy of sparsecc's pruning methods on real pretrained models, comparable with the papers'
+relative results.
+
+``smollm``: SmolLM2-135M perplexity on the Python documentation (``python3.11-doc``):
+calibration on seeded 256-token segments of ``library/``, perplexity over fixed 256-token windows
+of ``tutorial/`` (and of ``howto/``). Every linear inside the decoder layers is pruned; the
+embedding and the LM head stay dense (sparsecc's plan rule for vocabulary heads).
+
+Rows: dense, then each method (magnitude, Wanda, SparseGPT) per calibration seed; columns: the
+configurations (``PATTERN@SPARSITY``; N:M patterns fix their own sparsity). Each cell is the
+perplexity and its ratio to dense. A second table gives each method's pruning time and the peak
+growth of the process's resident memory while it ran.
+
+The pruned programs are the masked-dense programs the compiler's kernels reproduce (checked in
+the tests), so these numbers are what a compiled model computes.
+
+    python benchmarks/accuracy.py --models smollm --methods magnitude,wanda,sparsegpt \\
+        --configs unstructured@0.5,2:4,unstructured@0.7 --seeds 0,1 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
+
+DEFAULT_CONFIGS = "unstructured@0.5,2:4,unstructured@0.7"
+DEFAULT_METHODS = "magnitude,wanda,sparsegpt"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """The most resident memory above the starting point while the block runs (sampled every
+    20 ms: torch's allocations are invisible to tracemalloc)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = _rss_bytes()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+@dataclass
+class Config:
+    pattern: str
+    sparsity: float
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        from sparsecc.sparsity import NM, parse_pattern
+
+        pattern, _, sparsity = text.partition("@")
+        parsed = parse_pattern(pattern)
+        if isinstance(parsed, NM):
+            return cls(parsed.name, parsed.sparsity)
+        if not sparsity:
+            raise SystemExit(f"configuration {text!r} needs a sparsity: PATTERN@SPARSITY")
+        return cls(parsed.name, float(sparsity))
+
+    @property
+    def label(self) -> str:
+        return self.pattern if ":" in self.pattern else f"{self.pattern} {self.sparsity:.0%}"
+
+
+def prune(program: Any, method: str, config: Config, calibration: list[tuple[Any, ...]], seed: int) -> tuple[Any, dict]:
+    """The program pruned by ``method`` at ``config``, and what it cost."""
+    from sparsecc.pass_manager import PassContext, PassManager
+    from sparsecc.targets import get_target
+
+    pipeline = (f"plan-uniform{{sparsity={config.sparsity:g},pattern={config.pattern},method={method}}},"
+                f"prune-{method}")
+    ctx = PassContext(get_target("x86"), calibration=calibration, seed=seed, progress=False)
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        result = PassManager(pipeline).run(program, ctx)
+    counters = result.results[-1][1].counters
+    return result.program, {"seconds": time.perf_counter() - start, "peak_mb": memory.growth_mb, **counters}
+
+
+def run_smollm(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import sparsecc
+    from sparsecc.zoo import pydocs, smollm
+
+    model = smollm.load_smollm(max_seq=args.seq)
+    tokenizer = smollm.load_tokenizer()
+    evaluation = {folder: pydocs.evaluation_windows(tokenizer, count, args.seq, folder=folder)
+                  for folder, count in (("tutorial", args.windows), ("howto", args.windows // 2))}
+    program = sparsecc.capture(model, (evaluation["tutorial"][0],))
+    print(f"smollm: calibration {args.samples} x {args.seq} tokens of {pydocs.DOCS / 'library'} per seed; "
+          f"perplexity over {args.windows} windows of tutorial/ and {args.windows // 2} of howto/", flush=True)
+
+    def score(prog: Any) -> dict[str, float]:
+        return {folder: pydocs.perplexity(lambda ids: prog.run(ids), windows) for folder, windows in evaluation.items()}
+
+    rows = [{"model": "smollm", "method": "dense", "seed": None, "config": None, **score(program)}]
+    print(f"  dense: {rows[0]}", flush=True)
+    for seed in args.seeds:
+        calibration = [(s,) for s in pydocs.calibration_segments(tokenizer, args.samples, args.seq, seed=seed)]
+        for method in args.methods:
+            if method == "magnitude" and seed != args.seeds[0]:
+                continue  # magnitude does not read the calibration data
+            for config in args.configs:
+                pruned, cost = prune(program, method, config, calibration, seed)
+                row = {"model": "smollm", "method": method, "seed": seed if method != "magnitude" else None,
+                       "config": config.label, **score(pruned), **cost}
+                rows.append(row)
+                print(f"  {method} seed {seed} {config.label}: tutorial {row['tutorial']:.2f} howto {row['howto']:.2f} "
+                      f"({cost['seconds']:.0f} s, +{cost['peak_mb']:.0f} MB)", flush=True)
+    return rows
+
+
+RUNNERS = {"smollm": run_smollm}
+
+
+def print_tables(rows: list[dict[str, Any]], configs: list[Config]) -> None:
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        dense = next(r for r in mine if r["method"] == "dense")
+        for folder in ("tutorial", "howto"):
+            print(f"\n{model}: perplexity on {folder}/ (ratio to dense); dense {dense[folder]:.2f}")
+            print("| method | seed | " + " | ".join(c.label for c in configs) + " |")
+            print("|---|---|" + "---|" * len(configs))
+            keys = dict.fromkeys((r["method"], r["seed"]) for r in mine if r["method"] != "dense")
+            for method, seed in keys:
+                cells = []
+                for c in configs:
+                    hit = [r for r in mine if (r["method"], r["seed"], r["config"]) == (method, seed, c.label)]
+                    cells.append(f"{hit[0][folder]:.1f} ({hit[0][folder] / dense[folder]:.2f}x)" if hit else "")
+                print(f"| {method} | {'' if seed is None else seed} | " + " | ".join(cells) + " |")
+        print(f"\n{model}: pruning time (s) and peak resident-memory growth (MB)")
+        print("| method | seed | " + " | ".join(c.label for c in configs) + " |")
+        print("|---|---|" + "---|" * len(configs))
+        for method, seed in dict.fromkeys((r["method"], r["seed"]) for r in mine if r["method"] != "dense"):
+            cells = []
+            for c in configs:
+                hit = [r for r in mine if (r["method"], r["seed"], r["config"]) == (method, seed, c.label)]
+                cells.append(f"{hit[0]['seconds']:.0f} s, {hit[0]['peak_mb']:.0f} MB" if hit else "")
+            print(f"| {method} | {'' if seed is None else seed} | " + " | ".join(cells) + " |")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm", help=f"comma-separated subset of {sorted(RUNNERS)}")
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated PATTERN@SPARSITY (N:M alone)")
+    parser.add_argument("--seeds", default="0,1", help="calibration seeds (report at least two)")
+    parser.add_argument("--samples", type=int, default=32, help="calibration segments per seed")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per segment and per window")
+    parser.add_argument("--windows", type=int, default=16, help="evaluation windows of tutorial/ (howto/: half)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _harness.pin_threads(args.threads)
+    _harness.configure_torch(args.threads)
+    args.configs = [Config.parse(c) for c in args.configs.split(",") if c]
+    print(f"command: {_harness.command_line()}")
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in _harness.load())}", flush=True)
+    rows: list[dict[str, Any]] = []
+    for name in args.models.split(","):
+        if name not in RUNNERS:
+            raise SystemExit(f"unknown model {name!r}; choose from {sorted(RUNNERS)}")
+        rows.extend(RUNNERS[name](args))
+    print_tables(rows, args.configs)
+    print(f"\nload average after: {' '.join(f'{v:.2f}' for v in _harness.load())}")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"command": _harness.command_line(), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
