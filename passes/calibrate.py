@@ -28,11 +28,19 @@ class LayerStats:
     sq_norms: torch.Tensor  # (K,) float64: sum over rows of x_j^2
     rows: int = 0
     hessian: torch.Tensor | None = None  # (K, K) float64: sum over rows of x x^T
+    sums: torch.Tensor | None = None  # (K,) float64: sum over rows of x_j
 
     @property
     def feature_norms(self) -> torch.Tensor:
         """||X_j||_2 for each input feature j (Wanda's activation factor)."""
         return self.sq_norms.sqrt().float()
+
+    @property
+    def feature_means(self) -> torch.Tensor:
+        """E[x_j] for each input feature j over the calibration rows."""
+        if self.sums is None:
+            raise ValueError("these statistics were recorded without feature sums")
+        return (self.sums / max(1, self.rows)).float()
 
 
 @dataclass
@@ -72,9 +80,11 @@ class _StatsInterpreter(torch.fx.Interpreter):
             if entry is None:
                 k = rows.shape[1]
                 entry = LayerStats(torch.zeros(k, dtype=torch.float64),
-                                   hessian=torch.zeros(k, k, dtype=torch.float64) if self.hessian else None)
+                                   hessian=torch.zeros(k, k, dtype=torch.float64) if self.hessian else None,
+                                   sums=torch.zeros(k, dtype=torch.float64))
                 self.stats.layers[layer.name] = entry
             entry.sq_norms += (rows * rows).sum(0)
+            entry.sums += rows.sum(0)
             entry.rows += rows.shape[0]
             if entry.hessian is not None:
                 entry.hessian += rows.T @ rows

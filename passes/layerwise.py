@@ -140,10 +140,12 @@ class LayerwiseRunner:
     def _stats(self, store: _ValueStore, layer: Layer, arg: torch.fx.Node) -> LayerStats:
         k = layer.matrix_shape[1]
         stats = LayerStats(torch.zeros(k, dtype=torch.float64),
-                           hessian=torch.zeros(k, k, dtype=torch.float64) if self.hessian else None)
+                           hessian=torch.zeros(k, k, dtype=torch.float64) if self.hessian else None,
+                           sums=torch.zeros(k, dtype=torch.float64))
         for b in range(len(self.batches)):
             rows = _rows(layer, store.get(arg.name, b).detach()).float()
             stats.sq_norms += (rows * rows).sum(0, dtype=torch.float64)
+            stats.sums += rows.sum(0, dtype=torch.float64)
             stats.rows += rows.shape[0]
             if stats.hessian is not None:
                 # fp32 products per batch, summed in fp64 across batches

@@ -29,6 +29,7 @@ from sparsecc.program import Layer, Program, SparsityInfo
 from sparsecc.sparsity import Pattern, parse_pattern
 
 from .calibrate import LayerStats, calibration_stats
+from .dsnot import dsnot_refine, dsnot_supported
 from .layerwise import LayerwiseRunner
 from .sparsegpt import sparsegpt_prune
 
@@ -49,16 +50,28 @@ class _PruneBase(Pass):
 
     #: what the method needs from calibration: None, "norms" (||X_j||) or "hessian" (X^T X)
     statistics: str | None = None
+    refine: str = ""
 
-    def prune_layer(self, layer: Layer, matrix: torch.Tensor, pattern: Pattern, sparsity: float,
-                    stats: LayerStats | None) -> tuple[torch.Tensor, float | None]:
-        """The pruned (N, K) matrix and, when the method measures it, the layer's output error
-        on the calibration inputs relative to its dense output."""
+    def needs(self) -> str | None:
+        """The calibration statistics this pass reads (a DSnoT refinement needs norms and means)."""
+        return self.statistics or ("norms" if self.refine else None)
+
+    def choose(self, layer: Layer, matrix: torch.Tensor, pattern: Pattern, sparsity: float,
+               stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """(keep-mask, pruned (N, K) matrix, and, when the method measures it, the layer's output
+        error on the calibration inputs relative to its dense output)."""
         raise NotImplementedError
+
+    def reweight(self, matrix: torch.Tensor, keep: torch.Tensor, pattern: Pattern, sparsity: float,
+                 stats: LayerStats | None) -> tuple[torch.Tensor, float | None]:
+        """The pruned matrix for a given keep-mask (after a refinement changed the mask)."""
+        return matrix * keep, None
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         if program.plan is None:
             raise WeightError("prune needs a plan: run plan-uniform (or load a plan) before pruning")
+        if self.refine not in ("", "dsnot"):
+            raise WeightError(f"unknown mask refinement {self.refine!r}; the choices are: dsnot")
         check_finite(program)
         new = program.clone(stage="pruned")
         layers = {layer.name: layer for layer in new.layers()}
@@ -70,23 +83,36 @@ class _PruneBase(Pass):
             else:
                 diagnostics.append(self.diag("warning", "planned layer not found in the program; skipped", lp.name))
         totals = {"layers_pruned": 0, "weights_zeroed": 0, "weights_in_pruned_layers": 0}
+        if self.refine:
+            totals["refine_swaps"] = 0
         errors: list[float] = []
 
         def prune(layer: Layer, stats: LayerStats | None) -> None:
             lp = planned.get(layer.node)
             if lp is None:
                 return
-            if self.statistics is not None and stats is None:
+            if self.needs() is not None and stats is None:
                 raise WeightError(f"layer {layer.name}: no calibration statistics (the layer never ran "
                                   "on the calibration inputs)")
             weight = new.tensor(layer.weight)
             matrix = weight.detach().reshape(weight.shape[0], -1)
-            pruned, error = self.prune_layer(layer, matrix, parse_pattern(lp.pattern), lp.sparsity, stats)
+            pattern = parse_pattern(lp.pattern)
+            keep, pruned, error = self.choose(layer, matrix, pattern, lp.sparsity, stats)
+            if self.refine == "dsnot":
+                if dsnot_supported(pattern):
+                    keep, swaps = dsnot_refine(matrix, keep, stats.feature_means, stats.feature_norms, pattern)
+                    totals["refine_swaps"] += swaps
+                    if swaps:
+                        pruned, error = self.reweight(matrix, keep, pattern, lp.sparsity, stats)
+                else:
+                    diagnostics.append(self.diag(
+                        "info", f"DSnoT refines unstructured and N:M masks; this {pattern.name} mask is kept "
+                        "as pruned", layer.name))
             with torch.no_grad():
                 weight.copy_(pruned.reshape(weight.shape).to(weight.dtype))
             nonzero = int((matrix != 0).sum())
             new.set_sparsity(lp.name, SparsityInfo(
-                pattern=parse_pattern(lp.pattern).name, sparsity=1.0 - nonzero / matrix.numel(), made_by=self.name))
+                pattern=pattern.name, sparsity=1.0 - nonzero / matrix.numel(), made_by=self.name))
             totals["layers_pruned"] += 1
             totals["weights_zeroed"] += matrix.numel() - nonzero
             totals["weights_in_pruned_layers"] += matrix.numel()
@@ -94,15 +120,15 @@ class _PruneBase(Pass):
                 errors.append(error)
 
         counters: dict[str, int | float] = {}
-        if self.statistics is not None and not ctx.calibration:
+        if self.needs() is not None and not ctx.calibration:
             diagnostics.append(self.diag(
                 "warning", "no calibration data given: statistics come from the example inputs only; "
                 "pass real samples (--calib CALIB.pt) for accurate pruning"))
-        if self.statistics is None:
+        if self.needs() is None:
             for layer in layers.values():
                 prune(layer, None)
         elif getattr(self, "sequential", False):
-            runner = LayerwiseRunner(new, ctx.calibration_batches(new), hessian=self.statistics == "hessian",
+            runner = LayerwiseRunner(new, ctx.calibration_batches(new), hessian=self.needs() == "hessian",
                                      memory_budget=int(self.memory_mb * 2**20) if self.memory_mb else None,
                                      progress=ctx.progress)
             result = runner.run(prune, [layers[lp.name] for lp in planned.values()], to_end=False)
@@ -114,7 +140,7 @@ class _PruneBase(Pass):
             counters["calibration_peak_mb"] = round(result.peak_bytes / 2**20, 1)
             counters["calibration_spilled_mb"] = round(result.spilled_bytes / 2**20, 1)
         else:
-            if self.statistics == "hessian":
+            if self.needs() == "hessian":
                 from .calibrate import ANALYSIS_KEY
 
                 if ANALYSIS_KEY not in ctx.analyses or any(
@@ -148,8 +174,13 @@ class PruneMagnitude(_PruneBase):
     name = "prune-magnitude"
     summary = "mask weights by |W| in the planned pattern (masked-dense result)"
 
-    def prune_layer(self, layer, matrix, pattern, sparsity, stats):
-        return matrix * pattern.mask(matrix.abs(), sparsity), None
+    refine: str = ""  # "dsnot": refine the mask with DSnoT (needs calibration data)
+    sequential: bool = True  # with refine: calibrate layer by layer
+    memory_mb: float = 0.0
+
+    def choose(self, layer, matrix, pattern, sparsity, stats):
+        keep = pattern.mask(matrix.abs(), sparsity)
+        return keep, matrix * keep, None
 
 
 @register_pass
@@ -161,11 +192,13 @@ class PruneWanda(_PruneBase):
     summary = "mask weights by |W| x ||X|| from calibration (Wanda) in the planned pattern, layer by layer"
     statistics = "norms"
 
+    refine: str = ""  # "dsnot": refine the mask with DSnoT
     sequential: bool = True
     memory_mb: float = 0.0  # 0: no limit; else spill calibration activations to disk above it
 
-    def prune_layer(self, layer, matrix, pattern, sparsity, stats):
-        return matrix * pattern.mask(matrix.abs() * stats.feature_norms[None, :], sparsity), None
+    def choose(self, layer, matrix, pattern, sparsity, stats):
+        keep = pattern.mask(matrix.abs() * stats.feature_norms[None, :], sparsity)
+        return keep, matrix * keep, None
 
 
 @register_pass
@@ -178,13 +211,20 @@ class PruneSparseGPT(_PruneBase):
     summary = "prune with SparseGPT (Hessian-based masks, kept weights updated), layer by layer"
     statistics = "hessian"
 
+    refine: str = ""  # "dsnot": refine SparseGPT's mask with DSnoT, then reconstruct on it
     sequential: bool = True
     memory_mb: float = 0.0
     block: int = 128  # columns whose mask is chosen together; updates are lazy across blocks
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
 
-    def prune_layer(self, layer, matrix, pattern, sparsity, stats):
+    def choose(self, layer, matrix, pattern, sparsity, stats):
         result = sparsegpt_prune(matrix, stats.hessian, pattern, sparsity, block=self.block, damp=self.damp)
+        return result.mask, result.weight, result.relative_error
+
+    def reweight(self, matrix, keep, pattern, sparsity, stats):
+        # the refined mask's kept weights reconstructed from the dense ones, as SparseGPT does
+        result = sparsegpt_prune(matrix, stats.hessian, pattern, sparsity, block=self.block, damp=self.damp,
+                                 mask=keep)
         return result.weight, result.relative_error
 
 

@@ -60,9 +60,10 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsity: float, *,
-                    block: int = 128, damp: float = 0.01) -> SparseGPTResult:
+                    block: int = 128, damp: float = 0.01, mask: torch.Tensor | None = None) -> SparseGPTResult:
     """Prune ``weight`` (N, K) to ``pattern`` at ``sparsity`` with SparseGPT, given the sum of
-    ``x x^T`` over the calibration rows (``hessian``, K x K). See the module docstring."""
+    ``x x^T`` over the calibration rows (``hessian``, K x K). See the module docstring. With
+    ``mask`` given, that keep-mask is used as is and only the kept weights are reconstructed."""
     n_out, k = weight.shape
     if hessian.shape != (k, k):
         raise WeightError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight with {k} inputs")
@@ -75,6 +76,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Patter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     hinv = _inverse_cholesky(h, damp)
+    fixed = mask
     mask = torch.zeros(n_out, k, dtype=torch.bool)
     # decide whole ranges at once, except N:M groups, which are decided one group at a time
     decide = unit if pattern.independent_groups else block
@@ -85,9 +87,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Patter
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[start:end, start:end]
         diag1 = hinv1.diagonal()
-        mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        mask1 = torch.zeros_like(w1, dtype=torch.bool) if fixed is None else fixed[:, start:end].clone()
         for i in range(end - start):
-            if i % decide == 0:
+            if fixed is None and i % decide == 0:
                 stop = min(i + decide, end - start)
                 scores = (w1[:, i:stop] ** 2) / (diag1[i:stop] ** 2)[None, :]
                 mask1[:, i:stop] = pattern.mask_columns(scores.float(), sparsity, start + i)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparsecc.errors import WeightError
 from sparsecc.pass_manager import PassContext, PassManager
+from sparsecc.passes.dsnot import dsnot_refine
 from sparsecc.passes.layerwise import LayerwiseRunner
 from sparsecc.passes.sparsegpt import sparsegpt_prune
 from sparsecc.sparsity import parse_pattern
@@ -217,3 +218,65 @@ def test_layerwise_runner_can_stop_after_the_last_hooked_layer(mlp):
     full = LayerwiseRunner(program, calib).run(lambda layer, stats: seen.append(layer.name), fc1)
     short = LayerwiseRunner(program, calib).run(lambda layer, stats: seen.append(layer.name), fc1, to_end=False)
     assert seen == ["fc1", "fc1"] and len(full.outputs) == len(calib) and short.outputs == []
+
+
+# -- DSnoT ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern_name, sparsity", [("unstructured", 0.6), ("2:4", 0.5), ("1:4", 0.75)])
+def test_dsnot_shrinks_the_expected_error_and_keeps_the_pattern(pattern_name, sparsity):
+    weight, x = _correlated_layer()
+    x = x + 1.0  # features with nonzero means, as after an activation
+    pattern = parse_pattern(pattern_name)
+    norms, means = x.norm(dim=0), x.mean(dim=0)
+    mask = pattern.mask(weight.abs() * norms[None, :], sparsity)
+    refined, swaps = dsnot_refine(weight, mask, means, norms, pattern)
+    assert swaps > 0 and pattern.satisfied_by(refined, sparsity)
+    assert torch.equal(refined.sum(1), mask.sum(1))
+
+    def expected_error(keep):
+        return ((weight * ~keep) * means[None, :]).sum(1).abs()
+
+    before, after = expected_error(mask), expected_error(refined)
+    assert (after <= before + 1e-5).all() and float(after.sum()) < 0.5 * float(before.sum())
+
+
+def test_dsnot_refuses_block_masks():
+    with pytest.raises(ValueError, match="not block16x1"):
+        dsnot_refine(torch.ones(16, 8), torch.ones(16, 8, dtype=torch.bool), torch.ones(8), torch.ones(8),
+                     parse_pattern("block16x1"))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_dsnot_refinement_lowers_the_error_of_a_pruned_model(x86, method):
+    model, calib, held_out = _deep_mlp()
+    program = sparsecc.capture(model, calib[0])
+    errors = {}
+    for refine in ("", "{refine=dsnot}"):
+        plan = "plan-uniform{sparsity=0.6,pattern=unstructured,min_inputs=16}"
+        result = _run(program, f"{plan},prune-{method}{refine}", x86, calib)
+        assert result.program.verify() == []
+        errors[refine] = sum(float((result.program.run(*b) - program.run(*b)).norm() / program.run(*b).norm())
+                             for b in held_out)
+    assert errors["{refine=dsnot}"] < 0.97 * errors[""], errors
+    assert result.results[-1][1].counters["refine_swaps"] > 0
+
+
+def test_dsnot_leaves_block_masks_with_a_note(x86):
+    model, calib, _ = _deep_mlp()
+    program = sparsecc.capture(model, calib[0])
+    result = _run(program, "plan-uniform{sparsity=0.5,pattern=block16x1,min_inputs=16},prune-wanda{refine=dsnot}",
+                  x86, calib)
+    res = result.results[-1][1]
+    assert res.counters["refine_swaps"] == 0 and result.program.verify() == []
+    assert any("DSnoT refines unstructured and N:M masks" in d.message for d in res.diagnostics)
+
+
+def test_sparsegpt_with_a_given_mask_keeps_it():
+    weight, x = _correlated_layer()
+    pattern = parse_pattern("unstructured")
+    mask = pattern.mask(weight.abs(), 0.5)
+    result = sparsegpt_prune(weight, x.T.double() @ x.double(), pattern, 0.5, mask=mask)
+    assert torch.equal(result.mask, mask) and torch.equal(result.weight != 0, mask & (result.weight != 0))
+    # reconstruction on magnitude's mask beats magnitude's weights on it
+    assert result.relative_error < 0.9 * _output_error(weight, weight * mask, x)
