@@ -15,6 +15,7 @@ from .api import compile, default_pipeline
 from .artifact import Artifact, load
 from .capture import capture, from_exported, load_program
 from .errors import SparseccError
+from .gradual import GradualPruner
 from .pass_manager import (
     Diagnostic,
     Instrument,
@@ -37,7 +38,7 @@ from .program import Program, SparsityInfo
 __version__ = "0.1.0"
 
 __all__ = [
-    "Artifact", "Diagnostic", "Instrument", "LayerPlan", "NumericsInstrument", "Pass", "PassContext",
+    "Artifact", "Diagnostic", "GradualPruner", "Instrument", "LayerPlan", "NumericsInstrument", "Pass", "PassContext",
     "PassManager", "PassResult", "Plan", "Program", "SnapshotInstrument", "SparseccError", "SparsityInfo",
     "TimingInstrument", "VerifyInstrument", "all_passes", "capture", "compile", "default_pipeline",
     "from_exported", "get_pass", "load", "load_program", "parse_pipeline", "register_pass",
