@@ -7,7 +7,8 @@ of ``tutorial/`` (and of ``howto/``). Every linear inside the decoder layers is 
 embedding and the LM head stay dense (sparsecc's plan rule for vocabulary heads).
 
 Rows: dense, then each method (magnitude, Wanda, SparseGPT; ``METHOD+dsnot`` adds the DSnoT
-refinement) per calibration seed; columns: the
+refinement, ``METHOD/ALLOCATION`` a per-layer allocation: ``/owl``, ``/depth``, ``/search``) per
+calibration seed; columns: the
 configurations (``PATTERN@SPARSITY``; N:M patterns fix their own sparsity). Each cell is the
 perplexity and its ratio to dense. A second table gives each method's pruning time and the peak
 growth of the process's resident memory while it ran.
@@ -95,9 +96,11 @@ def prune(program: Any, method: str, config: Config, calibration: list[tuple[Any
     from sparsecc.pass_manager import PassContext, PassManager
     from sparsecc.targets import get_target
 
-    base, _, refine = method.partition("+")
+    spec, _, allocation = method.partition("/")
+    base, _, refine = spec.partition("+")
     pipeline = (f"plan-uniform{{sparsity={config.sparsity:g},pattern={config.pattern},method={base}}},"
-                f"prune-{base}" + (f"{{refine={refine}}}" if refine else ""))
+                + (f"allocate{{method={allocation}}}," if allocation else "")
+                + f"prune-{base}" + (f"{{refine={refine}}}" if refine else ""))
     ctx = PassContext(get_target("x86"), calibration=calibration, seed=seed, progress=False)
     start = time.perf_counter()
     with PeakMemory() as memory:
@@ -172,7 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm", help=f"comma-separated subset of {sorted(RUNNERS)}")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help="comma-separated; METHOD+dsnot refines the masks with DSnoT")
+                        help="comma-separated METHOD[+dsnot][/owl|/depth|/erk|/search]")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated PATTERN@SPARSITY (N:M alone)")
     parser.add_argument("--seeds", default="0,1", help="calibration seeds (report at least two)")
     parser.add_argument("--samples", type=int, default=32, help="calibration segments per seed")

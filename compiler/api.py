@@ -33,10 +33,11 @@ from .sparsity import FORMAT_ARRAYS, check_sparsity_value
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 REFINEMENTS = ("dsnot",)
+ALLOCATIONS = ("uniform", "owl", "depth", "erk", "search")
 
 
 def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip: str = "",
-                     refine: str | None = None) -> str:
+                     refine: str | None = None, allocation: str | None = None) -> str:
     """The pipeline ``compile`` runs, as a string a build script can reuse or edit."""
     if method not in METHODS:
         raise SparseccError(f"unknown pruning method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -47,9 +48,12 @@ def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip:
         options.append(f"skip={skip}")
     if refine and refine not in REFINEMENTS:
         raise SparseccError(f"unknown mask refinement {refine!r}; choose one of: {', '.join(REFINEMENTS)}")
+    if allocation and allocation not in ALLOCATIONS:
+        raise SparseccError(f"unknown allocation {allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
+    allocate = f"allocate{{method={allocation}}}," if allocation and allocation != "uniform" else ""
     prune = f"prune-{method}" + (f"{{refine={refine}}}" if refine else "")
     # The pruning passes calibrate themselves, layer by layer (see sparsecc.passes.prune).
-    return f"plan-uniform{{{','.join(options)}}},{prune},pack,lower,build"
+    return f"plan-uniform{{{','.join(options)}}},{allocate}{prune},pack,lower,build"
 
 
 def _as_program(model: Any, example_inputs: Sequence[Any] | torch.Tensor | None) -> Program:
@@ -119,6 +123,7 @@ def compile(  # noqa: A001 - the public name users expect
     pattern: str | None = None,
     method: str = "wanda",
     refine: str | None = None,
+    allocation: str | None = None,
     calibration: Sequence[Any] | None = None,
     skip: str = "",
     pipeline: str | None = None,
@@ -130,7 +135,8 @@ def compile(  # noqa: A001 - the public name users expect
     ``model_or_program`` is an ``nn.Module`` (captured with ``example_inputs``), an
     ``ExportedProgram`` or a ``Program``. ``calibration`` is a list of input tuples; without it
     the example inputs are used and a warning says so. ``method`` is ``magnitude``, ``wanda`` or
-    ``sparsegpt``; ``refine="dsnot"`` refines every mask with DSnoT. ``pipeline`` replaces the
+    ``sparsegpt``; ``refine="dsnot"`` refines every mask with DSnoT; ``allocation`` (``owl``,
+    ``depth``, ``erk``, ``search``) gives layers unequal sparsities at the same total. ``pipeline`` replaces the
     default pipeline string. Returns an Artifact whose ``report`` says what happened per layer.
     """
     from sparsecc.targets import get_target
@@ -143,7 +149,7 @@ def compile(  # noqa: A001 - the public name users expect
         warnings.warn("no calibration data given: pruning statistics come from the example inputs "
                       "only; pass calibration=[...] (or --calib) with real samples", stacklevel=2)
     text = pipeline or default_pipeline(sparsity=sparsity, pattern=pattern, method=method, skip=skip,
-                                         refine=refine)
+                                         refine=refine, allocation=allocation)
     manager = PassManager(text)
     timing, snapshots = TimingInstrument(), SnapshotInstrument(pathlib.Path(dump_dir) if dump_dir else None)
     numerics = NumericsInstrument(program.example_inputs)

@@ -12,7 +12,7 @@ import pathlib
 import sys
 from typing import Any
 
-from .api import METHODS, REFINEMENTS
+from .api import ALLOCATIONS, METHODS, REFINEMENTS
 from .errors import SparseccError
 from .sparsity import check_sparsity_value
 
@@ -57,7 +57,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         artifact = compile_model(program, target=args.target, sparsity=args.sparsity, pattern=args.pattern,
-                                 method=args.method, refine=args.refine, calibration=calibration, skip=args.skip or "",
+                                 method=args.method, refine=args.refine, allocation=args.allocation,
+                                 calibration=calibration, skip=args.skip or "",
                                  pipeline=args.pipeline, progress=not args.quiet, dump_dir=args.dump_dir)
     out = artifact.save(args.output)
     print(artifact.report.summary(), end="")
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="magnitude: |W|; wanda: |W| x ||X||; sparsegpt: Hessian-based, updates kept weights")
     p.add_argument("--refine", default=None, choices=list(REFINEMENTS),
                    help="refine every mask without training: dsnot (prune-and-grow toward zero expected error)")
+    p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS),
+                   help="per-layer sparsities at the same total: owl, depth, erk, or search (the best of them "
+                        "on calibration data)")
     p.add_argument("--calib", default=None, help="CALIB.pt: torch.save'd list of input tuples")
     p.add_argument("--skip", default=None, help="layers to keep dense: fnmatch globs separated by ';'")
     p.add_argument("--pipeline", default=None, help="a full pipeline string replacing the default")

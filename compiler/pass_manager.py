@@ -111,6 +111,7 @@ class Pass:
 _PASSES: LazyRegistry[type[Pass]] = LazyRegistry("pass", (
     "sparsecc.passes.calibrate",
     "sparsecc.passes.plan_uniform",
+    "sparsecc.passes.allocate",
     "sparsecc.passes.prune",
     "sparsecc.passes.pack",
     "sparsecc.passes.lower_pass",

@@ -17,7 +17,8 @@ from sparsecc.pass_manager import (
     parse_pipeline,
 )
 
-EXPECTED_PASSES = {"calibrate", "plan-uniform", "prune-magnitude", "prune-wanda", "pack", "lower", "build"}
+EXPECTED_PASSES = {"calibrate", "plan-uniform", "allocate", "prune-magnitude", "prune-wanda", "prune-sparsegpt", "pack",
+                   "lower", "build"}
 
 
 def test_registry_lists_every_pass_with_a_summary():

@@ -1,0 +1,222 @@
+"""allocate: give the planned sparse layers unequal sparsities with the same total weight count.
+
+Uniform sparsity treats every layer alike, but layers differ in how much they can lose. This
+pass rewrites the sparsities of a plan (from ``plan-uniform``, before pruning) so that the
+fraction of zeroed weights over all planned layers stays what was asked, while each layer gets
+its own share. Methods:
+
+* ``owl`` (Yin et al., 2024, outlier-weighted layer-wise sparsity): a layer's outlier ratio is the
+  fraction of its Wanda scores ``|W_ij| ||X_j||`` above ``outlier`` times their mean; groups with
+  more outliers get up to ``lam`` less sparsity, groups with fewer up to ``lam`` more.
+* ``depth``: a linear ramp over the groups in graph order, the first ``lam`` below the target and
+  the last ``lam`` above (early layers feed everything after them).
+* ``erk`` (Evci et al., 2020, Erdos-Renyi-Kernel): density proportional to
+  ``sum(dims) / prod(dims)`` of the weight, the classic allocation for CNNs.
+* ``search`` (in the spirit of NeuroAL, Cunegatti et al., 2024): the candidates uniform, ``owl``
+  and ``depth`` at several strengths are each applied to the model with one-shot Wanda masks (a
+  cheap stand-in for the final method), and the one whose outputs on the first ``search_batches``
+  calibration batches align best with the dense model's (lowest relative L2 error) is kept. The
+  counters report every candidate's alignment, so the choice can be checked.
+
+Groups: layers whose names share a prefix ending in a block index (``layers.3.``) form one group
+and get one sparsity, as in OWL; other layers are their own group. Per-layer sparsities are
+clamped to ``[0, max_sparsity]`` and shifted together until the weight-weighted mean is the target.
+N:M patterns fix their ratio and are left alone, with a diagnostic.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from sparsecc.errors import WeightError
+from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
+from sparsecc.plan import LayerPlan
+from sparsecc.program import Program
+from sparsecc.sparsity import NM, parse_pattern
+
+from .calibrate import calibration_stats
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+METHODS = ("owl", "depth", "erk", "search")
+
+
+def layer_groups(names: list[str]) -> dict[str, list[str]]:
+    """Group names in order: a prefix ending in a block index (``layers.3``), else the name."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        match = _BLOCK.match(name)
+        groups.setdefault(match.group(1) if match else name, []).append(name)
+    return groups
+
+
+def rebalance(raw: dict[str, float], sizes: dict[str, int], target: float, max_sparsity: float) -> dict[str, float]:
+    """``raw`` shifted by one constant (then clamped) so that the size-weighted mean is ``target``."""
+    total = sum(sizes.values())
+
+    def mean(shift: float) -> float:
+        return sum(min(max(raw[n] + shift, 0.0), max_sparsity) * sizes[n] for n in raw) / total
+
+    # from every layer at 0 to every layer at max_sparsity
+    lo, hi = -max(raw.values()), max_sparsity - min(raw.values())
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if mean(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return {n: min(max(raw[n] + hi, 0.0), max_sparsity) for n in raw}
+
+
+def _spread(values: dict[str, float], target: float, lam: float, higher_is_denser: bool) -> dict[str, float]:
+    """Map group values linearly onto [target - lam, target + lam]."""
+    lo, hi = min(values.values()), max(values.values())
+    out = {}
+    for group, v in values.items():
+        unit = 0.5 if hi == lo else (v - lo) / (hi - lo)
+        out[group] = target + lam * (1 - 2 * unit if higher_is_denser else 2 * unit - 1)
+    return out
+
+
+@register_pass
+@dataclass(frozen=True)
+class Allocate(Pass):
+    """Per-layer sparsities with the plan's total: OWL, a depth ramp, ERK, or a searched mix."""
+
+    name = "allocate"
+    summary = "give planned layers unequal sparsities at the same total (owl, depth, erk, search)"
+    numerics = "exact"
+
+    method: str = "search"
+    lam: float = 0.08  # owl / depth: the largest deviation from the target sparsity
+    outlier: float = 5.0  # owl: a score is an outlier above this multiple of the layer's mean
+    max_sparsity: float = 0.95
+    search_batches: int = 4  # search: calibration batches the candidates are compared on
+    strengths: str = "0.04;0.08;0.12"  # search: the lam values tried for owl and depth
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        if self.method not in METHODS:
+            raise WeightError(f"unknown allocation {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if program.plan is None:
+            raise WeightError("allocate needs a plan: run plan-uniform before it")
+        layers = {layer.name: layer for layer in program.layers()}
+        plans = [lp for lp in program.plan.sparse_layers() if lp.name in layers]
+        diagnostics = []
+        fixed = [lp for lp in plans if isinstance(parse_pattern(lp.pattern), NM)]
+        for lp in fixed:
+            diagnostics.append(self.diag("info", f"{lp.pattern} fixes the sparsity; not reallocated", lp.name))
+        free = [lp for lp in plans if lp not in fixed]
+        if len(free) < 2:
+            return PassResult(program, changed=False, counters={"layers_reallocated": 0}, diagnostics=diagnostics)
+        sizes = {lp.name: lp.shape[0] * _prod(lp.shape[1:]) for lp in free}
+        target = sum(lp.sparsity * sizes[lp.name] for lp in free) / sum(sizes.values())
+        counters: dict[str, int | float] = {}
+        if self.method == "search":
+            chosen, counters, note = self._search(program, ctx, free, sizes, target)
+            diagnostics.append(self.diag("info", note))
+        else:
+            chosen = self._candidate(self.method, self.lam, program, ctx, free, sizes, target)
+        plan = program.plan
+        new_layers = dict(plan.layers)
+        for lp in free:
+            new_layers[lp.name] = LayerPlan(lp.name, lp.kind, lp.shape, lp.pattern, round(chosen[lp.name], 6),
+                                            lp.reason)
+        new_plan = type(plan)(target=plan.target, method=plan.method, layers=new_layers)
+        new = Program(program.exported, program.example_inputs, stage=program.stage, plan=new_plan,
+                      sparsity=program.sparsity)
+        values = list(chosen.values())
+        counters.update({"layers_reallocated": len(free), "min_sparsity": round(min(values), 4),
+                         "max_sparsity": round(max(values), 4), "target_sparsity": round(target, 4)})
+        return PassResult(new, changed=True, counters=counters, diagnostics=diagnostics)
+
+    # -- candidate allocations ------------------------------------------------------------------
+
+    def _candidate(self, method: str, lam: float, program: Program, ctx: PassContext, free: list[LayerPlan],
+                   sizes: dict[str, int], target: float) -> dict[str, float]:
+        names = [lp.name for lp in free]
+        if method == "uniform" or lam == 0:
+            return {n: target for n in names}
+        if method == "erk":
+            return self._erk(free, sizes, target)
+        groups = layer_groups(names)
+        if method == "depth":
+            order = {g: float(i) for i, g in enumerate(groups)}
+            per_group = _spread(order, target, lam, higher_is_denser=False)
+        else:  # owl
+            stats = calibration_stats(program, ctx)
+            layers = {layer.name: layer for layer in program.layers()}
+            ratios = {}
+            for group, members in groups.items():
+                outliers = count = 0
+                for name in members:
+                    weight = program.tensor(layers[name].weight).detach()
+                    score = weight.reshape(weight.shape[0], -1).abs() * stats.layers[name].feature_norms[None, :]
+                    outliers += int((score > self.outlier * score.mean()).sum())
+                    count += score.numel()
+                ratios[group] = outliers / count
+            per_group = _spread(ratios, target, lam, higher_is_denser=True)
+        raw = {n: per_group[g] for g, members in groups.items() for n in members}
+        return rebalance(raw, sizes, target, self.max_sparsity)
+
+    def _erk(self, free: list[LayerPlan], sizes: dict[str, int], target: float) -> dict[str, float]:
+        shape_of = {lp.name: lp.shape for lp in free}
+        raw_density = {n: sum(shape_of[n]) / _prod(shape_of[n]) for n in sizes}
+        total = sum(sizes.values())
+        floor = 1.0 - self.max_sparsity
+
+        def density(n: str, eps: float) -> float:
+            return min(1.0, max(floor, eps * raw_density[n]))
+
+        lo, hi = 0.0, 1e9
+        for _ in range(200):
+            eps = (lo + hi) / 2
+            if sum(density(n, eps) * sizes[n] for n in sizes) / total < 1.0 - target:
+                lo = eps
+            else:
+                hi = eps
+        return {n: 1.0 - density(n, hi) for n in sizes}
+
+    def _search(self, program: Program, ctx: PassContext, free: list[LayerPlan], sizes: dict[str, int],
+                target: float) -> tuple[dict[str, float], dict[str, int | float], str]:
+        strengths = [float(v) for v in self.strengths.split(";") if v.strip()]
+        candidates = [("uniform", 0.0)] + [(m, lam) for m in ("owl", "depth") for lam in strengths]
+        batches = ctx.calibration_batches(program)[: max(1, self.search_batches)]
+        stats = calibration_stats(program, ctx)
+        scratch = program.clone()
+        layers = {layer.name: layer for layer in scratch.layers()}
+        dense_weights = {lp.name: scratch.tensor(layers[lp.name].weight).detach().clone() for lp in free}
+        with torch.no_grad():
+            reference = [scratch.run_flat(*b) for b in batches]
+        best, best_error, best_name, counters = None, float("inf"), "", {}
+        for method, lam in candidates:
+            allocation = self._candidate(method, lam, program, ctx, free, sizes, target)
+            with torch.no_grad():
+                for lp in free:
+                    dense = dense_weights[lp.name]
+                    matrix = dense.reshape(dense.shape[0], -1)
+                    score = matrix.abs() * stats.layers[lp.name].feature_norms[None, :]
+                    keep = parse_pattern(lp.pattern).mask(score, allocation[lp.name])
+                    scratch.tensor(layers[lp.name].weight).copy_((matrix * keep).reshape(dense.shape))
+            scratch.invalidate()
+            error = 0.0
+            with torch.no_grad():
+                for batch, ref in zip(batches, reference, strict=True):
+                    out = scratch.run_flat(*batch)
+                    error += sum(float((o - r).norm() / r.norm().clamp_min(1e-30))
+                                 for o, r in zip(out, ref, strict=True))
+            error /= len(batches)
+            counters[f"error_{method}_{lam:g}"] = round(error, 6)
+            if error < best_error:
+                best, best_error, best_name = allocation, error, f"{method} lam={lam:g}"
+        note = (f"search chose {best_name}: output error {best_error:.4g} relative to dense on "
+                f"{len(batches)} calibration batches, with one-shot Wanda masks "
+                f"(uniform: {counters['error_uniform_0']:.4g})")
+        return best, counters, note
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
