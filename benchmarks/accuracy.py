@@ -1,10 +1,20 @@
 """Accuracy of sparsecc's pruning methods on real pretrained models, comparable with the papers'
 relative results.
 
+Models (``--models``, comma-separated):
+
 ``smollm``: SmolLM2-135M perplexity on the Python documentation (``python3.11-doc``):
 calibration on seeded 256-token segments of ``library/``, perplexity over fixed 256-token windows
 of ``tutorial/`` (and of ``howto/``). Every linear inside the decoder layers is pruned; the
 embedding and the LM head stay dense (sparsecc's plan rule for vocabulary heads).
+
+``minilm``: all-MiniLM-L6-v2 sentence embeddings (32 tokens), calibrated on sentences of
+``library/``: mean cosine similarity to the dense embeddings of 72 ``tutorial/`` sentences, and
+the Spearman rank agreement of the pair similarities of the bundled sentence pairs.
+
+``digits``: the digits CNN's held-out accuracy, calibrated on training images; with ``--extra
+gradual`` also the same model fine-tuned for 12 epochs while :class:`sparsecc.GradualPruner`
+prunes it (the row ``gradual``).
 
 Rows: dense, then each method (magnitude, Wanda, SparseGPT; ``METHOD+dsnot`` adds the DSnoT
 refinement, ``METHOD/ALLOCATION`` a per-layer allocation: ``/owl``, ``/depth``, ``/search``) per
@@ -124,50 +134,159 @@ def run_smollm(args: argparse.Namespace) -> list[dict[str, Any]]:
     def score(prog: Any) -> dict[str, float]:
         return {folder: pydocs.perplexity(lambda ids: prog.run(ids), windows) for folder, windows in evaluation.items()}
 
-    rows = [{"model": "smollm", "method": "dense", "seed": None, "config": None, **score(program)}]
-    print(f"  dense: {rows[0]}", flush=True)
-    for seed in args.seeds:
-        calibration = [(s,) for s in pydocs.calibration_segments(tokenizer, args.samples, args.seq, seed=seed)]
-        for method in args.methods:
-            if method == "magnitude" and seed != args.seeds[0]:
-                continue  # magnitude does not read the calibration data
-            for config in args.configs:
-                pruned, cost = prune(program, method, config, calibration, seed)
-                row = {"model": "smollm", "method": method, "seed": seed if method != "magnitude" else None,
-                       "config": config.label, **score(pruned), **cost}
-                rows.append(row)
-                print(f"  {method} seed {seed} {config.label}: tutorial {row['tutorial']:.2f} howto {row['howto']:.2f} "
-                      f"({cost['seconds']:.0f} s, +{cost['peak_mb']:.0f} MB)", flush=True)
+    def calibration(seed: int) -> list[tuple[Any, ...]]:
+        return [(seg,) for seg in pydocs.calibration_segments(tokenizer, args.samples, args.seq, seed=seed)]
+
+    return _one_shot_rows("smollm", program, score, calibration, args)
+
+
+def _sentences(folder: str, count: int, seed: int) -> list[str]:
+    """``count`` prose sentences (40-200 characters, no markup) from the docs ``folder``, seeded."""
+    import random
+    import re
+
+    from sparsecc.zoo import pydocs
+
+    found = []
+    for path in sorted(pydocs.docs_folder(folder).rglob("*.rst.txt")):
+        text = " ".join(line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                        if line.strip() and not line.startswith((" ", "..", ":", "=", "-", "*", "#", ">>>")))
+        found += [s for s in re.split(r"(?<=[.!?])\s+", text) if 40 <= len(s) <= 200 and "`" not in s]
+    return random.Random(seed).sample(found, count)
+
+
+def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import sparsecc
+    from sparsecc.zoo import minilm
+
+    embedder, tokenizer = minilm.load_minilm_embedder()
+    length = 32
+    pairs = minilm.encode(tokenizer, minilm.SENTENCES, length=length)
+    step = len(minilm.SENTENCES)  # the exported program's static batch
+    prose_text = _sentences("tutorial", 3 * step, 0)
+    prose = [minilm.encode(tokenizer, prose_text[i:i + step], length=length) for i in range(0, 3 * step, step)]
+    program = sparsecc.capture(embedder, pairs)
+
+    def embed(prog: Any) -> Any:
+        import torch
+
+        return torch.cat([prog.run(*batch) for batch in prose])
+
+    with_dense = {"pairs": program.run(*pairs), "prose": embed(program)}
+    print(f"minilm: calibration {args.samples} x {len(minilm.SENTENCES)} sentences of library/ per seed; "
+          f"cosine to dense over {3 * step} tutorial/ sentences, rank agreement over "
+          f"{len(minilm.SENTENCE_PAIRS)} pairs",
+          flush=True)
+
+    def score(prog: Any) -> dict[str, float]:
+        emb = embed(prog)
+        pair_emb = prog.run(*pairs)
+        return {"cosine": minilm.cosine_to_reference(emb, with_dense["prose"]),
+                "rank": minilm.rank_correlation(minilm.pair_similarities(pair_emb),
+                                                minilm.pair_similarities(with_dense["pairs"]))}
+
+    def calibration(seed: int) -> list[tuple[Any, ...]]:
+        sentences = _sentences("library", args.samples * step, seed)
+        return [minilm.encode(tokenizer, sentences[i:i + step], length=length) for i in range(0, len(sentences), step)]
+
+    return _one_shot_rows("minilm", program, score, calibration, args)
+
+
+def run_digits(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import copy
+
+    import sparsecc
+    from sparsecc.zoo import accuracy, train_digits_cnn
+    from sparsecc.zoo.digits import finetune_gradual
+
+    model, data = train_digits_cnn(seed=0)
+    batch = 64
+    program = sparsecc.capture(model, (data.test_images[:batch],))
+    print(f"digits: held-out accuracy over {data.test_images.shape[0]} images; calibration "
+          f"{args.samples} x {batch} training images per seed; gradual: 12 epochs of fine-tuning", flush=True)
+
+    def score(prog: Any) -> dict[str, float]:
+        return {"accuracy": accuracy(lambda x: prog.run(x), data.test_images, data.test_labels, batch_size=batch)}
+
+    def calibration(seed: int) -> list[tuple[Any, ...]]:
+        order = torch_randperm(data.train_images.shape[0], seed)
+        return [(data.train_images[order[i * batch:(i + 1) * batch]],) for i in range(args.samples)]
+
+    rows = _one_shot_rows("digits", program, score, calibration, args)
+    if "gradual" in args.extra:
+        for config in args.configs:
+            if ":" in config.pattern:
+                continue
+            tuned = copy.deepcopy(model)
+            start = time.perf_counter()
+            finetune_gradual(tuned, data, config.sparsity, pattern=config.pattern)
+            row = {"model": "digits", "method": "gradual", "seed": 0, "config": config.label,
+                   "accuracy": accuracy(tuned, data.test_images, data.test_labels),
+                   "seconds": time.perf_counter() - start, "peak_mb": float("nan")}
+            rows.append(row)
+            print(f"  gradual {config.label}: accuracy {row['accuracy']:.4f}", flush=True)
     return rows
 
 
-RUNNERS = {"smollm": run_smollm}
+def torch_randperm(n: int, seed: int) -> Any:
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _one_shot_rows(model: str, program: Any, score: Any, calibration: Any, args: argparse.Namespace) -> list[dict]:
+    """Dense, then every method x configuration x seed (magnitude once: it reads no data)."""
+    rows = [{"model": model, "method": "dense", "seed": None, "config": None, **score(program)}]
+    print(f"  dense: {rows[0]}", flush=True)
+    for seed in args.seeds:
+        batches = calibration(seed)
+        for method in args.methods:
+            if method == "magnitude" and seed != args.seeds[0]:
+                continue
+            for config in args.configs:
+                pruned, cost = prune(program, method, config, batches, seed)
+                row = {"model": model, "method": method, "seed": seed if method != "magnitude" else None,
+                       "config": config.label, **score(pruned), **cost}
+                rows.append(row)
+                shown = ", ".join(f"{k} {row[k]:.4g}" for k in METRICS[model])
+                print(f"  {method} seed {seed} {config.label}: {shown} ({cost['seconds']:.0f} s, "
+                      f"+{cost['peak_mb']:.0f} MB)", flush=True)
+    return rows
+
+
+RUNNERS = {"smollm": run_smollm, "minilm": run_minilm, "digits": run_digits}
+#: per model: the metrics reported, and whether they are perplexities (shown with a ratio to dense)
+METRICS = {"smollm": {"tutorial": True, "howto": True}, "minilm": {"cosine": False, "rank": False},
+           "digits": {"accuracy": False}}
+
+
+def _cell(rows: list[dict[str, Any]], method: str, seed: Any, label: str, fmt: Any) -> str:
+    hit = [r for r in rows if (r["method"], r["seed"], r["config"]) == (method, seed, label)]
+    return fmt(hit[0]) if hit else ""
+
+
+def _table(rows: list[dict[str, Any]], keys: list[tuple[str, Any]], labels: list[str], fmt: Any) -> None:
+    print("| method | seed | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
+    for method, seed in keys:
+        cells = [_cell(rows, method, seed, label, fmt) for label in labels]
+        print(f"| {method} | {'' if seed is None else seed} | " + " | ".join(cells) + " |")
 
 
 def print_tables(rows: list[dict[str, Any]], configs: list[Config]) -> None:
+    labels = [c.label for c in configs]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         dense = next(r for r in mine if r["method"] == "dense")
-        for folder in ("tutorial", "howto"):
-            print(f"\n{model}: perplexity on {folder}/ (ratio to dense); dense {dense[folder]:.2f}")
-            print("| method | seed | " + " | ".join(c.label for c in configs) + " |")
-            print("|---|---|" + "---|" * len(configs))
-            keys = dict.fromkeys((r["method"], r["seed"]) for r in mine if r["method"] != "dense")
-            for method, seed in keys:
-                cells = []
-                for c in configs:
-                    hit = [r for r in mine if (r["method"], r["seed"], r["config"]) == (method, seed, c.label)]
-                    cells.append(f"{hit[0][folder]:.1f} ({hit[0][folder] / dense[folder]:.2f}x)" if hit else "")
-                print(f"| {method} | {'' if seed is None else seed} | " + " | ".join(cells) + " |")
+        keys = list(dict.fromkeys((r["method"], r["seed"]) for r in mine if r["method"] != "dense"))
+        for metric, is_perplexity in METRICS[model].items():
+            print(f"\n{model}: {metric}{' (ratio to dense)' if is_perplexity else ''}; dense {dense[metric]:.4g}")
+            if is_perplexity:
+                _table(mine, keys, labels, lambda r, m=metric, d=dense[metric]: f"{r[m]:.1f} ({r[m] / d:.2f}x)")
+            else:
+                _table(mine, keys, labels, lambda r, m=metric: f"{r[m]:.4f}")
         print(f"\n{model}: pruning time (s) and peak resident-memory growth (MB)")
-        print("| method | seed | " + " | ".join(c.label for c in configs) + " |")
-        print("|---|---|" + "---|" * len(configs))
-        for method, seed in dict.fromkeys((r["method"], r["seed"]) for r in mine if r["method"] != "dense"):
-            cells = []
-            for c in configs:
-                hit = [r for r in mine if (r["method"], r["seed"], r["config"]) == (method, seed, c.label)]
-                cells.append(f"{hit[0]['seconds']:.0f} s, {hit[0]['peak_mb']:.0f} MB" if hit else "")
-            print(f"| {method} | {'' if seed is None else seed} | " + " | ".join(cells) + " |")
+        _table(mine, keys, labels, lambda r: f"{r['seconds']:.0f} s, {r['peak_mb']:.0f} MB")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -182,6 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=256, help="tokens per segment and per window")
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of tutorial/ (howto/: half)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--extra", default="gradual", help="digits: also fine-tune with gradual pruning ('' to skip)")
     parser.add_argument("--out", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]

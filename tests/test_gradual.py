@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import sparsecc
 import torch
-import torch.nn.functional as F
 from sparsecc.errors import SparseccError
 from sparsecc.gradual import GradualPruner, cubic_sparsity, prunable_layers
 from sparsecc.sparsity import parse_pattern
 from sparsecc.zoo import accuracy, train_digits_cnn
+from sparsecc.zoo.digits import finetune_gradual
 
 
 def test_cubic_schedule_ramps_fast_then_slow():
@@ -72,31 +72,7 @@ def test_bad_requests_are_refused():
 def test_digits_cnn_pruned_to_90_percent_while_training_stays_within_a_point():
     model, data = train_digits_cnn(seed=0)
     dense = accuracy(model, data.test_images, data.test_labels)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic float sums
-    try:
-        torch.manual_seed(0)
-        epochs, batch = 12, 64
-        n = data.train_images.shape[0]
-        total = epochs * ((n + batch - 1) // batch)
-        pruner = GradualPruner(model, 0.9, end_step=int(total * 0.6), frequency=10)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-        generator = torch.Generator().manual_seed(0)
-        model.train()
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            for i in range(0, n, batch):
-                idx = order[i:i + batch]
-                optimizer.zero_grad()
-                loss = F.cross_entropy(model(data.train_images[idx]), data.train_labels[idx], label_smoothing=0.1)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                pruner.step()
-        model.eval()
-    finally:
-        torch.set_num_threads(previous)
+    pruner = finetune_gradual(model, data, 0.9)
     assert list(pruner.layers) == ["pointwise", "fc1", "fc2"]
     assert all(sp >= 0.9 for sp in pruner.sparsities().values())
     pruned = accuracy(model, data.test_images, data.test_labels)
