@@ -171,6 +171,26 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _epoch(model: nn.Module, data: DigitsData, optimizer: Any, scheduler: Any, generator: torch.Generator,
+           batch: int, after_step: Callable[[], None] | None = None) -> float:
+    """One epoch over the training images in a seeded order (label-smoothed cross-entropy);
+    ``after_step`` runs after every optimizer and scheduler step. Returns the summed loss."""
+    n = data.train_images.shape[0]
+    order = torch.randperm(n, generator=generator)
+    total = 0.0
+    for i in range(0, n, batch):
+        idx = order[i : i + batch]
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(data.train_images[idx]), data.train_labels[idx], label_smoothing=0.1)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if after_step is not None:
+            after_step()
+        total += loss.item() * idx.numel()
+    return total
+
+
 def train_digits_cnn(
     seed: int = 0,
     epochs: int = DEFAULT_EPOCHS,
@@ -212,16 +232,7 @@ def train_digits_cnn(
         generator = torch.Generator().manual_seed(seed)
         model.train()
         for epoch in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            total = 0.0
-            for i in range(0, n, batch):
-                idx = order[i : i + batch]
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(data.train_images[idx]), data.train_labels[idx], label_smoothing=0.1)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.item() * idx.numel()
+            total = _epoch(model, data, optimizer, scheduler, generator, batch)
             if verbose:
                 print(f"epoch {epoch + 1:2d}/{epochs}  loss {total / n:.4f}")
         model.eval()
@@ -251,15 +262,7 @@ def finetune_gradual(model: DigitsCNN, data: DigitsData, sparsity: float, *, pat
         generator = torch.Generator().manual_seed(seed)
         model.train()
         for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            for i in range(0, n, batch):
-                idx = order[i:i + batch]
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(data.train_images[idx]), data.train_labels[idx], label_smoothing=0.1)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                pruner.step()
+            _epoch(model, data, optimizer, schedule, generator, batch, after_step=pruner.step)
         model.eval()
     return pruner
 
