@@ -39,6 +39,13 @@ def _as_input_tuple(value: Any, what: str) -> tuple[Any, ...]:
     raise SparseccError(f"{what} must hold a tensor or a tuple of tensors")
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise SparseccError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import warnings
 
@@ -52,6 +59,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if not isinstance(raw, (list, tuple)) or not raw:
             raise SparseccError(f"calibration file {args.calib} must hold a non-empty list of input tuples")
         calibration = [_as_input_tuple(b, f"calibration batch {i}") for i, b in enumerate(raw)]
+    elif args.calib_text:
+        from .calibration_data import text_batches
+
+        if not args.tokenizer:
+            raise SparseccError("--calib-text needs --tokenizer TOKENIZER.json (the model's Hugging Face tokenizer)")
+        calibration = text_batches(args.calib_text, args.tokenizer, program.example_inputs,
+                                   count=args.calib_batches or 32)
+    elif args.calib_images:
+        from .calibration_data import image_batches
+
+        calibration = image_batches(args.calib_images, program.example_inputs, mean=_floats(args.image_mean),
+                                    std=_floats(args.image_std), count=args.calib_batches or None)
     else:
         print("warning: no --calib given; calibrating on the model's example inputs only", file=sys.stderr)
     with warnings.catch_warnings():
@@ -201,7 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS),
                    help="per-layer sparsities at the same total: owl, depth, erk, or search (the best of them "
                         "on calibration data)")
-    p.add_argument("--calib", default=None, help="CALIB.pt: torch.save'd list of input tuples")
+    calib = p.add_mutually_exclusive_group()
+    calib.add_argument("--calib", default=None, help="CALIB.pt: torch.save'd list of input tuples")
+    calib.add_argument("--calib-text", nargs="+", default=None, metavar="PATH",
+                       help="text files or folders (.txt/.rst/.md) for a language model; needs --tokenizer")
+    calib.add_argument("--calib-images", nargs="+", default=None, metavar="PATH",
+                       help="image files or folders for an image model (resized to the example input)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json for --calib-text")
+    p.add_argument("--calib-batches", type=int, default=0,
+                   help="batches to draw (text: default 32; images: default all)")
+    p.add_argument("--image-mean", default="0.485,0.456,0.406", help="per-channel mean for --calib-images")
+    p.add_argument("--image-std", default="0.229,0.224,0.225", help="per-channel std for --calib-images")
     p.add_argument("--skip", default=None, help="layers to keep dense: fnmatch globs separated by ';'")
     p.add_argument("--pipeline", default=None, help="a full pipeline string replacing the default")
     p.add_argument("--dump-dir", default=None, help="write numbered before/after dumps of every pass here")

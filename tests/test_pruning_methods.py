@@ -280,4 +280,3 @@ def test_sparsegpt_with_a_given_mask_keeps_it():
     assert torch.equal(result.mask, mask) and torch.equal(result.weight != 0, mask & (result.weight != 0))
     # reconstruction on magnitude's mask beats magnitude's weights on it
     assert result.relative_error < 0.9 * _output_error(weight, weight * mask, x)
-
