@@ -16,6 +16,11 @@ the Spearman rank agreement of the pair similarities of the bundled sentence pai
 gradual`` also the same model fine-tuned for 12 epochs while :class:`sparsecc.GradualPruner`
 prunes it (the row ``gradual``).
 
+``mobilenet``: MobileNetV2 (torchvision's ImageNet weights), calibrated on seeded augmented crops
+of scikit-learn's two photos: top-1 and top-5 agreement and KL divergence with the dense model
+over 256 other crops. Its pointwise convolutions and classifier are pruned; the 3x3 and
+depthwise convolutions stay dense (the x86 plan's rule).
+
 Rows: dense, then each method (magnitude, Wanda, SparseGPT; ``METHOD+dsnot`` adds the DSnoT
 refinement, ``METHOD/ALLOCATION`` a per-layer allocation: ``/owl``, ``/depth``, ``/search``) per
 calibration seed; columns: the
@@ -254,10 +259,36 @@ def _one_shot_rows(model: str, program: Any, score: Any, calibration: Any, args:
     return rows
 
 
-RUNNERS = {"smollm": run_smollm, "minilm": run_minilm, "digits": run_digits}
+def run_mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import sparsecc
+    import torch
+    from sparsecc.zoo import mobilenet
+
+    model = mobilenet.load_mobilenet_v2()
+    batch = 32
+    evaluation = mobilenet.augmented_crops(8 * batch, seed=1000)
+    program = sparsecc.capture(model, (evaluation[:batch],))
+    with torch.no_grad():
+        reference = torch.cat([program.run(evaluation[i:i + batch]) for i in range(0, len(evaluation), batch)])
+    print(f"mobilenet: calibration {args.samples} x {batch} augmented crops per seed; agreement with dense over "
+          f"{len(evaluation)} other crops of scikit-learn's photos", flush=True)
+
+    def score(prog: Any) -> dict[str, float]:
+        with torch.no_grad():
+            logits = torch.cat([prog.run(evaluation[i:i + batch]) for i in range(0, len(evaluation), batch)])
+        return mobilenet.agreement(logits, reference)
+
+    def calibration(seed: int) -> list[tuple[Any, ...]]:
+        crops = mobilenet.augmented_crops(args.samples * batch, seed=seed)
+        return [(crops[i:i + batch],) for i in range(0, len(crops), batch)]
+
+    return _one_shot_rows("mobilenet", program, score, calibration, args)
+
+
+RUNNERS = {"smollm": run_smollm, "minilm": run_minilm, "digits": run_digits, "mobilenet": run_mobilenet}
 #: per model: the metrics reported, and whether they are perplexities (shown with a ratio to dense)
 METRICS = {"smollm": {"tutorial": True, "howto": True}, "minilm": {"cosine": False, "rank": False},
-           "digits": {"accuracy": False}}
+           "digits": {"accuracy": False}, "mobilenet": {"top1": False, "top5": False, "kl": False}}
 
 
 def _cell(rows: list[dict[str, Any]], method: str, seed: Any, label: str, fmt: Any) -> str:

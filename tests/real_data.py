@@ -36,3 +36,16 @@ def docs_or_skip():
             pytest.fail(f"CI must run the real-text pruning checks: {exc}")
         pytest.skip(str(exc))
     return pydocs
+
+
+def mobilenet_or_skip():
+    """The ``sparsecc.zoo.mobilenet`` module, once the pretrained weights are known present."""
+    from sparsecc.zoo import mobilenet
+
+    try:
+        mobilenet.weights_path()
+    except mobilenet.MobileNetError as exc:
+        if IN_CI:
+            pytest.fail(f"CI must run the MobileNetV2 checks: {exc}")
+        pytest.skip(str(exc))
+    return mobilenet

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from real_data import smollm_or_skip
+from real_data import mobilenet_or_skip, smollm_or_skip
 from sparsecc.zoo import (
     DigitsCNN,
     accuracy,
@@ -222,3 +222,27 @@ def test_smollm_is_the_real_model_and_exports_identically():
     exported = torch.export.export(model, (example,), strict=False)
     with torch.no_grad():
         assert torch.equal(exported.module()(example), model(example))
+
+
+@pytest.mark.models
+def test_mobilenet_v2_is_the_real_pretrained_model():
+    mobilenet = mobilenet_or_skip()
+    model = mobilenet.load_mobilenet_v2()
+    assert sum(p.numel() for p in model.parameters()) == 3_504_872  # torchvision's count
+    photos = mobilenet.photos()
+    mean = torch.tensor(mobilenet.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(mobilenet.IMAGENET_STD)[:, None, None]
+    whole = torch.stack([(torch.nn.functional.interpolate(p[None], size=(224, 224), mode="bilinear")[0] - mean) / std
+                         for p in photos])
+    with torch.no_grad():
+        logits = model(whole)
+    # scikit-learn's first photo is a Chinese temple: ImageNet class 698 is "palace"
+    assert int(logits[0].argmax()) == 698 and float(logits[0].softmax(-1).max()) > 0.3
+    crops = mobilenet.augmented_crops(6, seed=1)
+    assert crops.shape == (6, 3, 224, 224) and torch.equal(crops, mobilenet.augmented_crops(6, seed=1))
+    with torch.no_grad():
+        dense = model(crops)
+    same = mobilenet.agreement(dense, dense)
+    assert same["top1"] == same["top5"] == 1.0 and abs(same["kl"]) < 1e-6
+    noisy = mobilenet.agreement(dense + 3 * torch.randn_like(dense), dense)
+    assert noisy["kl"] > 0.01 and noisy["top5"] >= noisy["top1"]
