@@ -121,7 +121,9 @@ def prune(program: Any, method: str, config: Config, calibration: list[tuple[Any
     with PeakMemory() as memory:
         result = PassManager(pipeline).run(program, ctx)
     counters = result.results[-1][1].counters
-    return result.program, {"seconds": time.perf_counter() - start, "peak_mb": memory.growth_mb, **counters}
+    notes = [d.message for _, res in result.results for d in res.diagnostics if "search chose" in d.message]
+    extra = {"allocation_choice": notes[0]} if notes else {}
+    return result.program, {"seconds": time.perf_counter() - start, "peak_mb": memory.growth_mb, **counters, **extra}
 
 
 def run_smollm(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -254,6 +256,8 @@ def _one_shot_rows(model: str, program: Any, score: Any, calibration: Any, args:
                        "config": config.label, **score(pruned), **cost}
                 rows.append(row)
                 shown = ", ".join(f"{k} {row[k]:.4g}" for k in METRICS[model])
+                if "allocation_choice" in row:
+                    shown += f"; {row['allocation_choice']}"
                 print(f"  {method} seed {seed} {config.label}: {shown} ({cost['seconds']:.0f} s, "
                       f"+{cost['peak_mb']:.0f} MB)", flush=True)
     return rows
