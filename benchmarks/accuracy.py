@@ -94,6 +94,10 @@ class Config:
         from sparsecc.sparsity import NM, parse_pattern
 
         pattern, _, sparsity = text.partition("@")
+        if pattern == "channel":
+            if not sparsity:
+                raise SystemExit("channel pruning needs the fraction of channels removed: channel@0.3")
+            return cls("channel", float(sparsity))
         parsed = parse_pattern(pattern)
         if isinstance(parsed, NM):
             return cls(parsed.name, parsed.sparsity)
@@ -113,9 +117,14 @@ def prune(program: Any, method: str, config: Config, calibration: list[tuple[Any
 
     spec, _, allocation = method.partition("/")
     base, _, refine = spec.partition("+")
-    pipeline = (f"plan-uniform{{sparsity={config.sparsity:g},pattern={config.pattern},method={base}}},"
-                + (f"allocate{{method={allocation}}}," if allocation else "")
-                + f"prune-{base}" + (f"{{refine={refine}}}" if refine else ""))
+    if config.pattern == "channel":
+        # structured: magnitude ranks channels by weight norm, the calibration methods by Taylor
+        importance = "l2" if base == "magnitude" else "taylor"
+        pipeline = f"prune-channels{{sparsity={config.sparsity:g},importance={importance}}}"
+    else:
+        pipeline = (f"plan-uniform{{sparsity={config.sparsity:g},pattern={config.pattern},method={base}}},"
+                    + (f"allocate{{method={allocation}}}," if allocation else "")
+                    + f"prune-{base}" + (f"{{refine={refine}}}" if refine else ""))
     ctx = PassContext(get_target("x86"), calibration=calibration, seed=seed, progress=False)
     start = time.perf_counter()
     with PeakMemory() as memory:

@@ -50,6 +50,14 @@ def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip:
         raise SparseccError(f"unknown mask refinement {refine!r}; choose one of: {', '.join(REFINEMENTS)}")
     if allocation and allocation not in ALLOCATIONS:
         raise SparseccError(f"unknown allocation {allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
+    if pattern == "channel" and (refine or (allocation and allocation != "uniform")):
+        raise SparseccError("refine and allocation choose weights inside layers; channel pruning removes whole "
+                            "channels: drop --refine/--allocation or use an unstructured, block or N:M pattern")
+    if pattern == "channel":
+        # structured: channels are removed and the smaller layers run on dense kernels
+        importance = "l2" if method == "magnitude" else "taylor"
+        channel_options = [f"sparsity={sparsity:g}", f"importance={importance}"] + ([f"skip={skip}"] if skip else [])
+        return f"prune-channels{{{','.join(channel_options)}}},pack,lower,build"
     allocate = f"allocate{{method={allocation}}}," if allocation and allocation != "uniform" else ""
     prune = f"prune-{method}" + (f"{{refine={refine}}}" if refine else "")
     # The pruning passes calibrate themselves, layer by layer (see sparsecc.passes.prune).

@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="MODEL.pt2 written by torch.export.save")
     p.add_argument("--target", default="x86")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights set to zero, in [0, 1)")
-    p.add_argument("--pattern", default=None, help="unstructured | blockRxC (e.g. block16x1) | N:M (e.g. 2:4)")
+    p.add_argument("--pattern", default=None,
+                   help="unstructured | blockRxC (e.g. block16x1) | N:M (e.g. 2:4) | channel (structured: remove "
+                        "whole channels; --sparsity is then the fraction of prunable channels removed)")
     p.add_argument("--method", default="wanda", choices=list(METHODS),
                    help="magnitude: |W|; wanda: |W| x ||X||; sparsegpt: Hessian-based, updates kept weights")
     p.add_argument("--refine", default=None, choices=list(REFINEMENTS),

@@ -113,6 +113,7 @@ _PASSES: LazyRegistry[type[Pass]] = LazyRegistry("pass", (
     "sparsecc.passes.plan_uniform",
     "sparsecc.passes.allocate",
     "sparsecc.passes.prune",
+    "sparsecc.passes.channels",
     "sparsecc.passes.pack",
     "sparsecc.passes.lower_pass",
 ), PipelineError, "sparsecc passes")
