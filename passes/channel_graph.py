@@ -114,6 +114,7 @@ class ChannelGraph:
         targets = program.placeholder_targets()
         user_inputs = set(program.exported.graph_signature.user_inputs)
         self._fqn = targets
+        self.placeholder_fqns = targets  # placeholder name -> parameter / buffer / constant FQN
         for node in program.graph.nodes:
             shape = _shape(node)
             if shape is not None:
@@ -164,6 +165,21 @@ class ChannelGraph:
         self.graph.add_edge(axis_a, axis_b)
         self.graph.edges[axis_a, axis_b].setdefault("maps", []).append(
             {axis_a: off_a, axis_b: off_b, "length": length})
+
+    def link_blocks(self, coarse: torch.fx.Node, dc: int, fine: torch.fx.Node, df: int, block: int) -> None:
+        """Element ``i`` of axis (coarse, dc) is elements ``i*block .. i*block+block-1`` of (fine, df):
+        a head and the channels of its head dim, a channel and its flattened pixels."""
+        axis_c, axis_f = self._axis(coarse, dc), self._axis(fine, df)
+        if axis_c is None or axis_f is None:
+            return
+        if self.shapes[coarse.name][axis_c[1]] * block != self.shapes[fine.name][axis_f[1]]:
+            self.pin(axis_c, f"{coarse.name} and {fine.name} disagree on the size of a shared axis")
+            self.pin(axis_f, f"{coarse.name} and {fine.name} disagree on the size of a shared axis")
+            return
+        self.offset_edges += 1
+        self.graph.add_edge(axis_c, axis_f)
+        self.graph.edges[axis_c, axis_f].setdefault("maps", []).append(
+            {"coarse": axis_c, "fine": axis_f, "block": block})
 
     def pin(self, axis: Axis | None, reason: str) -> None:
         if axis is not None:
@@ -318,10 +334,20 @@ class ChannelGraph:
         if len(wide) == 1:
             self.link(x, wide[0], out, out_dim)
         elif len(wide) > 1:
-            reason = f"{op} {out.name} merges this axis with others"
-            for d in wide:
-                self.pin((x.name, d), reason)
-            self.pin((out.name, out_dim), reason)
+            self._blocks(x, wide, out, out_dim, f"{op} {out.name}")
+
+    def _blocks(self, many: torch.fx.Node, dims: list[int], one: torch.fx.Node, one_dim: int, where: str) -> None:
+        """``dims`` of ``many`` and ``one_dim`` of ``one`` hold the same elements in row-major order
+        (a split into heads, or a merge): the outermost dim moves in blocks of the inner ones, which
+        themselves stay whole (pinned), as removing one element of an inner dim would cut a strided
+        set of channels."""
+        shape = self.shapes[many.name]
+        block = 1
+        for d in dims[1:]:
+            block *= shape[d]
+        self.link_blocks(many, dims[0], one, one_dim, block)
+        for d in dims[1:]:
+            self.pin((many.name, d), f"{where} nests this axis inside another (e.g. the head dim); it stays whole")
 
     def _rule_view(self, node: torch.fx.Node) -> None:
         x = node.args[0]
@@ -344,6 +370,10 @@ class ChannelGraph:
             wide_b = [d for d in gj if d < len(b) and b[d] != 1]
             if len(wide_a) == 1 and len(wide_b) == 1:
                 self.link(x, wide_a[0], node, wide_b[0])
+            elif len(wide_a) == 1 and len(wide_b) > 1:
+                self._blocks(node, wide_b, x, wide_a[0], f"reshape {node.name}")
+            elif len(wide_b) == 1 and len(wide_a) > 1:
+                self._blocks(x, wide_a, node, wide_b[0], f"reshape {node.name}")
             else:
                 reason = f"reshape {node.name} splits or merges this axis (e.g. into attention heads)"
                 for d in wide_a:
@@ -354,6 +384,36 @@ class ChannelGraph:
 
     _rule_reshape = _rule_view
     _rule__unsafe_view = _rule_view
+
+    def _rule_matmul(self, node: torch.fx.Node) -> None:
+        a, b = node.args[0], node.args[1]
+        sa, sb, so = self.shapes[a.name], self.shapes[b.name], self.shapes[node.name]
+        if len(sa) < 2 or len(sb) < 2:
+            self._unknown(node, "matmul")
+            return
+        # batch dims broadcast from the right; (.., T, K) @ (.., K, S) -> (.., T, S)
+        for tensor, shape in ((a, sa), (b, sb)):
+            for i in range(3, len(shape) + 1):
+                if shape[-i] != 1 and shape[-i] == so[-i]:
+                    self.link(tensor, len(shape) - i, node, len(so) - i)
+        self.link(a, -2, node, -2)
+        self.link(b, -1, node, -1)
+        self.link(a, -1, b, -2)  # the contraction: an element removed from both changes nothing else
+
+    _rule_bmm = _rule_matmul
+
+    def _rule_repeat_interleave(self, node: torch.fx.Node) -> None:
+        x = node.args[0]
+        repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if not isinstance(repeats, int) or dim is None:
+            self._unknown(node, "repeat_interleave")
+            return
+        rank = len(self.shapes[x.name])
+        dim %= rank
+        self._same_dims(x, node, skip={dim})
+        # grouped-query attention: key/value head j serves query heads j*r .. j*r+r-1
+        self.link_blocks(x, dim, node, dim, repeats)
 
     def _rule_permute(self, node: torch.fx.Node) -> None:
         for out, src in enumerate(node.args[1]):
@@ -469,6 +529,15 @@ class ChannelGraph:
 
         for u, v, data in self.graph.subgraph(group.axes).edges(data=True):
             for m in data["maps"]:
+                if "block" in m:
+                    coarse, fine, block = m["coarse"], m["fine"], m["block"]
+                    for i in range(sizes[coarse]):
+                        root = find((coarse, i))
+                        for j in range(i * block, (i + 1) * block):
+                            other = find((fine, j))
+                            if other != root:
+                                parent[other] = root
+                    continue
                 for i in range(m["length"]):
                     ru, rv = find((u, m[u] + i)), find((v, m[v] + i))
                     if ru != rv:

@@ -407,6 +407,13 @@ class PruneChannels(Pass):
     def _rewrite_shapes(module: torch.fx.GraphModule, channel_graph: ChannelGraph,
                         removed: dict[Axis, list[int]]) -> None:
         """Shape arguments that name a channel count (reshape sizes, split sizes, slice bounds)."""
+        # the module reads parameters and buffers through get_attr nodes named unlike the
+        # exported program's placeholders: map them back by their FQN
+        placeholder = {fqn: name for name, fqn in channel_graph.placeholder_fqns.items()}
+
+        def name_of(arg: torch.fx.Node) -> str:
+            return placeholder.get(arg.target, arg.name) if arg.op == "get_attr" else arg.name
+
         for node in module.graph.nodes:
             if node.op != "call_function":
                 continue
@@ -425,14 +432,16 @@ class PruneChannels(Pass):
                     node.args = (*node.args[:6], int(node.args[6]) - cut, *node.args[7:])
             elif op in ("split", "split_with_sizes"):
                 x = node.args[0]
+                if name_of(x) not in channel_graph.shapes:
+                    continue
                 dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
-                rank = len(channel_graph.shapes[x.name])
+                rank = len(channel_graph.shapes[name_of(x)])
                 dim %= rank
-                drop = set(removed.get((x.name, dim), []))
+                drop = set(removed.get((name_of(x), dim), []))
                 if not drop:
                     continue
                 chunk = node.args[1]
-                total = channel_graph.shapes[x.name][dim]
+                total = channel_graph.shapes[name_of(x)][dim]
                 old = list(chunk) if isinstance(chunk, (list, tuple)) else [
                     min(chunk, total - s) for s in range(0, total, chunk)]
                 new, start = [], 0
@@ -443,12 +452,14 @@ class PruneChannels(Pass):
                 node.args = (x, new, dim)
             elif op == "slice":
                 x = node.args[0]
-                rank = len(channel_graph.shapes[x.name])
+                if name_of(x) not in channel_graph.shapes:
+                    continue
+                rank = len(channel_graph.shapes[name_of(x)])
                 dim = node.args[1] % rank
-                drop = set(removed.get((x.name, dim), []))
+                drop = set(removed.get((name_of(x), dim), []))
                 if not drop:
                     continue
-                size = channel_graph.shapes[x.name][dim]
+                size = channel_graph.shapes[name_of(x)][dim]
                 start = node.args[2] if node.args[2] is not None else 0
                 start = max(0, min(size, start + size if start < 0 else start))
                 length = channel_graph.shapes[node.name][dim]

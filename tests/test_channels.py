@@ -18,7 +18,7 @@ from sparsecc.passes.channels import PruneChannels
 class _Coupled(torch.nn.Module):
     """Every coupling kind the analysis knows: a residual add, batch norm, a depthwise conv, a
     concat and a split along channels, pooling and flatten into a linear, and two pinned ones (a
-    layer norm over channels and a reshape into heads)."""
+    layer norm over channels and a sum over heads)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,7 +70,7 @@ def test_channel_groups_of_every_coupling_kind(golden):
     assert "[project, stem] -> [expand, left, right]: 16 channels" in text
     assert "[merge] -> [split_a, split_b]: 24 channels" in text
     assert "[head] -> [heads]: pinned: layer norm" in text
-    assert "[heads] -> []: pinned: reshape" in text
+    assert "[heads] -> []: pinned: sum" in text  # the sum over heads
 
 
 def _run(pass_, program, calibration, x86):
@@ -178,6 +178,58 @@ def test_global_scope_spends_the_same_budget_unevenly(x86):
     assert result.counters["channels_removed"] == round(0.25 * result.counters["channels_total"])
 
 
+class _Attention(torch.nn.Module):
+    """A pre-norm block with grouped-query attention (4 query heads over 2 key/value heads, head
+    dim 8, a rotary-style slice-and-cat on the head dim) and a gated MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(32)
+        self.q = torch.nn.Linear(32, 32)
+        self.k = torch.nn.Linear(32, 16)
+        self.v = torch.nn.Linear(32, 16)
+        self.o = torch.nn.Linear(32, 32)
+        self.gate = torch.nn.Linear(32, 48)
+        self.up = torch.nn.Linear(32, 48)
+        self.down = torch.nn.Linear(48, 32)
+
+    @staticmethod
+    def _rotate(t):
+        half = t.shape[-1] // 2
+        return torch.cat([-t[..., half:], t[..., :half]], -1)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.norm(x)
+        q = self.q(h).view(b, n, 4, 8).transpose(1, 2)
+        k = self.k(h).view(b, n, 2, 8).transpose(1, 2)
+        v = self.v(h).view(b, n, 2, 8).transpose(1, 2)
+        q, k = q + 0.5 * self._rotate(q), k + 0.5 * self._rotate(k)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1) @ v
+        x = x + self.o(attention.transpose(1, 2).reshape(b, n, 32))
+        h = self.norm(x)
+        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def test_attention_heads_and_query_groups_are_pruned_whole(x86):
+    model = seeded(_Attention()).eval()
+    example = (torch.randn(2, 6, 32),)
+    calibration = [(torch.randn(2, 6, 32),) for _ in range(4)]
+    program = sparsecc.capture(model, example)
+    text = ChannelGraph(program).describe()
+    # one class per key/value head: its two query heads, its key and value rows, o's columns
+    assert "[k, q, v] -> [o]: 2 channels" in text
+    assert "[gate, up] -> [down]: 48 channels" in text
+    result = _run(PruneChannels(sparsity=0.5, scope="group", importance="l2"), program, calibration, x86)
+    shapes = {layer.name: tuple(layer.weight_shape) for layer in result.program.layers()}
+    assert shapes["q"] == (16, 32) and shapes["k"] == (8, 32) and shapes["v"] == (8, 32)
+    assert shapes["o"] == (32, 16) and shapes["gate"] == (24, 32) and shapes["down"] == (32, 24)
+    x = torch.randn(2, 6, 32)
+    dense, pruned = program.run(x), result.program.run(x)
+    assert pruned.shape == dense.shape and float((pruned - dense).norm() / dense.norm()) < 0.5
+
+
 def test_bad_options_are_refused(x86):
     model, example, calibration = _coupled()
     program = sparsecc.capture(model, example)
@@ -196,7 +248,7 @@ def test_compile_with_the_channel_pattern_builds_a_smaller_model():
     assert artifact.pipeline == "prune-channels{sparsity=0.4},pack,lower,build"
     assert artifact.report.compiled_vs_reference["rel"] < 1e-4
     reasons = {layer.name: layer.reason for layer in artifact.report.layers}
-    assert reasons["heads"].startswith("output channels kept: reshape")
+    assert reasons["heads"].startswith("output channels kept: sum")
     assert any(r.startswith("channel-pruned") for r in reasons.values())
 
 
