@@ -81,17 +81,26 @@ def _pointwise(graph_module: torch.fx.GraphModule, consumer: Consumer) -> bool:
 
 
 class _Recorder(torch.fx.Interpreter):
-    """Runs the module and hands each watched layer's input to a callback."""
+    """Runs the module and records each watched layer's input. With ``probes``, each watched layer
+    reads its input plus a zero tensor that requires grad, so that after ``backward`` the probe's
+    gradient is the loss gradient at that layer's own input (not summed with other readers)."""
 
-    def __init__(self, module: torch.fx.GraphModule, watch: dict[str, Consumer], seen: dict[str, torch.Tensor]):
+    def __init__(self, module: torch.fx.GraphModule, watch: dict[str, Consumer], seen: dict[str, torch.Tensor],
+                 probes: dict[str, torch.Tensor] | None = None):
         super().__init__(module)
         self.watch = watch
         self.seen = seen
+        self.probes = probes
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        if n.name in self.watch:
-            self.seen[n.name] = self.env[n.args[0]]
-        return super().run_node(n)
+        if n.name not in self.watch:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        self.seen[n.name] = args[0]
+        if self.probes is not None:
+            probe = self.probes[n.name] = torch.zeros_like(args[0], requires_grad=True)
+            args = (args[0] + probe, *args[1:])
+        return self.call_function(n.target, args, kwargs)
 
 
 @register_pass
@@ -219,29 +228,22 @@ class PruneChannels(Pass):
                 stats: dict[str, _InputStats]) -> None:
         for batch in batches:
             seen: dict[str, torch.Tensor] = {}
+            probes: dict[str, torch.Tensor] = {}
             with torch.enable_grad():
-                params = [p for p in module.parameters()]
-                flags = [p.requires_grad for p in params]
-                for p in params:
-                    p.requires_grad_(True)
-                try:
-                    outputs = flatten_outputs(_Recorder(module, consumers, seen).run(*batch))
-                    for x in seen.values():
-                        x.retain_grad()
-                    logits = outputs[0].float()
-                    logits = logits.reshape(-1, logits.shape[-1]) if logits.dim() > 1 else logits[None]
-                    loss = F.cross_entropy(logits, logits.detach().argmax(-1))
-                    loss.backward()
-                finally:
-                    for p, flag in zip(params, flags, strict=True):
-                        p.requires_grad_(flag)
-                        p.grad = None
+                outputs = flatten_outputs(_Recorder(module, consumers, seen, probes).run(*batch))
+                logits = outputs[0].float()
+                logits = logits.reshape(-1, logits.shape[-1]) if logits.dim() > 1 else logits[None]
+                # pseudo-labels: the dense model's own predictions stand in for labels
+                loss = F.cross_entropy(logits, logits.detach().argmax(-1))
+                loss.backward()
             for name, x in seen.items():
-                if x.grad is None:
-                    raise CalibrationError(f"no gradient reached the input of {name}; use importance=fluctuation")
+                grad = probes[name].grad
+                if grad is None:
+                    raise CalibrationError(f"the loss does not depend on the input of {name}; "
+                                           "use importance=fluctuation or l2")
                 entry = stats[name]
                 rows = _channel_rows(x.detach(), consumers[name].kind).double()
-                grads = _channel_rows(x.grad, consumers[name].kind).double()
+                grads = _channel_rows(grad, consumers[name].kind).double()
                 score = ((rows - entry.means) * grads).sum(0) ** 2
                 entry.taylor = score if entry.taylor is None else entry.taylor + score
                 entry.batches += 1
