@@ -22,7 +22,7 @@ over 256 other crops. Its pointwise convolutions and classifier are pruned; the 
 depthwise convolutions stay dense (the x86 plan's rule).
 
 Rows: dense, then each method (magnitude, Wanda, SparseGPT; ``METHOD+dsnot`` adds the DSnoT
-refinement, ``METHOD/ALLOCATION`` a per-layer allocation: ``/owl``, ``/depth``, ``/search``) per
+refinement, ``METHOD/ALLOCATION`` a per-layer allocation: ``/owl``, ``/depth``, ``/search``, ``/neuroal``) per
 calibration seed; columns: the
 configurations (``PATTERN@SPARSITY``; N:M patterns fix their own sparsity). Each cell is the
 perplexity and its ratio to dense. A second table gives each method's pruning time and the peak
@@ -338,7 +338,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm", help=f"comma-separated subset of {sorted(RUNNERS)}")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help="comma-separated METHOD[+dsnot][/owl|/depth|/erk|/search]")
+                        help="comma-separated METHOD[+dsnot][/owl|/depth|/erk|/search|/neuroal]")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated PATTERN@SPARSITY (N:M alone)")
     parser.add_argument("--seeds", default="0,1", help="calibration seeds (report at least two)")
     parser.add_argument("--samples", type=int, default=32, help="calibration segments per seed")

@@ -33,7 +33,7 @@ from .sparsity import FORMAT_ARRAYS, check_sparsity_value
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 REFINEMENTS = ("dsnot",)
-ALLOCATIONS = ("uniform", "owl", "depth", "erk", "search")
+ALLOCATIONS = ("uniform", "owl", "depth", "erk", "search", "neuroal")
 
 
 def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip: str = "",
@@ -144,8 +144,9 @@ def compile(  # noqa: A001 - the public name users expect
     ``ExportedProgram`` or a ``Program``. ``calibration`` is a list of input tuples; without it
     the example inputs are used and a warning says so. ``method`` is ``magnitude``, ``wanda`` or
     ``sparsegpt``; ``refine="dsnot"`` refines every mask with DSnoT; ``allocation`` (``owl``,
-    ``depth``, ``erk``, ``search``) gives layers unequal sparsities at the same total. ``pipeline`` replaces the
-    default pipeline string. Returns an Artifact whose ``report`` says what happened per layer.
+    ``depth``, ``erk``, ``search``, ``neuroal``) gives layers unequal sparsities at the same total.
+    ``pipeline`` replaces the default pipeline string. Returns an Artifact whose ``report`` says
+    what happened per layer.
     """
     from sparsecc.targets import get_target
 

@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", default=None, choices=list(REFINEMENTS),
                    help="refine every mask without training: dsnot (prune-and-grow toward zero expected error)")
     p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS),
-                   help="per-layer sparsities at the same total: owl, depth, erk, or search (the best of them "
-                        "on calibration data)")
+                   help="per-layer sparsities at the same total: owl, depth, erk, search (the best of them "
+                        "on calibration data), or neuroal (search, then per-row ratios inside each layer)")
     calib = p.add_mutually_exclusive_group()
     calib.add_argument("--calib", default=None, help="CALIB.pt: torch.save'd list of input tuples")
     calib.add_argument("--calib-text", nargs="+", default=None, metavar="PATH",

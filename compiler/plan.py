@@ -12,6 +12,8 @@ import pathlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from .errors import SparseccError
 
 PLAN_SCHEMA_VERSION = 1
@@ -23,7 +25,12 @@ class PlanError(SparseccError):
 
 @dataclass
 class LayerPlan:
-    """The decision for one layer. ``pattern`` None means the layer stays dense."""
+    """The decision for one layer. ``pattern`` None means the layer stays dense.
+
+    ``row_sparsity`` (unstructured only, optional): one sparsity per output row, whose mean is
+    ``sparsity``; a row-wise allocation writes it, and pruning then keeps that many weights in
+    each row instead of the same number everywhere.
+    """
 
     name: str
     kind: str
@@ -31,10 +38,37 @@ class LayerPlan:
     pattern: str | None
     sparsity: float
     reason: str = ""
+    row_sparsity: list[float] | None = None
 
     @property
     def is_sparse(self) -> bool:
         return self.pattern is not None
+
+    def mask_sparsity(self) -> float | torch.Tensor:
+        """What a pattern's mask takes: the per-row sparsities when the plan has them, else one."""
+        if self.row_sparsity is None:
+            return self.sparsity
+        return torch.tensor(self.row_sparsity, dtype=torch.float64)
+
+    def check(self) -> None:
+        """Refuse a per-row list that does not fit the layer."""
+        rows = self.row_sparsity
+        if rows is None:
+            return
+        if self.pattern != "unstructured":
+            raise PlanError(f"layer {self.name}: row_sparsity is only for the unstructured pattern, not "
+                            f"{self.pattern}; remove it from the plan")
+        if len(rows) != self.shape[0]:
+            raise PlanError(f"layer {self.name}: row_sparsity has {len(rows)} entries for {self.shape[0]} output "
+                            "rows; give one per row or remove it")
+        if any(not (isinstance(v, int | float) and 0.0 <= v < 1.0) for v in rows):
+            raise PlanError(f"layer {self.name}: every row_sparsity must be in [0, 1)")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.row_sparsity is None:
+            del data["row_sparsity"]  # plans without row-wise ratios read as before
+        return data
 
 
 @dataclass
@@ -55,7 +89,7 @@ class Plan:
             "schema_version": self.schema_version,
             "target": self.target,
             "method": self.method,
-            "layers": [asdict(lp) for lp in self.layers.values()],
+            "layers": [lp.to_json() for lp in self.layers.values()],
         }
 
     def dumps(self) -> str:
@@ -70,6 +104,8 @@ class Plan:
                 f"{PLAN_SCHEMA_VERSION}); regenerate the plan with this version")
         try:
             layers = {entry["name"]: LayerPlan(**entry) for entry in data["layers"]}
+            for lp in layers.values():
+                lp.check()
             return cls(target=data["target"], method=data["method"], layers=layers)
         except (KeyError, TypeError) as exc:
             raise PlanError(f"plan is missing or has a malformed field: {exc}") from None

@@ -260,7 +260,7 @@ class Program:
                 weight = self.tensor(layers[name].weight).detach()
                 matrix = weight.reshape(weight.shape[0], -1)
                 pattern = parse_pattern(info.pattern)
-                planned = self.plan.layers[name].sparsity if self.plan and name in self.plan.layers else None
+                planned = self.plan.layers[name].mask_sparsity() if self.plan and name in self.plan.layers else None
                 violation = plan_violation(pattern, matrix != 0, planned) if planned is not None else None
                 if violation is not None:
                     problems.append(f"layer {name}: {violation}")

@@ -96,6 +96,34 @@ def _keep_between(start: int, end: int, sparsity: float) -> int:
     return _keep_count(end, sparsity) - _keep_count(start, sparsity)
 
 
+def _row_keep(total: int, sparsity: float | torch.Tensor) -> int | torch.Tensor:
+    """Kept units of a row of ``total``: an int for one sparsity, an (N,) tensor for per-row
+    sparsities (rounded like :func:`_keep_count`: half to even)."""
+    if isinstance(sparsity, torch.Tensor):
+        return total - torch.round(sparsity.double() * total).long()
+    return _keep_count(total, sparsity)
+
+
+def _scalar_sparsity(pattern: Pattern, sparsity: float | torch.Tensor) -> float:
+    """``sparsity`` as one number; per-row sparsities are for unstructured per-row patterns only."""
+    if isinstance(sparsity, torch.Tensor):
+        raise PatternError(f"per-row sparsities apply to unstructured patterns only, not {pattern.name}; "
+                           "drop the layer's row_sparsity from the plan")
+    return sparsity
+
+
+def _top_per_row(scores: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
+    """Keep-mask of the ``keep`` highest scores in each row (``keep`` an int or one count per row)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if isinstance(keep, int):
+        mask.scatter_(1, _stable_top(scores, keep, dim=1), True)
+        return mask
+    order = torch.sort(-scores, dim=1, stable=True).indices
+    rank = torch.arange(scores.shape[1]).expand_as(scores)
+    mask.scatter_(1, order, rank < keep[:, None])
+    return mask
+
+
 def _stable_top(scores: torch.Tensor, keep: int, dim: int = -1) -> torch.Tensor:
     """Indices of the ``keep`` largest scores along ``dim``; ties go to the lower index."""
     # Sorting the negated scores stably puts the largest first and keeps index order on ties.
@@ -106,7 +134,11 @@ def _stable_top(scores: torch.Tensor, keep: int, dim: int = -1) -> torch.Tensor:
 @dataclass(frozen=True)
 class Unstructured(Pattern):
     """Any element may be zero. Ranking is per output row (``per_row=True``, Wanda's comparison
-    group, which also balances CSR rows) or over the whole layer."""
+    group, which also balances CSR rows) or over the whole layer.
+
+    With ``per_row``, ``sparsity`` may also be an (N,) tensor: one sparsity per output row (the
+    row-wise ratios of a NeuroAL-style allocation); every method that takes a sparsity accepts it.
+    """
 
     per_row: bool = True
 
@@ -121,37 +153,44 @@ class Unstructured(Pattern):
     def pack(self, weight: np.ndarray) -> Packed:
         return pack_csr(weight)
 
-    def mask(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    def _check_rows(self, sparsity: float | torch.Tensor, rows: int) -> None:
+        if isinstance(sparsity, torch.Tensor):
+            if not self.per_row:
+                raise PatternError("per-row sparsities need per-row ranking (per_row=True)")
+            if sparsity.shape != (rows,):
+                raise PatternError(f"{tuple(sparsity.shape)} per-row sparsities for a weight with {rows} rows")
+
+    def mask(self, scores: torch.Tensor, sparsity: float | torch.Tensor) -> torch.Tensor:
+        self._check_rows(sparsity, scores.shape[0])
         if self.per_row:
-            keep = _keep_count(scores.shape[1], sparsity)
-            mask = torch.zeros_like(scores, dtype=torch.bool)
-            mask.scatter_(1, _stable_top(scores, keep, dim=1), True)
-            return mask
+            return _top_per_row(scores, _row_keep(scores.shape[1], sparsity))
         flat = scores.reshape(-1)
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[_stable_top(flat, _keep_count(flat.numel(), sparsity))] = True
         return mask.reshape(scores.shape)
 
-    def mask_columns(self, scores: torch.Tensor, sparsity: float, start: int) -> torch.Tensor:
+    def mask_columns(self, scores: torch.Tensor, sparsity: float | torch.Tensor, start: int) -> torch.Tensor:
+        self._check_rows(sparsity, scores.shape[0])
         width = scores.shape[1]
-        mask = torch.zeros_like(scores, dtype=torch.bool)
         if self.per_row:
-            mask.scatter_(1, _stable_top(scores, _keep_between(start, start + width, sparsity), dim=1), True)
-            return mask
+            keep = _row_keep(start + width, sparsity) - _row_keep(start, sparsity)
+            return _top_per_row(scores, keep)
+        mask = torch.zeros_like(scores, dtype=torch.bool)
         rows = scores.shape[0]
         keep = _keep_between(rows * start, rows * (start + width), sparsity)
         mask.reshape(-1)[_stable_top(scores.reshape(-1), keep)] = True
         return mask
 
-    def satisfied_by(self, mask: torch.Tensor, sparsity: float) -> bool:
+    def satisfied_by(self, mask: torch.Tensor, sparsity: float | torch.Tensor) -> bool:
+        self._check_rows(sparsity, mask.shape[0])
         if self.per_row:
-            keep = _keep_count(mask.shape[1], sparsity)
-            return bool((mask.sum(1) == keep).all())
+            return bool((mask.sum(1) == _row_keep(mask.shape[1], sparsity)).all())
         return int(mask.sum()) == _keep_count(mask.numel(), sparsity)
 
-    def fits_within(self, nonzero: torch.Tensor, sparsity: float) -> bool:
+    def fits_within(self, nonzero: torch.Tensor, sparsity: float | torch.Tensor) -> bool:
+        self._check_rows(sparsity, nonzero.shape[0])
         if self.per_row:
-            return bool((nonzero.sum(1) <= _keep_count(nonzero.shape[1], sparsity)).all())
+            return bool((nonzero.sum(1) <= _row_keep(nonzero.shape[1], sparsity)).all())
         return int(nonzero.sum()) <= _keep_count(nonzero.numel(), sparsity)
 
 
@@ -190,6 +229,7 @@ class Block(Pattern):
         return scores.reshape(n // self.rows, self.rows, k // self.cols, self.cols).sum(dim=(1, 3))
 
     def mask(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+        sparsity = _scalar_sparsity(self, sparsity)
         n, k = scores.shape
         block = self.block_scores(scores)
         keep = _keep_count(block.shape[1], sparsity)
@@ -202,6 +242,7 @@ class Block(Pattern):
         return self.cols
 
     def mask_columns(self, scores: torch.Tensor, sparsity: float, start: int) -> torch.Tensor:
+        sparsity = _scalar_sparsity(self, sparsity)
         block = self.block_scores(scores)
         first = start // self.cols
         keep = _keep_between(first, first + block.shape[1], sparsity)
@@ -210,6 +251,7 @@ class Block(Pattern):
         return block_mask.repeat_interleave(self.rows, 0).repeat_interleave(self.cols, 1)
 
     def satisfied_by(self, mask: torch.Tensor, sparsity: float) -> bool:
+        sparsity = _scalar_sparsity(self, sparsity)
         n, k = mask.shape
         blocks = mask.reshape(n // self.rows, self.rows, k // self.cols, self.cols)
         uniform = (blocks.all(dim=(1, 3)) | ~blocks.any(dim=(1, 3))).all()
@@ -217,6 +259,7 @@ class Block(Pattern):
         return bool(uniform) and bool((blocks.all(dim=(1, 3)).sum(1) == keep).all())
 
     def fits_within(self, nonzero: torch.Tensor, sparsity: float) -> bool:
+        sparsity = _scalar_sparsity(self, sparsity)
         n, k = nonzero.shape
         touched = nonzero.reshape(n // self.rows, self.rows, k // self.cols, self.cols).any(dim=(1, 3))
         return bool((touched.sum(1) <= _keep_count(k // self.cols, sparsity)).all())
@@ -256,6 +299,7 @@ class NM(Pattern):
         return None
 
     def mask(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+        sparsity = _scalar_sparsity(self, sparsity)
         n_out, k = scores.shape
         groups = scores.reshape(n_out, k // self.m, self.m)
         mask = torch.zeros_like(groups, dtype=torch.bool)
@@ -274,6 +318,7 @@ class NM(Pattern):
         return self.mask(scores, sparsity)
 
     def satisfied_by(self, mask: torch.Tensor, sparsity: float) -> bool:
+        sparsity = _scalar_sparsity(self, sparsity)
         n_out, k = mask.shape
         return bool((mask.reshape(n_out, k // self.m, self.m).sum(2) <= self.n).all())
 
@@ -305,7 +350,7 @@ def parse_pattern(name: str) -> Pattern:
         "or 'N:M' (e.g. 2:4)")
 
 
-def plan_violation(pattern: Pattern, nonzero_mask: torch.Tensor, sparsity: float) -> str | None:
+def plan_violation(pattern: Pattern, nonzero_mask: torch.Tensor, sparsity: float | torch.Tensor) -> str | None:
     """Why a weight's non-zero mask breaks ``pattern`` at ``sparsity``, or None when it obeys it.
 
     A kept weight may itself be exactly zero (SmolLM2's weights sit on a 4-bit grid, so many
@@ -314,7 +359,8 @@ def plan_violation(pattern: Pattern, nonzero_mask: torch.Tensor, sparsity: float
     """
     if pattern.satisfied_by(nonzero_mask, sparsity) or pattern.fits_within(nonzero_mask, sparsity):
         return None
-    return (f"weight has {int(nonzero_mask.sum())} non-zeros that do not fit {pattern.name} at {sparsity:.3f} "
+    shown = f"{float(sparsity.mean()):.3f} (per row)" if isinstance(sparsity, torch.Tensor) else f"{sparsity:.3f}"
+    return (f"weight has {int(nonzero_mask.sum())} non-zeros that do not fit {pattern.name} at {shown} "
             "(more per row, block band or group than the pattern keeps)")
 
 

@@ -17,6 +17,14 @@ its own share. Methods:
   cheap stand-in for the final method), and the one whose outputs on the first ``search_batches``
   calibration batches align best with the dense model's (lowest relative L2 error) is kept. The
   counters report every candidate's alignment, so the choice can be checked.
+* ``neuroal`` (NeuroAL's two steps, Cunegatti et al., 2024): the block-wise ``search`` above, then a
+  row-wise step inside every unstructured layer. A row's outlier ratio (its share of Wanda scores
+  above ``outlier`` times the layer's mean) spreads the rows' sparsities over ``[s - lam_row,
+  s + lam_row]`` around the layer's ``s`` (rows with more outliers keep more weights; the mean stays
+  ``s``), for each ``lam_row`` in ``row_strengths``; the strength whose one-shot Wanda model aligns
+  best with the dense outputs wins, 0 (equal rows) included, so the step never makes alignment
+  worse. The plan records the rows' sparsities (``row_sparsity``) and pruning keeps that many
+  weights per row.
 
 Groups: layers whose names share a prefix ending in a block index (``layers.3.``) form one group
 and get one sparsity, as in OWL; other layers are their own group. Per-layer sparsities are
@@ -34,12 +42,12 @@ from sparsecc.errors import WeightError
 from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
 from sparsecc.plan import LayerPlan
 from sparsecc.program import Program
-from sparsecc.sparsity import NM, parse_pattern
+from sparsecc.sparsity import NM, Unstructured, parse_pattern
 
 from .calibrate import calibration_stats
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
-METHODS = ("owl", "depth", "erk", "search")
+METHODS = ("owl", "depth", "erk", "search", "neuroal")
 
 
 def layer_groups(names: list[str]) -> dict[str, list[str]]:
@@ -85,7 +93,7 @@ class Allocate(Pass):
     """Per-layer sparsities with the plan's total: OWL, a depth ramp, ERK, or a searched mix."""
 
     name = "allocate"
-    summary = "give planned layers unequal sparsities at the same total (owl, depth, erk, search)"
+    summary = "give planned layers unequal sparsities at the same total (owl, depth, erk, search, neuroal)"
     numerics = "exact"
 
     method: str = "search"
@@ -93,7 +101,8 @@ class Allocate(Pass):
     outlier: float = 5.0  # owl: a score is an outlier above this multiple of the layer's mean
     max_sparsity: float = 0.95
     search_batches: int = 4  # search: calibration batches the candidates are compared on
-    strengths: str = "0.04;0.08;0.12"  # search: the lam values tried for owl and depth
+    strengths: str = "0.04;0.08;0.12"  # search, neuroal: the lam values tried for owl and depth
+    row_strengths: str = "0.05;0.1;0.2"  # neuroal: the lam_row values tried for the rows of a layer
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         if self.method not in METHODS:
@@ -112,16 +121,22 @@ class Allocate(Pass):
         sizes = {lp.name: lp.shape[0] * _prod(lp.shape[1:]) for lp in free}
         target = sum(lp.sparsity * sizes[lp.name] for lp in free) / sum(sizes.values())
         counters: dict[str, int | float] = {}
-        if self.method == "search":
-            chosen, counters, note = self._search(program, ctx, free, sizes, target)
+        rows: dict[str, list[float]] = {}
+        if self.method in ("search", "neuroal"):
+            alignment = _Alignment(program, ctx, free, self.search_batches)
+            chosen, counters, note = self._search(program, ctx, free, sizes, target, alignment)
             diagnostics.append(self.diag("info", note))
+            if self.method == "neuroal":
+                rows, row_counters, note = self._row_search(free, chosen, alignment)
+                counters.update(row_counters)
+                diagnostics.append(self.diag("info", note))
         else:
             chosen = self._candidate(self.method, self.lam, program, ctx, free, sizes, target)
         plan = program.plan
         new_layers = dict(plan.layers)
         for lp in free:
             new_layers[lp.name] = LayerPlan(lp.name, lp.kind, lp.shape, lp.pattern, round(chosen[lp.name], 6),
-                                            lp.reason)
+                                            lp.reason, rows.get(lp.name))
         new_plan = type(plan)(target=plan.target, method=plan.method, layers=new_layers)
         new = Program(program.exported, program.example_inputs, stage=program.stage, plan=new_plan,
                       sparsity=program.sparsity)
@@ -178,41 +193,101 @@ class Allocate(Pass):
         return {n: 1.0 - density(n, hi) for n in sizes}
 
     def _search(self, program: Program, ctx: PassContext, free: list[LayerPlan], sizes: dict[str, int],
-                target: float) -> tuple[dict[str, float], dict[str, int | float], str]:
+                target: float, error_of: _Alignment) -> tuple[dict[str, float], dict[str, int | float], str]:
         strengths = [float(v) for v in self.strengths.split(";") if v.strip()]
         candidates = [("uniform", 0.0)] + [(m, lam) for m in ("owl", "depth") for lam in strengths]
-        batches = ctx.calibration_batches(program)[: max(1, self.search_batches)]
-        stats = calibration_stats(program, ctx)
-        scratch = program.clone()
-        layers = {layer.name: layer for layer in scratch.layers()}
-        dense_weights = {lp.name: scratch.tensor(layers[lp.name].weight).detach().clone() for lp in free}
-        with torch.no_grad():
-            reference = [scratch.run_flat(*b) for b in batches]
         best, best_error, best_name, counters = None, float("inf"), "", {}
         for method, lam in candidates:
             allocation = self._candidate(method, lam, program, ctx, free, sizes, target)
-            with torch.no_grad():
-                for lp in free:
-                    dense = dense_weights[lp.name]
-                    matrix = dense.reshape(dense.shape[0], -1)
-                    score = matrix.abs() * stats.layers[lp.name].feature_norms[None, :]
-                    keep = parse_pattern(lp.pattern).mask(score, allocation[lp.name])
-                    scratch.tensor(layers[lp.name].weight).copy_((matrix * keep).reshape(dense.shape))
-            scratch.invalidate()
-            error = 0.0
-            with torch.no_grad():
-                for batch, ref in zip(batches, reference, strict=True):
-                    out = scratch.run_flat(*batch)
-                    error += sum(float((o - r).norm() / r.norm().clamp_min(1e-30))
-                                 for o, r in zip(out, ref, strict=True))
-            error /= len(batches)
+            error = error_of(allocation)
             counters[f"error_{method}_{lam:g}"] = round(error, 6)
             if error < best_error:
                 best, best_error, best_name = allocation, error, f"{method} lam={lam:g}"
         note = (f"search chose {best_name}: output error {best_error:.4g} relative to dense on "
-                f"{len(batches)} calibration batches, with one-shot Wanda masks "
+                f"{len(error_of.batches)} calibration batches, with one-shot Wanda masks "
                 f"(uniform: {counters['error_uniform_0']:.4g})")
         return best, counters, note
+
+    def _row_search(self, free: list[LayerPlan], allocation: dict[str, float],
+                    error_of: _Alignment) -> tuple[dict[str, list[float]], dict[str, int | float], str]:
+        """NeuroAL's row-wise step on top of the block-wise ``allocation`` (see the module docstring)."""
+        rowwise = [lp for lp in free if isinstance(parse_pattern(lp.pattern), Unstructured)]
+        if not rowwise:
+            return {}, {}, "row-wise step skipped: no unstructured layer (block patterns keep equal bands)"
+        ratios = {}
+        for lp in rowwise:
+            score = error_of.scores[lp.name]
+            ratios[lp.name] = (score > self.outlier * score.mean()).double().mean(dim=1)
+        counters: dict[str, int | float] = {}
+        best_rows: dict[str, torch.Tensor] = {}
+        best_lam, best_error = 0.0, error_of(allocation)
+        counters["error_rows_0"] = round(best_error, 6)
+        for lam in (float(v) for v in self.row_strengths.split(";") if v.strip()):
+            rows = {lp.name: row_sparsities(ratios[lp.name], allocation[lp.name], lam, self.max_sparsity)
+                    for lp in rowwise}
+            error = error_of(allocation, rows)
+            counters[f"error_rows_{lam:g}"] = round(error, 6)
+            if error < best_error:
+                best_rows, best_lam, best_error = rows, lam, error
+        counters["row_lam"] = best_lam
+        note = (f"row-wise step chose lam_row={best_lam:g}: output error {best_error:.4g} "
+                f"(equal rows: {counters['error_rows_0']:.4g}) over {len(rowwise)} unstructured layers")
+        return {name: [round(float(v), 6) for v in t] for name, t in best_rows.items()}, counters, note
+
+
+class _Alignment:
+    """Scores an allocation (per-layer sparsities, optionally per-row ones) by the relative L2
+    error of a one-shot Wanda model's outputs against the dense model's, on the first
+    ``search_batches`` calibration batches: lower is better aligned."""
+
+    def __init__(self, program: Program, ctx: PassContext, free: list[LayerPlan], search_batches: int):
+        self.batches = ctx.calibration_batches(program)[: max(1, search_batches)]
+        stats = calibration_stats(program, ctx)
+        self.free = free
+        self.scratch = program.clone()
+        self.layers = {layer.name: layer for layer in self.scratch.layers()}
+        self.dense: dict[str, torch.Tensor] = {}
+        self.scores: dict[str, torch.Tensor] = {}
+        for lp in free:
+            weight = self.scratch.tensor(self.layers[lp.name].weight).detach()
+            matrix = weight.reshape(weight.shape[0], -1).clone()
+            self.dense[lp.name] = matrix
+            self.scores[lp.name] = matrix.abs() * stats.layers[lp.name].feature_norms[None, :]
+        with torch.no_grad():
+            self.reference = [self.scratch.run_flat(*b) for b in self.batches]
+
+    def __call__(self, allocation: dict[str, float], rows: dict[str, torch.Tensor] | None = None) -> float:
+        rows = rows or {}
+        with torch.no_grad():
+            for lp in self.free:
+                keep = parse_pattern(lp.pattern).mask(self.scores[lp.name], rows.get(lp.name, allocation[lp.name]))
+                weight = self.scratch.tensor(self.layers[lp.name].weight)
+                weight.copy_((self.dense[lp.name] * keep).reshape(weight.shape))
+        self.scratch.invalidate()
+        total = 0.0
+        with torch.no_grad():
+            for batch, ref in zip(self.batches, self.reference, strict=True):
+                out = self.scratch.run_flat(*batch)
+                total += sum(float((o - r).norm() / r.norm().clamp_min(1e-30))
+                             for o, r in zip(out, ref, strict=True))
+        return total / len(self.batches)
+
+
+def row_sparsities(outlier_ratio: torch.Tensor, sparsity: float, lam: float, max_sparsity: float) -> torch.Tensor:
+    """Per-row sparsities with mean ``sparsity``: rows spread linearly over ``[sparsity - lam,
+    sparsity + lam]`` by outlier ratio (the most outliers get the least sparsity), then shifted
+    together (and clamped to ``[0, max_sparsity]``) until their mean is ``sparsity`` again."""
+    lo, hi = float(outlier_ratio.min()), float(outlier_ratio.max())
+    unit = torch.full_like(outlier_ratio, 0.5) if hi == lo else (outlier_ratio - lo) / (hi - lo)
+    raw = sparsity + lam * (1 - 2 * unit)
+    low, high = -float(raw.max()), max_sparsity - float(raw.min())
+    for _ in range(80):
+        mid = (low + high) / 2
+        if float((raw + mid).clamp(0.0, max_sparsity).mean()) < sparsity:
+            low = mid
+        else:
+            high = mid
+    return (raw + high).clamp(0.0, max_sparsity)
 
 
 def _prod(values) -> int:

@@ -113,7 +113,7 @@ class Pack(Pass):
             owner, leaf = _find_param_owner(gm, layer.weight)
             weight = getattr(owner, leaf).detach()
             matrix = weight.reshape(weight.shape[0], -1).float().numpy()
-            if plan_violation(pattern, torch.from_numpy(matrix != 0), lp.sparsity) is not None:
+            if plan_violation(pattern, torch.from_numpy(matrix != 0), lp.mask_sparsity()) is not None:
                 diagnostics.append(self.diag(
                     "warning", f"weight is not pruned to {lp.pattern} at {lp.sparsity:g}; kept dense "
                     "(run a prune pass before pack)", layer.name))

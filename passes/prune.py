@@ -97,13 +97,14 @@ class _PruneBase(Pass):
             weight = new.tensor(layer.weight)
             matrix = weight.detach().reshape(weight.shape[0], -1)
             pattern = parse_pattern(lp.pattern)
-            keep, pruned, error = self.choose(layer, matrix, pattern, lp.sparsity, stats)
+            sparsity = lp.mask_sparsity()  # one number, or one per row from a row-wise allocation
+            keep, pruned, error = self.choose(layer, matrix, pattern, sparsity, stats)
             if self.refine == "dsnot":
                 if dsnot_supported(pattern):
                     keep, swaps = dsnot_refine(matrix, keep, stats.feature_means, stats.feature_norms, pattern)
                     totals["refine_swaps"] += swaps
                     if swaps:
-                        pruned, error = self.reweight(matrix, keep, pattern, lp.sparsity, stats)
+                        pruned, error = self.reweight(matrix, keep, pattern, sparsity, stats)
                 else:
                     diagnostics.append(self.diag(
                         "info", f"DSnoT refines unstructured and N:M masks; this {pattern.name} mask is kept "

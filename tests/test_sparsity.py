@@ -154,3 +154,43 @@ def test_kept_weights_that_are_zero_still_fit_the_plan(name: str, seed: int) -> 
     outside = (~mask).nonzero()[0]
     full[outside[0], outside[1]] = True
     assert plan_violation(pattern, full, sparsity) is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 16), k=st.integers(1, 40), seed=st.integers(0, 2**16), ties=st.booleans(),
+       width=st.integers(1, 12), data=st.data())
+def test_per_row_sparsities_keep_each_rows_count_in_every_tiling(n, k, seed, ties, width, data):
+    """One sparsity per row (a row-wise allocation): the mask keeps each row's own count, keeps
+    that row's highest scores, and column ranges decided one at a time add up to the same counts."""
+    w = _weights(n, k, seed, ties)
+    rows = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 0.2, 0.5, 0.75, 0.9]), min_size=n, max_size=n)),
+                        dtype=torch.float64)
+    pattern = Unstructured()
+    keep = k - torch.round(rows * k).long()
+    mask = pattern.mask(w.abs(), rows)
+    assert torch.equal(mask.sum(1), keep)
+    assert pattern.satisfied_by(mask, rows) and plan_violation(pattern, mask, rows) is None
+    for r in range(n):  # the kept weights of a row are its largest
+        kept, dropped = w[r].abs()[mask[r]], w[r].abs()[~mask[r]]
+        if len(kept) and len(dropped):
+            assert float(kept.min()) >= float(dropped.max())
+    tiled = torch.cat([pattern.mask_columns(w.abs()[:, s:s + width], rows, s) for s in range(0, k, width)], 1)
+    assert torch.equal(tiled.sum(1), keep)
+    # one row over its count breaks the plan, and says so
+    if bool((keep < k).any()):
+        r = int(torch.nonzero(keep < k)[0])
+        over = mask.clone()
+        over[r] = True
+        assert "per row" in plan_violation(pattern, over, rows)
+
+
+def test_per_row_sparsities_are_refused_where_rows_cannot_differ():
+    rows = torch.full((8,), 0.5, dtype=torch.float64)
+    with pytest.raises(PatternError, match="unstructured patterns only"):
+        Block(4, 1).mask(torch.rand(8, 8), rows)
+    with pytest.raises(PatternError, match="unstructured patterns only"):
+        NM(2, 4).mask(torch.rand(8, 8), rows)
+    with pytest.raises(PatternError, match="per-row ranking"):
+        Unstructured(per_row=False).mask(torch.rand(8, 8), rows)
+    with pytest.raises(PatternError, match="8 rows"):
+        Unstructured().mask(torch.rand(8, 8), rows[:5])
