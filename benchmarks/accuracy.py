@@ -130,8 +130,9 @@ def prune(program: Any, method: str, config: Config, calibration: list[tuple[Any
     with PeakMemory() as memory:
         result = PassManager(pipeline).run(program, ctx)
     counters = result.results[-1][1].counters
-    notes = [d.message for _, res in result.results for d in res.diagnostics if "search chose" in d.message]
-    extra = {"allocation_choice": notes[0]} if notes else {}
+    notes = [d.message for _, res in result.results for d in res.diagnostics
+             if "search chose" in d.message or "row-wise step" in d.message]
+    extra = {"allocation_choice": "; ".join(notes)} if notes else {}
     return result.program, {"seconds": time.perf_counter() - start, "peak_mb": memory.growth_mb, **counters, **extra}
 
 

@@ -18,13 +18,19 @@ its own share. Methods:
   calibration batches align best with the dense model's (lowest relative L2 error) is kept. The
   counters report every candidate's alignment, so the choice can be checked.
 * ``neuroal`` (NeuroAL's two steps, Cunegatti et al., 2024): the block-wise ``search`` above, then a
-  row-wise step inside every unstructured layer. A row's outlier ratio (its share of Wanda scores
-  above ``outlier`` times the layer's mean) spreads the rows' sparsities over ``[s - lam_row,
-  s + lam_row]`` around the layer's ``s`` (rows with more outliers keep more weights; the mean stays
-  ``s``), for each ``lam_row`` in ``row_strengths``; the strength whose one-shot Wanda model aligns
-  best with the dense outputs wins, 0 (equal rows) included, so the step never makes alignment
-  worse. The plan records the rows' sparsities (``row_sparsity``) and pruning keeps that many
-  weights per row.
+  row-wise step inside every unstructured layer. A per-row signal spreads the rows' sparsities
+  over ``[s - lam_row, s + lam_row]`` around the layer's ``s`` (the mean stays ``s``); two signals
+  are tried, each at every ``lam_row`` in ``row_strengths``:
+
+  - ``loss``, NeuroAL's own idea: how much of the row's output the block-wise one-shot mask
+    removes, ``sum(pruned scores^2) / sum(scores^2)`` with Wanda scores (a diagonal estimate of the
+    output energy the neuron loses); rows that lose more keep more weights.
+  - ``outliers``, OWL's idea at row level: the row's share of Wanda scores above ``outlier``
+    times the layer's mean; rows with more outliers keep more weights.
+
+  The candidate whose one-shot Wanda model aligns best with the dense outputs wins, equal rows
+  included, so the step never makes the alignment worse. The plan records the rows' sparsities
+  (``row_sparsity``) and every pruning method keeps that many weights per row.
 
 Groups: layers whose names share a prefix ending in a block index (``layers.3.``) form one group
 and get one sparsity, as in OWL; other layers are their own group. Per-layer sparsities are
@@ -214,23 +220,29 @@ class Allocate(Pass):
         rowwise = [lp for lp in free if isinstance(parse_pattern(lp.pattern), Unstructured)]
         if not rowwise:
             return {}, {}, "row-wise step skipped: no unstructured layer (block patterns keep equal bands)"
-        ratios = {}
+        signals: dict[str, dict[str, torch.Tensor]] = {"loss": {}, "outliers": {}}
         for lp in rowwise:
             score = error_of.scores[lp.name]
-            ratios[lp.name] = (score > self.outlier * score.mean()).double().mean(dim=1)
+            energy = score.double() ** 2
+            kept = parse_pattern(lp.pattern).mask(score, allocation[lp.name])
+            signals["loss"][lp.name] = (energy * ~kept).sum(1) / energy.sum(1).clamp_min(1e-30)
+            signals["outliers"][lp.name] = (score > self.outlier * score.mean()).double().mean(dim=1)
         counters: dict[str, int | float] = {}
         best_rows: dict[str, torch.Tensor] = {}
-        best_lam, best_error = 0.0, error_of(allocation)
+        best_name, best_error = "equal rows", error_of(allocation)
         counters["error_rows_0"] = round(best_error, 6)
-        for lam in (float(v) for v in self.row_strengths.split(";") if v.strip()):
-            rows = {lp.name: row_sparsities(ratios[lp.name], allocation[lp.name], lam, self.max_sparsity)
-                    for lp in rowwise}
-            error = error_of(allocation, rows)
-            counters[f"error_rows_{lam:g}"] = round(error, 6)
-            if error < best_error:
-                best_rows, best_lam, best_error = rows, lam, error
+        best_lam = 0.0
+        for signal, values in signals.items():
+            for lam in (float(v) for v in self.row_strengths.split(";") if v.strip()):
+                rows = {lp.name: row_sparsities(values[lp.name], allocation[lp.name], lam, self.max_sparsity)
+                        for lp in rowwise}
+                error = error_of(allocation, rows)
+                counters[f"error_rows_{signal}_{lam:g}"] = round(error, 6)
+                if error < best_error:
+                    best_rows, best_lam, best_error = rows, lam, error
+                    best_name = f"{signal} lam_row={lam:g}"
         counters["row_lam"] = best_lam
-        note = (f"row-wise step chose lam_row={best_lam:g}: output error {best_error:.4g} "
+        note = (f"row-wise step chose {best_name}: output error {best_error:.4g} "
                 f"(equal rows: {counters['error_rows_0']:.4g}) over {len(rowwise)} unstructured layers")
         return {name: [round(float(v), 6) for v in t] for name, t in best_rows.items()}, counters, note
 
@@ -273,12 +285,12 @@ class _Alignment:
         return total / len(self.batches)
 
 
-def row_sparsities(outlier_ratio: torch.Tensor, sparsity: float, lam: float, max_sparsity: float) -> torch.Tensor:
+def row_sparsities(signal: torch.Tensor, sparsity: float, lam: float, max_sparsity: float) -> torch.Tensor:
     """Per-row sparsities with mean ``sparsity``: rows spread linearly over ``[sparsity - lam,
-    sparsity + lam]`` by outlier ratio (the most outliers get the least sparsity), then shifted
+    sparsity + lam]`` by ``signal`` (the highest signal gets the least sparsity), then shifted
     together (and clamped to ``[0, max_sparsity]``) until their mean is ``sparsity`` again."""
-    lo, hi = float(outlier_ratio.min()), float(outlier_ratio.max())
-    unit = torch.full_like(outlier_ratio, 0.5) if hi == lo else (outlier_ratio - lo) / (hi - lo)
+    lo, hi = float(signal.min()), float(signal.max())
+    unit = torch.full_like(signal, 0.5) if hi == lo else (signal - lo) / (hi - lo)
     raw = sparsity + lam * (1 - 2 * unit)
     low, high = -float(raw.max()), max_sparsity - float(raw.min())
     for _ in range(80):
