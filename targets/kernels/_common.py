@@ -37,6 +37,13 @@ def weights_marker(weights: str) -> str:
     return BF16_MARKER if weights == "bfloat16" else ""
 
 
+def with_detail(description: str, detail: str) -> str:
+    """``description`` + `` detail``, the bf16 marker kept last."""
+    if description.endswith(BF16_MARKER):
+        return f"{description[:-len(BF16_MARKER)]} {detail}{BF16_MARKER}"
+    return f"{description} {detail}"
+
+
 def stored_dtype(weights: str) -> str:
     """The TIR buffer dtype of stored weight values."""
     return "uint16" if weights == "bfloat16" else "float32"

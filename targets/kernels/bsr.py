@@ -51,6 +51,7 @@ from ._common import (
     untranspose,
     weights_marker,
     widen,
+    with_detail,
 )
 
 FAMILIES = ("rowvec", "rowvec-xt", "rowvec-xe", "mvec")
@@ -439,4 +440,4 @@ def bsr_linear(m: int, packed: PackedBSR, has_bias: bool, caps: Capabilities,
             s = dataclasses.replace(s, tile=min(s.tile, m))
         func = _rowvec(m, n_out, k, r, c, nblocks, has_bias, s)
     func = func if has_bias else drop_param(func, "bias")
-    return finish(func, name, f"{s.describe()} r{r}c{c}")
+    return finish(func, name, with_detail(s.describe(), f"r{r}c{c}"))

@@ -45,6 +45,7 @@ from ._common import (
     untranspose,
     weights_marker,
     widen,
+    with_detail,
 )
 
 FAMILIES = ("gather", "permute", "mvec")
@@ -376,4 +377,4 @@ def nm_linear(m: int, packed: PackedNM, has_bias: bool, caps: Capabilities,
         else:
             func = _gather(m, n_out, k, packed.n, packed.m, _rows_per_vector(n_out, lanes(caps)), s, has_bias)
     func = func if has_bias else drop_param(func, "bias")
-    return finish(func, name, f"{s.describe()} {packed.n}:{packed.m}")
+    return finish(func, name, with_detail(s.describe(), f"{packed.n}:{packed.m}"))
