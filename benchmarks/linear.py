@@ -11,6 +11,10 @@ same round-robin blocks:
 * sparsecc's own dense kernel (``dense_linear``), for reference, with fp32 and with bf16-stored
   weights (fp32 arithmetic; column ``scDbf16``).
 
+With ``--bf16-values`` every sparse kernel is also built with its values stored as bf16 (same
+schedule otherwise, fp32 arithmetic) and timed in the same interleaved group: those rows say
+``bf16`` in the ``val`` column, and ``xfp32`` is the fp32 sparse kernel's time over theirs.
+
 All implementations of one (shape, M) are timed in one interleaved group, so every ratio in a row
 is measured against the same ORT and torch numbers. Every output is checked against numpy once
 before timing. Results: a table on stdout (ratios vs ORT dense and torch dense, effective GFLOP/s
@@ -56,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsities", help="comma-separated sparsities for every non-N:M pattern (default 0.5,0.7,0.9)")
     p.add_argument("--rounds", type=int, help="interleaved rounds per group (default 25, quick 9)")
     p.add_argument("--no-torch-csr", action="store_true", help="skip torch CSR (slow at M=128, 50 %%)")
+    p.add_argument("--bf16-values", action="store_true",
+                   help="also time every sparse kernel with bf16-stored values (rows marked bf16, beside fp32)")
     p.add_argument("--out", help="write all measurements to this JSON file")
     return p.parse_args(argv)
 
@@ -168,9 +174,10 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
               rng: np.random.Generator) -> list[dict[str, Any]]:
     """Build and time everything for one (shape, M); returns one record per sparse cell."""
     import torch
-    from sparsecc.sparsity import packed_nbytes, parse_pattern
+    from sparsecc.sparsity import PackedNM, packed_nbytes, parse_pattern
     from sparsecc.targets.kernels import dense_args, dense_linear, sparse_kernel
     from sparsecc.targets.kernels.dense import DenseSchedule, dense_params, from_bfloat16_bits, to_bfloat16_bits
+    from sparsecc.targets.tuning import default_schedule
 
     x = rng.standard_normal((m, k)).astype(np.float32)
     dense_w = rng.standard_normal((n_out, k)).astype(np.float32)
@@ -216,7 +223,7 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
             refs[key] = dense_ref(w)
             cell = {"shape": [n_out, k], "m": m, "pattern": pattern, "sparsity": sp, "nnz": int(packed.nnz),
                     "weight_bytes": packed_nbytes(packed), "schedule": str(func.attrs["sparsecc.schedule"]),
-                    "key": key}
+                    "key": key, "values": "fp32"}
             if pattern == "unstructured" and not args.no_torch_csr:
                 wc = torch.from_numpy(w).to_sparse_csr()
                 bcol = bt[:, None]
@@ -224,6 +231,19 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
                 outputs[f"tcsr:{key}"] = lambda name=f"tcsr:{key}": fns[name]().t().contiguous().numpy()
                 refs[f"tcsr:{key}"] = refs[key]
             cells.append(cell)
+            if args.bf16_values:
+                # The heuristic schedule with its values stored as bf16; checked against the
+                # bf16-rounded weight, which is what it computes with.
+                schedule = default_schedule(m, packed, caps, weights="bfloat16")
+                t0 = time.perf_counter()
+                func, arrays = sparse_kernel(m, packed, True, caps, "sparse_bench", schedule=schedule)
+                fns[f"{key}:bf16"], outputs[f"{key}:bf16"] = _tvm_runner(func, [x, *arrays, bias], m, n_out, target)
+                build_s += time.perf_counter() - t0
+                refs[f"{key}:bf16"] = dense_ref(from_bfloat16_bits(to_bfloat16_bits(w)))
+                values = packed.values if isinstance(packed, PackedNM) else packed.data
+                cells.append({**cell, "key": f"{key}:bf16", "values": "bf16", "fp32_key": key,
+                              "weight_bytes": packed_nbytes(packed) - 2 * int(values.size),
+                              "schedule": str(func.attrs["sparsecc.schedule"])})
 
     with torch.no_grad():
         for name, fn in fns.items():
@@ -239,13 +259,14 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
     ort_s, torch_s = times["ort"]["median"], times["torch"]["median"]
     for cell in cells:
         key = cell.pop("key")
+        fp32_key = cell.pop("fp32_key", key)
         t = times[key]["median"]
         cell.update({
             "sparsecc_s": t, "sparsecc_q1_s": times[key]["q1"], "sparsecc_q3_s": times[key]["q3"],
             "ort_dense_s": ort_s, "torch_dense_s": torch_s, "sparsecc_dense_s": times["sc_dense"]["median"],
             "sparsecc_dense_bf16_s": times["sc_dense_bf16"]["median"],
-            "torch_csr_s": times[f"tcsr:{key}"]["median"] if f"tcsr:{key}" in times else None,
-            "vs_ort": ort_s / t, "vs_torch": torch_s / t,
+            "torch_csr_s": times[f"tcsr:{fp32_key}"]["median"] if f"tcsr:{fp32_key}" in times else None,
+            "vs_ort": ort_s / t, "vs_torch": torch_s / t, "vs_fp32_values": times[fp32_key]["median"] / t,
             "gflops": 2 * m * cell["nnz"] / t / 1e9, "weight_gbs": cell["weight_bytes"] / t / 1e9,
             "ort_gflops": 2 * m * n_out * k / ort_s / 1e9,
             "load_before": load_before, "load_after": load_after, "group_wall_s": wall, "build_s": build_s,
@@ -258,19 +279,21 @@ def _fmt_us(s: float | None) -> str:
 
 
 def print_table(cells: list[dict[str, Any]]) -> None:
-    head = (f"{'N x K':>11} {'M':>4} {'pattern':>12} {'sp':>4} | {'sparsecc':>9} {'ORT':>9} {'torch':>9} "
-            f"{'tCSR':>9} {'scDense':>9} {'scDbf16':>9} us | {'xORT':>6} {'xTorch':>6} {'tCSRxORT':>8} | "
+    head = (f"{'N x K':>11} {'M':>4} {'pattern':>12} {'sp':>4} {'val':>4} | {'sparsecc':>9} {'ORT':>9} {'torch':>9} "
+            f"{'tCSR':>9} {'scDense':>9} {'scDbf16':>9} us | {'xORT':>6} {'xTorch':>6} {'tCSRxORT':>8} {'xfp32':>5} | "
             f"{'GFLOP/s':>7} {'wGB/s':>6} {'ORT GF/s':>8}")
     print(head)
     print("-" * len(head))
     for c in cells:
         tcsr = c["torch_csr_s"]
         tcsr_ratio = f"{c['ort_dense_s'] / tcsr:8.2f}" if tcsr else f"{'-':>8}"
-        print(f"{c['shape'][0]:>5}x{c['shape'][1]:<5} {c['m']:>4} {c['pattern']:>12} {int(c['sparsity'] * 100):>3}% | "
+        xfp32 = f"{c['vs_fp32_values']:5.2f}" if c["values"] == "bf16" else f"{'':>5}"
+        print(f"{c['shape'][0]:>5}x{c['shape'][1]:<5} {c['m']:>4} {c['pattern']:>12} {int(c['sparsity'] * 100):>3}% "
+              f"{c['values']:>4} | "
               f"{_fmt_us(c['sparsecc_s'])} {_fmt_us(c['ort_dense_s'])} {_fmt_us(c['torch_dense_s'])} "
               f"{_fmt_us(tcsr):>9} {_fmt_us(c['sparsecc_dense_s'])} "
               f"{_fmt_us(c['sparsecc_dense_bf16_s'])}    | {c['vs_ort']:6.2f} {c['vs_torch']:6.2f} "
-              f"{tcsr_ratio} | {c['gflops']:7.1f} {c['weight_gbs']:6.1f} {c['ort_gflops']:8.1f}")
+              f"{tcsr_ratio} {xfp32} | {c['gflops']:7.1f} {c['weight_gbs']:6.1f} {c['ort_gflops']:8.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average after: {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f} "
           f"(before {start_load[0]:.2f}); total {time.perf_counter() - t0:.0f} s")
     print("ratios are median ORT (or torch) dense time / median sparsecc time, same interleaved run; "
-          "GFLOP/s counts 2*M*nnz; wGB/s = packed weight bytes / time")
+          "GFLOP/s counts 2*M*nnz; wGB/s = packed weight bytes / time; xfp32 (bf16 rows) = fp32-values "
+          "sparse time / bf16-values sparse time")
     if args.out:
         meta = {"command": _harness.command_line(), "threads": args.threads, "mcpu": tvm_target["mcpu"], "peaks": peaks,
                 "load_before": start_load, "load_after": end_load}

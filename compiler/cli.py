@@ -12,7 +12,7 @@ import pathlib
 import sys
 from typing import Any
 
-from .api import ALLOCATIONS, METHODS, REFINEMENTS
+from .api import ALLOCATIONS, METHODS, REFINEMENTS, weight_storage
 from .errors import SparseccError
 from .sparsity import check_sparsity_value
 
@@ -78,7 +78,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         artifact = compile_model(program, target=args.target, sparsity=args.sparsity, pattern=args.pattern,
                                  method=args.method, refine=args.refine, allocation=args.allocation,
                                  calibration=calibration, skip=args.skip or "",
-                                 pipeline=args.pipeline, progress=not args.quiet, dump_dir=args.dump_dir)
+                                 pipeline=args.pipeline, progress=not args.quiet, dump_dir=args.dump_dir,
+                                 weights=weight_storage(args.weights))
     out = artifact.save(args.output)
     print(artifact.report.summary(), end="")
     print(f"artifact written to {out}")
@@ -198,8 +199,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     sparsities = [float(v) for v in args.sparsities.split(",") if v]
     for value in sparsities:
         check_sparsity_value(value)
+    weights = tuple(weight_storage(w.strip()) for w in args.weights.split(",") if w.strip())
     table = tune(args.target, shapes, _int_list(args.m), args.patterns.split(","), sparsities,
-                 table_path=args.table, rounds=args.rounds)
+                 table_path=args.table, rounds=args.rounds, weights=weights)
     print(f"cost table: {table.path} ({len(table.entries)} problems)")
     return 0
 
@@ -235,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-std", default="0.229,0.224,0.225", help="per-channel std for --calib-images")
     p.add_argument("--skip", default=None, help="layers to keep dense: fnmatch globs separated by ';'")
     p.add_argument("--pipeline", default=None, help="a full pipeline string replacing the default")
+    p.add_argument("--weights", default="fp32", choices=["fp32", "bf16"],
+                   help="storage of dense weights and sparse values in the compiled kernels: fp32, or bf16 "
+                        "(half the bytes, fp32 arithmetic, outputs within bf16 rounding; layers the cost table "
+                        "measured slower with bf16 keep fp32)")
     p.add_argument("--dump-dir", default=None, help="write numbered before/after dumps of every pass here")
     p.add_argument("-o", "--output", required=True, help="artifact folder (new, empty or an earlier artifact)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -272,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per problem")
     p.add_argument("--threads", type=int, default=0, help="kernel threads (default: TVM_NUM_THREADS or all cores)")
     p.add_argument("--table", default=None, help="cost table file (default: this host's, under ~/.cache/sparsecc)")
+    p.add_argument("--weights", default="fp32",
+                   help="value storages to measure: fp32, bf16 or fp32,bf16 (both timed side by side; bf16 "
+                        "entries are keyed separately)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="compile the bundled digits CNN for the host; print speed and accuracy")

@@ -73,6 +73,10 @@ _VIEW_OPS = {
 #: appended to a kernel's schedule description when the cost table chose it
 MEASURED_NOTE = " (measured best)"
 
+#: the note of a layer whose bf16-stored values were asked for but that keeps fp32 values,
+#: because the target's cost table timed its bf16 kernel slower (the lower pass reports it)
+KEPT_FP32_NOTE = "bf16 values measured slower than fp32 for this shape; kept fp32"
+
 
 def _kernel_name(prefix: str, node_name: str) -> str:
     return re.sub(r"\W", "_", f"{prefix}_{node_name}")
@@ -118,9 +122,17 @@ def _static_shape(expr: Any, owner: str) -> tuple[int, ...]:
 
 
 def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
-                   dense_weights: str = "float32") -> LoweringResult:
+                   dense_weights: str = "float32", sparse_weights: str = "float32") -> LoweringResult:
     """Import ``ep`` into Relax with sparsecc's kernels for sparse and dense linear layers
-    (``dense_weights="bfloat16"``: the dense linears' weights stored as bf16, fp32 arithmetic)."""
+    (``dense_weights="bfloat16"``: the dense linears' weights stored as bf16, fp32 arithmetic;
+    ``sparse_weights="bfloat16"``: the sparse kernels' packed values stored as bf16, indices
+    unchanged, fp32 arithmetic).
+
+    A layer asked to store bf16 values keeps fp32 ones when the target's cost table measured its
+    bf16 kernel slower than its fp32 one (both problems measured; its record's note then says
+    :data:`KEPT_FP32_NOTE`). Where either is unmeasured the roofline predicts bf16 no slower (it
+    streams fewer bytes), so bf16 is kept.
+    """
     import dataclasses
 
     import tvm_ffi
@@ -128,6 +140,7 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
     from sparsecc.targets.kernels.batch_matmul import batch_matmul
     from sparsecc.targets.kernels.conv import conv2d_panels, conv_geometry, grouped_conv2d
     from sparsecc.targets.kernels.dense import DenseSchedule, dense_params
+    from sparsecc.targets.tuning import default_schedule
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -143,8 +156,29 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
     # kernels' own heuristics choose the rest.
     cost_model = target.cost_model() if target.cost_model is not None else None
 
-    def measured_schedule(m: int, packed: Any, shape: tuple[int, int] | None = None) -> Any:
-        return cost_model.schedule(m, packed, shape) if cost_model is not None else None
+    def measured_schedule(m: int, packed: Any, shape: tuple[int, int] | None = None,
+                          weights: str = "float32") -> Any:
+        return cost_model.schedule(m, packed, shape, weights) if cost_model is not None else None
+
+    def value_storage(m: int, packed: Any, shape: tuple[int, int] | None, wanted: str) -> tuple[str, str]:
+        """(storage, note): ``wanted`` unless the cost model predicts the bf16 kernel slower than the
+        fp32 one from the same kind of evidence (both measured, or both roofline)."""
+        if wanted == "float32" or cost_model is None:
+            return wanted, ""
+        bf16_s, bf16_how = cost_model.predict(m, packed, shape, "bfloat16")
+        fp32_s, fp32_how = cost_model.predict(m, packed, shape, "float32")
+        if bf16_how == fp32_how and bf16_s > fp32_s:
+            return "float32", f"{KEPT_FP32_NOTE} ({bf16_how}: {bf16_s * 1e6:.1f} us against {fp32_s * 1e6:.1f} us)"
+        return wanted, ""
+
+    def schedule_for(m: int, packed: Any, shape: tuple[int, int] | None, weights: str) -> tuple[Any, bool]:
+        """(schedule or None for the kernel's heuristic, whether the cost table chose it)."""
+        measured = measured_schedule(m, packed, shape, weights)
+        if measured is not None or weights == "float32":
+            return measured, measured is not None
+        if packed is None:
+            return dataclasses.replace(DenseSchedule(*dense_params(m, shape, caps)), weights=weights), False
+        return default_schedule(m, packed, caps, weights=weights), False
 
     def bias_arg(node: Any, bias_node: Any, n_out: int) -> Any:
         if bias_node is None:
@@ -217,13 +251,15 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
                     packed = PackedBSR(((indptr.shape[0] - 1) * r, k), (r, c), indptr, indices, data)
             n_out = packed.shape[0]
             bias = bias_arg(node, bias_node, n_out)
-            chosen = measured_schedule(m, packed)
+            weights, note = value_storage(m, packed, None, sparse_weights)
+            chosen, measured = schedule_for(m, packed, None, weights)
             func, arrays = sparse_kernel(m, packed, bias is not None, caps, "kernel", schedule=chosen)
             out, kname, schedule = emit_kernel(importer, node, func, x, arrays, bias, m, n_out,
                                                f"sparse_{fmt}")
-            schedule += MEASURED_NOTE if chosen is not None else ""
+            schedule += MEASURED_NOTE if measured else ""
             records.append(KernelRecord(node.name, str(node.target), fmt, kname, schedule, (m, k),
-                                        packed.shape, packed.nnz, const_bytes=sum(a.nbytes for a in arrays)))
+                                        packed.shape, packed.nnz, note=note,
+                                        const_bytes=sum(a.nbytes for a in arrays)))
             return out
 
         return convert
@@ -250,19 +286,17 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
         bb = importer.block_builder
         x2 = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, (m, k)))
         bias = bias_arg(node, bias_node, n_out)
-        measured = measured_schedule(m, None, (n_out, k))
-        chosen = measured
-        if dense_weights != "float32":
-            chosen = dataclasses.replace(chosen or DenseSchedule(*dense_params(m, (n_out, k), caps)),
-                                         weights=dense_weights)
+        weights, note = value_storage(m, None, (n_out, k), dense_weights)
+        chosen, measured = schedule_for(m, None, (n_out, k), weights)
         func = dense_linear(m, (n_out, k), bias is not None, caps, "kernel", schedule=chosen)
         arrays = dense_args(weight, m, caps, schedule=chosen)
         out, kname, schedule = emit_kernel(importer, node, func, x2, arrays, bias, m, n_out, "dense")
-        schedule += MEASURED_NOTE if measured is not None else ""
+        schedule += MEASURED_NOTE if measured else ""
         if len(shape) != 2:
             out = bb.emit(relax.op.reshape(out, (*shape[:-1], n_out)))
         records.append(KernelRecord(node.name, "linear", "dense", kname, schedule, shape, (n_out, k),
-                                    int(np.count_nonzero(weight)), const_bytes=sum(a.nbytes for a in arrays)))
+                                    int(np.count_nonzero(weight)), note=note,
+                                    const_bytes=sum(a.nbytes for a in arrays)))
         return out
 
     def conv_converter(node: Any, importer: Any) -> Any:

@@ -50,26 +50,38 @@ class Lower(Pass):
     """Import into Relax; sparse ops become call_tir of the target's kernels.
 
     ``dense_weights="bfloat16"`` stores the weights of the linears kept dense as bf16 (half the
-    bytes a GEMV streams; every product still accumulates in fp32). The outputs then differ from
-    the fp32 program by bf16 rounding (relative error up to about 0.4 % per weight).
+    bytes a GEMV streams; every product still accumulates in fp32). ``sparse_weights="bfloat16"``
+    does the same for the values of the sparse kernels (CSR, BSR, N:M; their indices stay as they
+    are). The outputs then differ from the fp32 program by bf16 rounding (relative error up to
+    about 0.4 % per weight). A layer whose bf16 kernel the target's cost table measured slower
+    than its fp32 one keeps fp32 values, with a warning naming the layer.
     """
 
     name = "lower"
     summary = "import the packed program into TVM Relax with scheduled sparse and dense kernels"
     numerics = "none"
     dense_weights: str = "float32"
+    sparse_weights: str = "float32"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
-        from .lower import lower_to_relax
+        from .lower import KEPT_FP32_NOTE, lower_to_relax
 
-        if self.dense_weights not in ("float32", "bfloat16"):
-            raise SparseccError(f"lower{{dense_weights={self.dense_weights}}}: choose float32 or bfloat16")
-        result = lower_to_relax(program.exported, ctx.target, dense_weights=self.dense_weights)
+        for option in ("dense_weights", "sparse_weights"):
+            value = getattr(self, option)
+            if value not in ("float32", "bfloat16"):
+                raise SparseccError(f"lower{{{option}={value}}}: choose float32 or bfloat16")
+        result = lower_to_relax(program.exported, ctx.target, dense_weights=self.dense_weights,
+                                sparse_weights=self.sparse_weights)
         new = program.with_exported(program.exported, stage="lowered")
-        new.lowered = Lowered(result.mod, list(result.records), program.layer_nodes())
+        layer_of_node = program.layer_nodes()
+        new.lowered = Lowered(result.mod, list(result.records), layer_of_node)
         formats = Counter(r.format for r in result.records)
         generic = Counter(r.op for r in result.records if r.format == "generic")
         diagnostics = []
+        for record in result.records:
+            if record.note.startswith(KEPT_FP32_NOTE):
+                layer = layer_of_node.get(record.node, record.node)
+                diagnostics.append(self.diag("warning", record.note, layer=layer))
         if generic:
             ops = ", ".join(f"{op} x{count}" for op, count in sorted(generic.items()))
             diagnostics.append(self.diag(

@@ -9,6 +9,9 @@ thread count. Lowering asks the table for the schedule of each kernel it builds 
 measured keeps the heuristic choice), and :class:`CostModel` reads the same entries to predict a
 layer's time, falling back to a roofline where nothing was measured.
 
+Kernels whose weight values are stored as bf16 (``weights="bfloat16"``) are separate problems:
+their keys end in `` bf16``, so fp32 and bf16 timings never mix.
+
 TVM's meta-schedule is not used: its tuner crashed in TVM 0.27 on these machines, and a few
 explored knobs per kernel family reach the hand-tuned numbers.
 """
@@ -34,6 +37,10 @@ from .base import Capabilities
 TABLE_VERSION = 1
 #: densities are bucketed to this step: schedules change with density only gradually
 DENSITY_STEP = 0.05
+#: storage types of weight values (as the kernels' ``weights`` schedule field spells them)
+WEIGHT_DTYPES = ("float32", "bfloat16")
+#: appended to the table key of a problem whose weight values are stored as bf16
+BF16_KEY_SUFFIX = " bf16"
 
 
 class CostTableError(SparseccError):
@@ -55,14 +62,19 @@ class Problem:
     shape: tuple[int, int]
     m: int
     density: float  # stored fraction of the weight, rounded to DENSITY_STEP (1.0 for dense)
+    weights: str = "float32"  # storage of the weight values: "float32" or "bfloat16"
 
     @classmethod
-    def of(cls, m: int, packed: Packed | None, shape: tuple[int, int] | None = None) -> Problem:
-        """The problem of a packed weight (or of a dense weight of ``shape`` when ``packed`` is None)."""
+    def of(cls, m: int, packed: Packed | None, shape: tuple[int, int] | None = None,
+           weights: str = "float32") -> Problem:
+        """The problem of a packed weight (or of a dense weight of ``shape`` when ``packed`` is None)
+        whose values are stored as ``weights``."""
+        if weights not in WEIGHT_DTYPES:
+            raise SparseccError(f"weights {weights!r}: choose float32 or bfloat16")
         if packed is None:
             if shape is None:
                 raise ValueError("a dense problem needs the weight shape")
-            return cls("dense", "", tuple(shape), m, 1.0)
+            return cls("dense", "", tuple(shape), m, 1.0, weights)
         n, k = packed.shape
         if isinstance(packed, PackedBSR):
             detail = f"r{packed.block[0]}c{packed.block[1]}"
@@ -71,25 +83,37 @@ class Problem:
         else:
             detail = ""
         density = round(round(packed.nnz / max(1, n * k) / DENSITY_STEP) * DENSITY_STEP, 4)
-        return cls(_fmt_of(packed), detail, (int(n), int(k)), int(m), density)
+        return cls(_fmt_of(packed), detail, (int(n), int(k)), int(m), density, weights)
 
     def key(self) -> str:
         detail = f"/{self.detail}" if self.detail else ""
-        return f"{self.fmt}{detail} {self.shape[0]}x{self.shape[1]} m{self.m} d{self.density:.2f}"
+        suffix = BF16_KEY_SUFFIX if self.weights == "bfloat16" else ""
+        return f"{self.fmt}{detail} {self.shape[0]}x{self.shape[1]} m{self.m} d{self.density:.2f}{suffix}"
 
 
 def schedule_space(m: int, packed: Packed | None, caps: Capabilities,
-                   shape: tuple[int, int] | None = None) -> list[Any]:
-    """The format's candidate schedules for this problem, heuristic default first."""
+                   shape: tuple[int, int] | None = None, weights: str = "float32") -> list[Any]:
+    """The format's candidate schedules for this problem, heuristic default first, all storing
+    their weight values as ``weights``."""
     from .kernels import bsr, csr, dense, nm
 
     if packed is None:
-        return dense.dense_schedules(m, shape, caps)
-    if isinstance(packed, PackedCSR):
-        return csr.csr_schedules(m, packed, caps)
-    if isinstance(packed, PackedBSR):
-        return bsr.bsr_schedules(m, packed, caps)
-    return nm.nm_schedules(m, packed, caps)
+        space = dense.dense_schedules(m, shape, caps)
+    elif isinstance(packed, PackedCSR):
+        space = csr.csr_schedules(m, packed, caps)
+    elif isinstance(packed, PackedBSR):
+        space = bsr.bsr_schedules(m, packed, caps)
+    else:
+        space = nm.nm_schedules(m, packed, caps)
+    if weights == "float32":
+        return space
+    return list(dict.fromkeys(dataclasses.replace(s, weights=weights) for s in space))
+
+
+def default_schedule(m: int, packed: Packed | None, caps: Capabilities, shape: tuple[int, int] | None = None,
+                     weights: str = "float32") -> Any:
+    """The format's heuristic schedule for this problem, storing its values as ``weights``."""
+    return schedule_space(m, packed, caps, shape, weights)[0]
 
 
 def schedule_from_dict(fmt: str, fields: dict[str, Any]) -> Any:
@@ -173,7 +197,9 @@ class CostTable:
         entry = self.entries.get(problem.key())
         if entry is None:
             return None
-        return schedule_from_dict(entry["fmt"], entry["schedule"])
+        schedule = schedule_from_dict(entry["fmt"], entry["schedule"])
+        # an entry's schedule stores its values as its problem says (keys keep fp32 and bf16 apart)
+        return dataclasses.replace(schedule, weights=problem.weights)
 
     def seconds(self, problem: Problem) -> float | None:
         entry = self.entries.get(problem.key())
@@ -193,25 +219,31 @@ def synthetic_weight(shape: tuple[int, int], pattern: str, sparsity: float, seed
 
 
 def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilities, tvm_target: Any,
-            rounds: int = 7, candidates: list[Any] | None = None) -> list[tuple[Any, float]]:
+            rounds: int = 7, candidates: list[Any] | None = None, weights: str = "float32") -> list[tuple[Any, float]]:
     """Build and time every candidate schedule of one problem, side by side.
 
     ``weight`` is the masked-dense weight (the reference); ``packed`` its packed form, or None for
-    the dense kernel. Returns ``[(schedule, median seconds), ...]`` in candidate order; a
-    candidate whose output disagrees with the reference raises (a wrong kernel must never win).
+    the dense kernel; ``weights`` the storage of the values of the default candidates. Candidates
+    may mix fp32 and bf16 storage (then they are timed side by side); a bf16 candidate is checked
+    against the bf16-rounded weight, which is what it computes with. Returns ``[(schedule, median
+    seconds), ...]`` in candidate order; a candidate whose output disagrees with the reference
+    raises (a wrong kernel must never win).
     """
     import tvm
     from sparsecc.timing import interleave
 
     from .kernels import dense_args, dense_linear, sparse_kernel
+    from .kernels._common import from_bfloat16_bits, to_bfloat16_bits
 
     shape = tuple(weight.shape)
-    schedules = candidates if candidates is not None else schedule_space(m, packed, caps, shape)
+    schedules = candidates if candidates is not None else schedule_space(m, packed, caps, shape, weights)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((m, shape[1])).astype(np.float32)
     bias = rng.standard_normal(shape[0]).astype(np.float32)
-    reference = x.astype(np.float64) @ weight.astype(np.float64).T + bias
-    scale = max(1.0, float(np.abs(reference).max()))
+    rounded = from_bfloat16_bits(to_bfloat16_bits(weight))
+    references = {"float32": x.astype(np.float64) @ weight.astype(np.float64).T + bias,
+                  "bfloat16": x.astype(np.float64) @ rounded.astype(np.float64).T + bias}
+    scale = max(1.0, float(np.abs(references["float32"]).max()))
     dev = tvm.cpu()
     calls = {}
     for index, schedule in enumerate(schedules):
@@ -225,7 +257,7 @@ def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilitie
         y = tvm.runtime.tensor(np.zeros((m, shape[0]), np.float32), dev)
         kernel = lib["explore"]
         kernel(*args, y)
-        error = float(np.abs(y.numpy() - reference).max())
+        error = float(np.abs(y.numpy() - references[schedule.weights]).max())
         if not error <= 1e-3 * scale:
             raise SparseccError(f"schedule {_describe(schedule)} computes a wrong result for {shape} at M={m} "
                                 f"(max error {error:.3g}); this is a kernel bug")
@@ -266,26 +298,33 @@ class CostModel:
         self.table_path = table_path
         self.machine = machine
 
-    def schedule(self, m: int, packed: Packed | None, shape: tuple[int, int] | None = None) -> Any | None:
-        """The measured-fastest schedule for this kernel, or None (use the kernel's heuristic)."""
+    def schedule(self, m: int, packed: Packed | None, shape: tuple[int, int] | None = None,
+                 weights: str = "float32") -> Any | None:
+        """The measured-fastest schedule for this kernel with its values stored as ``weights``, or
+        None (use the kernel's heuristic)."""
         if self.table is None:
             return None
-        return self.table.best(Problem.of(m, packed, shape))
+        return self.table.best(Problem.of(m, packed, shape, weights))
 
-    def predict(self, m: int, packed: Packed | None, shape: tuple[int, int] | None = None) -> tuple[float, str]:
-        """(seconds, "measured" or "roofline") for one call of the kernel."""
-        problem = Problem.of(m, packed, shape)
+    def predict(self, m: int, packed: Packed | None, shape: tuple[int, int] | None = None,
+                weights: str = "float32") -> tuple[float, str]:
+        """(seconds, "measured" or "roofline") for one call of the kernel with its weight values
+        stored as ``weights`` (the roofline streams 2 bytes per value for bf16, 4 for fp32)."""
+        problem = Problem.of(m, packed, shape, weights)
         if self.table is not None:
             seconds = self.table.seconds(problem)
             if seconds is not None:
                 return seconds, "measured"
         n, k = problem.shape
+        value_bytes = 2 if weights == "bfloat16" else 4
         if packed is None:
-            stored, weight_bytes = n * k, 4 * n * k
+            stored, weight_bytes = n * k, value_bytes * n * k
         else:
             from sparsecc.sparsity import packed_nbytes
 
             stored, weight_bytes = packed.nnz, packed_nbytes(packed)
+            values = packed.values if isinstance(packed, PackedNM) else packed.data
+            weight_bytes -= (4 - value_bytes) * int(values.size)
         flops = 2.0 * m * stored
         activation_bytes = 4.0 * m * (n + k)
         return self.roofline.seconds(problem.fmt, flops, weight_bytes + activation_bytes, self.caps.threads), "roofline"
@@ -293,13 +332,20 @@ class CostModel:
 
 def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], patterns: list[str],
          sparsities: list[float], table_path: str | os.PathLike[str] | None = None, rounds: int = 7,
-         log: Any = print) -> CostTable:
+         log: Any = print, weights: tuple[str, ...] = ("float32",)) -> CostTable:
     """Explore every (shape, M, pattern, sparsity) problem on this machine and store the results.
 
     ``patterns`` may include ``"dense"`` (the dense kernel; sparsities do not apply). An N:M
-    pattern has one sparsity, 1 - N/M. The table is saved after every problem, so an interrupted
-    run keeps what it measured.
+    pattern has one sparsity, 1 - N/M. ``weights`` lists the value storages to measure
+    (``"float32"``, ``"bfloat16"``); with both, the fp32 and bf16 candidates of a problem are timed
+    side by side in one interleaved run and recorded as two entries (the bf16 key ends in
+    `` bf16``). The table is saved after every problem, so an interrupted run keeps what it
+    measured.
     """
+    weights = tuple(dict.fromkeys(weights))
+    bad = [w for w in weights if w not in WEIGHT_DTYPES]
+    if bad or not weights:
+        raise SparseccError(f"weights {', '.join(bad) or '(none)'}: choose float32 and/or bfloat16")
     from sparsecc.sparsity import NM
 
     from .registry import get_target
@@ -329,12 +375,14 @@ def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], pattern
                 for parsed, sparsity in cells:
                     weight = synthetic_weight(shape, pattern if parsed else "unstructured", sparsity)
                     packed = parsed.pack(weight) if parsed is not None else None
-                    problem = Problem.of(m, packed, shape)
-                    results = explore(m, weight, packed, caps, tvm_target, rounds=rounds)
-                    entry = table.record(problem, results)
-                    gain = entry["default_seconds"] / entry["seconds"]
-                    best = entry["candidates"][0][0]
-                    log(f"{problem.key():34s} best {best}  {entry['seconds'] * 1e6:9.1f} us  "
-                        f"({gain:.2f}x the heuristic's, {len(results)} candidates)")
+                    candidates = [s for w in weights for s in schedule_space(m, packed, caps, shape, w)]
+                    results = explore(m, weight, packed, caps, tvm_target, rounds=rounds, candidates=candidates)
+                    for w in weights:
+                        problem = Problem.of(m, packed, shape, w)
+                        entry = table.record(problem, [(s, t) for s, t in results if s.weights == w])
+                        gain = entry["default_seconds"] / entry["seconds"]
+                        best = entry["candidates"][0][0]
+                        log(f"{problem.key():39s} best {best}  {entry['seconds'] * 1e6:9.1f} us  "
+                            f"({gain:.2f}x the heuristic's, {len(entry['candidates'])} candidates)")
                     table.save()
     return table

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 from sparsecc.targets.base import Capabilities
 
 #: function attribute holding a short description of the schedule a kernel was built with
@@ -15,6 +16,71 @@ SCHEDULE_ATTR = "sparsecc.schedule"
 #: iteration of the loop that declares it (four calls per output row in the SpMV), while a small
 #: ``"global"`` one becomes a stack ``alloca`` that LLVM promotes to registers.
 ACC_SCOPE = "global"
+
+#: storage types a kernel's weight values may have: fp32, or bf16 bits (uint16) widened to fp32
+#: on load; the arithmetic is fp32 either way
+WEIGHT_DTYPES = ("float32", "bfloat16")
+
+#: marker in a kernel's schedule description when its weight values are stored as bf16 (the
+#: compile driver then allows bf16 rounding in its check against the fp32 program)
+BF16_MARKER = " bf16-weights"
+
+
+def check_weights(weights: str, owner: str) -> None:
+    """Raise ValueError unless ``weights`` is one of :data:`WEIGHT_DTYPES`."""
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"{owner}: weights must be float32 or bfloat16, not {weights!r}")
+
+
+def weights_marker(weights: str) -> str:
+    """:data:`BF16_MARKER` for bf16-stored values, else nothing."""
+    return BF16_MARKER if weights == "bfloat16" else ""
+
+
+def with_detail(description: str, detail: str) -> str:
+    """``description`` + `` detail``, the bf16 marker kept last."""
+    if description.endswith(BF16_MARKER):
+        return f"{description[:-len(BF16_MARKER)]} {detail}{BF16_MARKER}"
+    return f"{description} {detail}"
+
+
+def stored_dtype(weights: str) -> str:
+    """The TIR buffer dtype of stored weight values."""
+    return "uint16" if weights == "bfloat16" else "float32"
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 (round to nearest even) as the uint16 bit patterns kernels store."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """The fp32 values of stored bf16 bit patterns (what the kernel computes with)."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def store_values(values: np.ndarray, weights: str) -> np.ndarray:
+    """Weight values as a kernel stores them: f32, or bf16 bits (uint16) for ``"bfloat16"``."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    return to_bfloat16_bits(values) if weights == "bfloat16" else values
+
+
+def widen(value, weights: str, lanes: int = 1):
+    """TIR expression: the f32 value(s) of a loaded weight (scalar, or a vector of ``lanes``).
+
+    bf16 is the top half of an fp32, so shifting the stored bits up 16 gives the exact f32 value
+    (one zero-extend and one shift per vector, no AVX-512 BF16 instructions needed).
+    """
+    if weights != "bfloat16":
+        return value
+    from tvm.script import tirx as T
+
+    if lanes == 1:
+        return T.reinterpret("float32", T.shift_left(T.Cast("uint32", value), T.uint32(16)))
+    wide = T.Cast(f"uint32x{lanes}", value)
+    return T.reinterpret(f"float32x{lanes}", T.shift_left(wide, T.Broadcast(T.uint32(16), lanes)))
 
 
 def cached_builder(builder):

@@ -37,15 +37,21 @@ from ._common import (
     ACC_SCOPE,
     cached_builder,
     ceil_div,
+    check_weights,
     drop_param,
     finish,
     init_chains,
     lanes,
     mvec_tile,
     round_up,
+    store_values,
+    stored_dtype,
     tile_transpose,
     transpose_pad,
     untranspose,
+    weights_marker,
+    widen,
+    with_detail,
 )
 
 FAMILIES = ("rowvec", "rowvec-xt", "rowvec-xe", "mvec")
@@ -59,7 +65,8 @@ class BSRSchedule:
     vector's width for mvec). chains: independent accumulators a block row's blocks are dealt to
     (rowvec families). rows: block rows handled per pass over a block row (mvec; r or a divisor of
     it). index: dtype of the block-column indices, "uint16" or "int32". prefetch: how many blocks
-    ahead the rowvec families prefetch the block stream (0: none).
+    ahead the rowvec families prefetch the block stream (0: none). weights: "float32" or
+    "bfloat16" (block values stored as bf16 bits, widened to f32 on load; fp32 accumulation).
     """
 
     family: str = "rowvec"
@@ -68,6 +75,7 @@ class BSRSchedule:
     rows: int = 0
     index: str = "int32"
     prefetch: int = 0
+    weights: str = "float32"
 
     def describe(self) -> str:
         parts = [f"bsr-{self.family}", f"tile{self.tile}"]
@@ -78,7 +86,7 @@ class BSRSchedule:
         parts.append(self.index)
         if self.prefetch:
             parts.append(f"prefetch{self.prefetch}")
-        return " ".join(parts)
+        return " ".join(parts) + weights_marker(self.weights)
 
 
 def _index_dtype(packed: PackedBSR) -> str:
@@ -181,13 +189,14 @@ def bsr_args(packed: PackedBSR, m: int = 1, caps: Capabilities | None = None,
     (the schedule's index dtype) and the blocks transposed to (nblocks, c, r)."""
     r, c = packed.block
     index = schedule.index if schedule is not None else _index_dtype(packed)
+    weights = schedule.weights if schedule is not None else "float32"
     data = np.ascontiguousarray(packed.data.transpose(0, 2, 1), dtype=np.float32)
     indices = packed.indices.astype(index)
     if indices.shape[0] == 0:
         # Kernels declare at least one stored block; it is never read (every block row is empty).
         indices = np.zeros(1, index)
         data = np.zeros((1, c, r), np.float32)
-    return [packed.indptr.astype(np.int32), indices, data]
+    return [packed.indptr.astype(np.int32), indices, store_values(data, weights)]
 
 
 @cached_builder
@@ -199,6 +208,7 @@ def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: 
     nbr = n_out // r
     nbl = max(nblocks, 1)
     tile, chains, idx = s.tile, s.chains, s.index
+    stored, weights = stored_dtype(s.weights), s.weights
     transposed = s.family == "rowvec-xt"
     n_mt = ceil_div(m, tile)
     full, tail = divmod(m, tile)
@@ -220,9 +230,9 @@ def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: 
             for mm in T.unroll(mt):
                 for i in T.vectorized(r):
                     if transposed:
-                        acc[u, mm, i] = acc[u, mm, i] + data[b, j, i] * xt[t, col + j, mm]
+                        acc[u, mm, i] = acc[u, mm, i] + widen(data[b, j, i], weights) * xt[t, col + j, mm]
                     else:
-                        acc[u, mm, i] = acc[u, mm, i] + data[b, j, i] * x[m0 + mm, col + j]
+                        acc[u, mm, i] = acc[u, mm, i] + widen(data[b, j, i], weights) * x[m0 + mm, col + j]
 
     @T.macro
     def block_row(x, xt, indptr, indices, data, bias, y, br, t, m0, mt):
@@ -250,7 +260,7 @@ def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: 
 
     @T.prim_func
     def kernel(x: T.Buffer((m, k), "float32"), indptr: T.Buffer((nbr + 1,), "int32"),
-               indices: T.Buffer((nbl,), idx), data: T.Buffer((nbl, c, r), "float32"),
+               indices: T.Buffer((nbl,), idx), data: T.Buffer((nbl, c, r), stored),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         if transposed:
             # xt[t, col, :] holds x[t*tile : (t+1)*tile, col], zero past row m.
@@ -278,6 +288,7 @@ def _rowvec_xe(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bia
     nbr = n_out // r
     nbl = max(nblocks, 1)
     tile, idx, chains = s.tile, s.index, s.chains
+    stored, weights = stored_dtype(s.weights), s.weights
     g = v // r
     nq = tile // g
     n_mt = ceil_div(m, tile)
@@ -290,12 +301,12 @@ def _rowvec_xe(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bia
         for j in T.unroll(c):
             for q in T.unroll(nq):
                 acc[u, q, T.Ramp(0, 1, v)] = acc[u, q, T.Ramp(0, 1, v)] + T.Shuffle(
-                    [data[b, j, T.Ramp(0, 1, r)]] * g, spread) * xe[
+                    [widen(data[b, j, T.Ramp(0, 1, r)], weights, r)] * g, spread) * xe[
                     t, T.Cast("int32", indices[b]) * c + j, T.Ramp(q * v, 1, v)]
 
     @T.prim_func
     def kernel(x: T.Buffer((m, k), "float32"), indptr: T.Buffer((nbr + 1,), "int32"),
-               indices: T.Buffer((nbl,), idx), data: T.Buffer((nbl, c, r), "float32"),
+               indices: T.Buffer((nbl,), idx), data: T.Buffer((nbl, c, r), stored),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         # xe[t, col, q*v + l] = x[t*tile + q*g + l // r, col] (zero past row m): each x value
         # repeated over the r lanes of its row, so one aligned load is the x operand of a vector.
@@ -358,12 +369,13 @@ def _mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bo
     n_tiles = mp // tile
     nbl = max(nblocks, 1)
     idx = s.index
+    stored, weights = stored_dtype(s.weights), s.weights
     transpose = transpose_pad(m, k, mp)
     copy_out = untranspose(m, n_out, mp, has_bias, lanes(caps))
 
     @T.prim_func
     def kernel(x: T.Buffer((m, k), "float32"), indptr: T.Buffer((nbr + 1,), "int32"),
-               indices: T.Buffer((nbl,), idx), data: T.Buffer((nbl, c, r), "float32"),
+               indices: T.Buffer((nbl,), idx), data: T.Buffer((nbl, c, r), stored),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         xt = T.decl_buffer((k, mp), "float32")
         yt = T.decl_buffer((n_out, mp), "float32")
@@ -379,7 +391,7 @@ def _mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bo
                         for j in T.unroll(c):
                             for i in T.unroll(rc):
                                 for v in T.vectorized(tile):
-                                    acc[i, v] = acc[i, v] + data[b, j, ch * rc + i] * xt[
+                                    acc[i, v] = acc[i, v] + widen(data[b, j, ch * rc + i], weights) * xt[
                                         T.Cast("int32", indices[b]) * c + j, t * tile + v]
                     for i in T.unroll(rc):
                         for v in T.vectorized(tile):
@@ -390,6 +402,7 @@ def _mvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bo
 
 
 def _validate(s: BSRSchedule, r: int) -> None:
+    check_weights(s.weights, f"BSR schedule {s}")
     if s.family not in FAMILIES:
         raise ValueError(f"unknown BSR schedule family {s.family!r}")
     if s.index not in ("uint16", "int32"):
@@ -427,4 +440,4 @@ def bsr_linear(m: int, packed: PackedBSR, has_bias: bool, caps: Capabilities,
             s = dataclasses.replace(s, tile=min(s.tile, m))
         func = _rowvec(m, n_out, k, r, c, nblocks, has_bias, s)
     func = func if has_bias else drop_param(func, "bias")
-    return finish(func, name, f"{s.describe()} r{r}c{c}")
+    return finish(func, name, with_detail(s.describe(), f"r{r}c{c}"))

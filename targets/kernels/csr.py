@@ -30,7 +30,20 @@ import numpy as np
 from sparsecc.sparsity import PackedCSR
 from sparsecc.targets.base import Capabilities
 
-from ._common import ACC_SCOPE, cached_builder, ceil_div, drop_param, finish, pow2_at_least, round_up
+from ._common import (
+    ACC_SCOPE,
+    cached_builder,
+    ceil_div,
+    check_weights,
+    drop_param,
+    finish,
+    pow2_at_least,
+    round_up,
+    store_values,
+    stored_dtype,
+    weights_marker,
+    widen,
+)
 
 #: L1 bytes the SpMM's transposed-x panel of one K block may take (see :func:`_spmm_plan`)
 _PANEL_BYTES = 24 * 1024
@@ -73,6 +86,8 @@ class CSRSchedule:
     it saves the shift on every nonzero, and keeps LLVM from computing 8 offsets in a vector
     register and extracting them one by one (``vpextrd``), which it did for tiles of 8 (M = 8,
     50 %: 1.07-1.15x; M = 128, K = 768, 70 %: 1.08-1.12x; K = 3072: no change).
+    ``weights``: ``"float32"`` or ``"bfloat16"`` (the values stored as bf16 bits, widened to f32
+    on load; fp32 accumulation). Indices and pointers are the same either way.
     """
 
     family: str = "spmm"
@@ -85,13 +100,15 @@ class CSRSchedule:
     prefetch_out: bool = False
     prefetch_panel: bool = False
     pairs: bool = False
+    weights: str = "float32"
 
     def describe(self) -> str:
         if self.family == "spmm":
             return (f"csr-spmm tile{self.tile} kblock{self.kblock} unroll{self.unroll} chunk{self.chunk} "
                     f"{self.index}{' scaled' if self.scaled else ''}{' prefetch-y' if self.prefetch_out else ''}"
-                    f"{' prefetch-panel' if self.prefetch_panel else ''}{' pairs' if self.pairs else ''}")
-        return f"csr-{self.family} gather{_GATHER} unroll{self.unroll} {self.index}"
+                    f"{' prefetch-panel' if self.prefetch_panel else ''}{' pairs' if self.pairs else ''}"
+                    f"{weights_marker(self.weights)}")
+        return f"csr-{self.family} gather{_GATHER} unroll{self.unroll} {self.index}{weights_marker(self.weights)}"
 
 
 def _lanes(caps: Capabilities | None) -> int:
@@ -257,6 +274,7 @@ def _scaled_if_fits(s: CSRSchedule, k: int) -> CSRSchedule:
 
 
 def _check_schedule(m: int, k: int, s: CSRSchedule, caps: Capabilities | None) -> None:
+    check_weights(s.weights, f"CSR schedule {s}")
     if s.index not in ("uint16", "int32") or (s.index == "uint16" and k > 65536):
         raise ValueError(f"index width {s.index!r} cannot hold K = {k}")
     if s.family in ("sell", "spmv"):
@@ -431,20 +449,21 @@ def csr_args(packed: PackedCSR, m: int, caps: Capabilities | None = None,
         indices = indices % (s.kblock or round_up(packed.shape[1], 16)) * s.tile
     if s.pairs:
         indices = np.concatenate([indices, np.zeros(_stored(packed, s) - len(indices), indices.dtype)])
-    return [*ptrs, indices.astype(s.index), data]
+    return [*ptrs, indices.astype(s.index), store_values(data, s.weights)]
 
 
 @cached_builder
-def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str):
+def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str, weights: str = "float32"):
     from tvm.script import tirx as T
 
     n_sl = ceil_div(n_out, _SLICE)
     full = n_out // _SLICE
     w = _SLICE
+    stored = stored_dtype(weights)
 
     @T.prim_func
     def kernel(x: T.Buffer((1, k), "float32"), sptr: T.Buffer((n_sl + 1,), "int32"),
-               indices: T.Buffer((total,), idx_dtype), data: T.Buffer((total,), "float32"),
+               indices: T.Buffer((total,), idx_dtype), data: T.Buffer((total,), stored),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((1, n_out), "float32")):
         for sl in T.parallel(n_sl):
             acc = T.decl_buffer((unroll, w), "float32", scope=ACC_SCOPE)
@@ -454,7 +473,8 @@ def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype
             for q in range((sptr[sl + 1] - sptr[sl]) // unroll):
                 for u in T.unroll(unroll):
                     at = T.meta_var((j0 + q * unroll + u) * w)
-                    acc[u, T.Ramp(0, 1, w)] = acc[u, T.Ramp(0, 1, w)] + data[T.Ramp(at, 1, w)] * _gather(
+                    acc[u, T.Ramp(0, 1, w)] = acc[u, T.Ramp(0, 1, w)] + widen(
+                        data[T.Ramp(at, 1, w)], weights, w) * _gather(
                         T.address_of(x[0, 0]), T.Cast("int32x16", indices[T.Ramp(at, 1, w)]))
             for u in T.unroll(1, unroll):
                 acc[0, T.Ramp(0, 1, w)] = acc[0, T.Ramp(0, 1, w)] + acc[u, T.Ramp(0, 1, w)]
@@ -474,15 +494,17 @@ def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype
 
 
 @cached_builder
-def _spmv(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str, hw_gather: bool):
+def _spmv(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str, hw_gather: bool,
+          weights: str = "float32"):
     from tvm.script import tirx as T
 
     v = _GATHER
+    stored = stored_dtype(weights)
     step = v * unroll
 
     @T.prim_func
     def kernel(x: T.Buffer((1, k), "float32"), indptr: T.Buffer((n_out + 1,), "int32"),
-               indices: T.Buffer((total,), idx_dtype), data: T.Buffer((total,), "float32"),
+               indices: T.Buffer((total,), idx_dtype), data: T.Buffer((total,), stored),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((1, n_out), "float32")):
         for n in T.parallel(n_out):
             acc = T.decl_buffer((unroll, v), "float32", scope=ACC_SCOPE)
@@ -495,23 +517,26 @@ def _spmv(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype
                 for u in T.unroll(unroll):
                     at = T.meta_var(p0 + q * step + u * v)
                     if hw_gather:
-                        acc[u, T.Ramp(0, 1, v)] = acc[u, T.Ramp(0, 1, v)] + data[T.Ramp(at, 1, v)] * _gather(
+                        acc[u, T.Ramp(0, 1, v)] = acc[u, T.Ramp(0, 1, v)] + widen(
+                            data[T.Ramp(at, 1, v)], weights, v) * _gather(
                             T.address_of(x[0, 0]), T.Cast("int32x16", indices[T.Ramp(at, 1, v)]))
                     else:
                         for lane in T.vectorized(v):
-                            acc[u, lane] = acc[u, lane] + data[at + lane] * x[0, T.Cast("int32", indices[at + lane])]
+                            acc[u, lane] = acc[u, lane] + widen(data[at + lane], weights) * x[
+                                0, T.Cast("int32", indices[at + lane])]
             # The rest of the row, under unroll full vectors: whole vectors, the last one with the
             # weights past the row's end zeroed (the arrays have a vector of padding at the end).
             for q in range(count // step * unroll, (count + v - 1) // v):
                 at = T.meta_var(p0 + q * v)
                 if hw_gather:
                     acc[0, T.Ramp(0, 1, v)] = acc[0, T.Ramp(0, 1, v)] + T.Select(
-                        T.Ramp(q * v, 1, v) < T.Broadcast(count, v), data[T.Ramp(at, 1, v)],
+                        T.Ramp(q * v, 1, v) < T.Broadcast(count, v), widen(data[T.Ramp(at, 1, v)], weights, v),
                         T.Broadcast(T.float32(0), v)) * _gather(
                         T.address_of(x[0, 0]), T.Cast("int32x16", indices[T.Ramp(at, 1, v)]))
                 else:
                     for lane in T.vectorized(v):
-                        acc[0, lane] = acc[0, lane] + T.Select(q * v + lane < count, data[at + lane], T.float32(0)) * x[
+                        acc[0, lane] = acc[0, lane] + T.Select(
+                            q * v + lane < count, widen(data[at + lane], weights), T.float32(0)) * x[
                             0, T.Cast("int32", indices[at + lane])]
             for u in T.unroll(1, unroll):
                 acc[0, T.Ramp(0, 1, v)] = acc[0, T.Ramp(0, 1, v)] + acc[u, T.Ramp(0, 1, v)]
@@ -539,10 +564,11 @@ def _shuffle_lanes(bit: int, upper: bool) -> list[int]:
 @cached_builder
 def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kblock: int, idx_dtype: str,
           chunk: int | None = None, unroll: int = 1, scaled: bool = False, prefetch_out: bool = False,
-          prefetch_panel: bool = False, pairs: bool = False, n_values: int = 0):
+          prefetch_panel: bool = False, pairs: bool = False, n_values: int = 0, weights: str = "float32"):
     from tvm.script import tirx as T
 
     nz = max(nnz, 1)
+    stored = stored_dtype(weights)
     n_mt = ceil_div(m, tile)
     nkb = ceil_div(k, kblock)
     if chunk is None:
@@ -655,15 +681,18 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                         for p in range(indptr[seg], indptr[seg + 1]):
                             # a column both rows keep: one x row, two multiply-adds
                             for v in T.vectorized(tile):
-                                acc_a[v] = acc_a[v] + data[shared_base + 2 * p] * xtf[xrow(mt, kb, indices[p]) + v]
-                                acc_b[v] = acc_b[v] + data[shared_base + 2 * p + 1] * xtf[
+                                acc_a[v] = acc_a[v] + widen(data[shared_base + 2 * p], weights) * xtf[
+                                    xrow(mt, kb, indices[p]) + v]
+                                acc_b[v] = acc_b[v] + widen(data[shared_base + 2 * p + 1], weights) * xtf[
                                     xrow(mt, kb, indices[p]) + v]
                         for p in range(indptr[seg + 1], indptr[seg + 2]):
                             for v in T.vectorized(tile):
-                                acc_a[v] = acc_a[v] + data[single_base + p] * xtf[xrow(mt, kb, indices[p]) + v]
+                                acc_a[v] = acc_a[v] + widen(data[single_base + p], weights) * xtf[
+                                    xrow(mt, kb, indices[p]) + v]
                         for p in range(indptr[seg + 2], indptr[seg + 3]):
                             for v in T.vectorized(tile):
-                                acc_b[v] = acc_b[v] + data[single_base + p] * xtf[xrow(mt, kb, indices[p]) + v]
+                                acc_b[v] = acc_b[v] + widen(data[single_base + p], weights) * xtf[
+                                    xrow(mt, kb, indices[p]) + v]
                         for v in T.vectorized(tile):
                             yt[2 * r, v] = acc_a[v]
                             yt[2 * r + 1, v] = acc_b[v]
@@ -688,11 +717,11 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                         for q in range(cnt // unroll):
                             for u in T.unroll(unroll):
                                 for v in T.vectorized(tile):
-                                    acc[u, v] = acc[u, v] + data[p0 + q * unroll + u] * xtf[
+                                    acc[u, v] = acc[u, v] + widen(data[p0 + q * unroll + u], weights) * xtf[
                                         xrow(mt, kb, indices[p0 + q * unroll + u]) + v]
                         for p in range(p0 + cnt // unroll * unroll, indptr[row + 1]):
                             for v in T.vectorized(tile):
-                                acc[0, v] = acc[0, v] + data[p] * xtf[xrow(mt, kb, indices[p]) + v]
+                                acc[0, v] = acc[0, v] + widen(data[p], weights) * xtf[xrow(mt, kb, indices[p]) + v]
                         for u in T.unroll(1, unroll):
                             for v in T.vectorized(tile):
                                 acc[0, v] = acc[0, v] + acc[u, v]
@@ -729,7 +758,7 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
     @T.prim_func
     def kernel(x: T.Buffer((m, k), "float32"), indptr: T.Buffer((ptr_len,), "int32"),
                shared_before: T.Buffer((nkb * n_pairs if pairs else 1,), "int32"),
-               indices: T.Buffer((nz,), idx_dtype), data: T.Buffer((nv,), "float32"),
+               indices: T.Buffer((nz,), idx_dtype), data: T.Buffer((nv,), stored),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         # x transposed per tile of rows: xt[t, col, :] is a contiguous vector of x[t*tile : (t+1)*tile, col].
         # One band of 16 x rows per parallel task, walked along K: the band's 16 row streams are
@@ -784,15 +813,15 @@ def csr_linear(m: int, packed: PackedCSR, has_bias: bool, caps: Capabilities,
     _check_schedule(m, k, s, caps)
     total = _stored(packed, s)
     if s.family == "sell":
-        func = _sell(n_out, k, total, has_bias, s.unroll, s.index)
+        func = _sell(n_out, k, total, has_bias, s.unroll, s.index, s.weights)
     elif s.family == "spmv":
-        func = _spmv(n_out, k, total, has_bias, s.unroll, s.index, _has_gather(caps))
+        func = _spmv(n_out, k, total, has_bias, s.unroll, s.index, _has_gather(caps), s.weights)
     else:
         kblock = s.kblock or round_up(k, 16)
         chunk = s.chunk or _default_chunk(n_out, k, s.tile, caps.threads if caps is not None else 1)
         func = _spmm(m, n_out, k, total, has_bias, s.tile, kblock, s.index, chunk=chunk, unroll=s.unroll,
                      scaled=s.scaled, prefetch_out=s.prefetch_out, prefetch_panel=s.prefetch_panel, pairs=s.pairs,
-                     n_values=packed.nnz if s.pairs else 0)
+                     n_values=packed.nnz if s.pairs else 0, weights=s.weights)
         if not s.pairs:
             func = drop_param(func, "shared_before")
     func = func if has_bias else drop_param(func, "bias")

@@ -15,7 +15,25 @@ import dataclasses
 import numpy as np
 from sparsecc.targets.base import Capabilities
 
-from ._common import ACC_SCOPE, cached_builder, ceil_div, drop_param, finish, init_panel_tile, lanes
+from ._common import (
+    ACC_SCOPE,
+    cached_builder,
+    ceil_div,
+    check_weights,
+    drop_param,
+    finish,
+    from_bfloat16_bits,
+    init_panel_tile,
+    lanes,
+    store_values,
+    stored_dtype,
+    to_bfloat16_bits,
+    weights_marker,
+    widen,
+)
+
+__all__ = ["DenseSchedule", "dense_args", "dense_linear", "dense_params", "dense_schedules",
+           "from_bfloat16_bits", "to_bfloat16_bits"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +47,7 @@ class DenseSchedule:
     weights: str = "float32"  # or "bfloat16": weights stored as bf16, widened to f32 on load
 
     def describe(self) -> str:
-        bf16 = " bf16-weights" if self.weights == "bfloat16" else ""
-        return f"mr{self.mr} nr{self.nr} kc{self.kc or 'all'}{bf16}"
+        return f"mr{self.mr} nr{self.nr} kc{self.kc or 'all'}{weights_marker(self.weights)}"
 
 
 def dense_schedules(m: int, shape: tuple[int, int], caps: Capabilities) -> list[DenseSchedule]:
@@ -69,18 +86,6 @@ def dense_params(m: int, shape: tuple[int, int], caps: Capabilities) -> tuple[in
     return 4, 2 * v, 128
 
 
-def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """fp32 -> bf16 (round to nearest even) as the uint16 bit patterns kernels store."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return rounded.astype(np.uint16)
-
-
-def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
-    """The fp32 values of stored bf16 bit patterns (what the kernel computes with)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def dense_args(weight: np.ndarray, m: int, caps: Capabilities,
                schedule: DenseSchedule | None = None) -> list[np.ndarray]:
     """The packed weight panels (N/nr, K, nr) the dense kernel takes after x (f32, or bf16 bits as
@@ -92,7 +97,7 @@ def dense_args(weight: np.ndarray, m: int, caps: Capabilities,
     padded = np.zeros((panels * nr, k), np.float32)
     padded[:n_out] = weight
     out = np.ascontiguousarray(padded.reshape(panels, nr, k).transpose(0, 2, 1))
-    return [to_bfloat16_bits(out) if schedule.weights == "bfloat16" else out]
+    return [store_values(out, schedule.weights)]
 
 
 def dense_linear(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabilities,
@@ -117,10 +122,9 @@ def _dense_kernel(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabili
         raise ValueError(f"dense schedule {schedule}: nr must be a multiple of the vector width {lanes(caps)}")
     kc = min(kc, k) if kc > 0 else k
     n_kb = ceil_div(k, kc)
-    bf16 = schedule.weights == "bfloat16"
-    if schedule.weights not in ("float32", "bfloat16"):
-        raise ValueError(f"dense schedule {schedule}: weights must be float32 or bfloat16")
-    stored = "uint16" if bf16 else "float32"
+    check_weights(schedule.weights, f"dense schedule {schedule}")
+    stored = stored_dtype(schedule.weights)
+    weights = schedule.weights
     full_panels, tail_n = divmod(n_out, nr)
     panels = ceil_div(n_out, nr)
     full_m, tail_m = divmod(m, mr)
@@ -131,13 +135,6 @@ def _dense_kernel(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabili
 
     start_tile = init_panel_tile(has_bias, nr)
 
-    def widen(value):
-        # bf16 is the top half of an fp32: shifting the stored bits up 16 is the exact f32 value
-        # (one zero-extend and one shift per vector, no AVX-512 BF16 instructions needed).
-        if bf16:
-            return T.reinterpret("float32", T.shift_left(T.Cast("uint32", value), T.uint32(16)))
-        return value
-
     @T.macro
     def tile(x, wp, bias, y, nb, kb, m0, rows, cols):
         acc = T.decl_buffer((rows, cols), "float32", scope=ACC_SCOPE)
@@ -145,7 +142,7 @@ def _dense_kernel(m: int, shape: tuple[int, int], has_bias: bool, caps: Capabili
         for kk in range(T.min(kc, k - kb * kc)):
             for mm in T.unroll(rows):
                 for i in T.vectorized(cols):
-                    acc[mm, i] = acc[mm, i] + x[m0 + mm, kb * kc + kk] * widen(wp[nb, kb * kc + kk, i])
+                    acc[mm, i] = acc[mm, i] + x[m0 + mm, kb * kc + kk] * widen(wp[nb, kb * kc + kk, i], weights)
         for mm in T.unroll(rows):
             for i in T.vectorized(cols):
                 y[m0 + mm, nb * nr + i] = acc[mm, i]

@@ -32,14 +32,20 @@ from ._common import (
     ACC_SCOPE,
     cached_builder,
     ceil_div,
+    check_weights,
     drop_param,
     finish,
     init_chains,
     lanes,
     pow2_at_least,
     round_up,
+    store_values,
+    stored_dtype,
     tile_transpose,
     untranspose,
+    weights_marker,
+    widen,
+    with_detail,
 )
 
 FAMILIES = ("gather", "permute", "mvec")
@@ -59,7 +65,9 @@ class NMSchedule:
     family: "gather", "permute" or "mvec" (module doc). tile: x rows per register tile. chains:
     independent accumulators per tile row (permute, gather). kblock: input columns per K block
     (mvec; a multiple of the group). rows: output rows per pass (mvec). prefetch: how many 16-input
-    windows ahead the permute schedule prefetches values and positions (0: none).
+    windows ahead the permute schedule prefetches values and positions (0: none). weights:
+    "float32" or "bfloat16" (values stored as bf16 bits, widened to f32 on load; fp32
+    accumulation).
     """
 
     family: str = "permute"
@@ -68,12 +76,14 @@ class NMSchedule:
     kblock: int = 0
     rows: int = 1
     prefetch: int = 0
+    weights: str = "float32"
 
     def describe(self) -> str:
+        bf16 = weights_marker(self.weights)
         if self.family == "mvec":
-            return f"nm-mvec tile{self.tile} kblock{self.kblock} rows{self.rows}"
+            return f"nm-mvec tile{self.tile} kblock{self.kblock} rows{self.rows}{bf16}"
         pf = f" prefetch{self.prefetch}" if self.prefetch else ""
-        return f"nm-{self.family} tile{self.tile} chains{self.chains}{pf}"
+        return f"nm-{self.family} tile{self.tile} chains{self.chains}{pf}{bf16}"
 
 
 def _rows_per_vector(n_out: int, v: int) -> int:
@@ -178,7 +188,7 @@ def nm_args(packed: PackedNM, m: int, caps: Capabilities, schedule: NMSchedule |
             positions = (positions + (group_in_window * packed.m)[None, :]).astype(np.uint8)
         values = values.reshape(n_out // r, r, slots).transpose(0, 2, 1)
         positions = positions.reshape(n_out // r, r, slots).transpose(0, 2, 1)
-    return [np.ascontiguousarray(values), np.ascontiguousarray(positions)]
+    return [store_values(values, s.weights), np.ascontiguousarray(positions)]
 
 
 @cached_builder
@@ -188,6 +198,7 @@ def _gather(m: int, n_out: int, k: int, keep: int, group: int, r: int, s: NMSche
     groups = k // group
     slots = groups * keep
     tile, chains = s.tile, s.chains
+    stored, weights = stored_dtype(s.weights), s.weights
     full, tail = divmod(m, tile)
     start_chains = init_chains(has_bias, chains, r)
 
@@ -199,8 +210,8 @@ def _gather(m: int, n_out: int, k: int, keep: int, group: int, r: int, s: NMSche
             for sl in T.unroll(keep):
                 for mm in T.unroll(mt):
                     for i in T.vectorized(r):
-                        acc[(gr * keep + sl) % chains, mm, i] = acc[(gr * keep + sl) % chains, mm, i] + values[
-                            g, gr * keep + sl, i] * x[m0 + mm, gr * group + T.Cast("int32", positions[
+                        acc[(gr * keep + sl) % chains, mm, i] = acc[(gr * keep + sl) % chains, mm, i] + widen(values[
+                            g, gr * keep + sl, i], weights) * x[m0 + mm, gr * group + T.Cast("int32", positions[
                                 g, gr * keep + sl, i])]
         for u in T.unroll(chains - 1):
             for mm in T.unroll(mt):
@@ -211,7 +222,7 @@ def _gather(m: int, n_out: int, k: int, keep: int, group: int, r: int, s: NMSche
                 y[m0 + mm, g * r + i] = acc[0, mm, i]
 
     @T.prim_func
-    def kernel(x: T.Buffer((m, k), "float32"), values: T.Buffer((n_out // r, slots, r), "float32"),
+    def kernel(x: T.Buffer((m, k), "float32"), values: T.Buffer((n_out // r, slots, r), stored),
                positions: T.Buffer((n_out // r, slots, r), "uint8"),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         for g in T.parallel(n_out // r):
@@ -231,6 +242,7 @@ def _permute(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, h
     slots = k // group * keep
     per_window = w // group * keep
     tile, chains, pf = s.tile, s.chains, s.prefetch
+    stored, weights = stored_dtype(s.weights), s.weights
     full, tail = divmod(m, tile)
     # 64-byte lines of a window's positions (per_window x 16 bytes)
     pos_lines = ceil_div(per_window * w, 64)
@@ -258,8 +270,8 @@ def _permute(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, h
                         positions[g, (wi + pf) * per_window + line * 4, 0]), 0, 3, 1))
             for sl in T.unroll(per_window):
                 for mm in T.unroll(mt):
-                    acc[sl % chains, mm, T.Ramp(0, 1, w)] = acc[sl % chains, mm, T.Ramp(0, 1, w)] + values[
-                        g, wi * per_window + sl, T.Ramp(0, 1, w)] * T.call_llvm_pure_intrin(
+                    acc[sl % chains, mm, T.Ramp(0, 1, w)] = acc[sl % chains, mm, T.Ramp(0, 1, w)] + widen(values[
+                        g, wi * per_window + sl, T.Ramp(0, 1, w)], weights, w) * T.call_llvm_pure_intrin(
                         "float32x16", "llvm.x86.avx512.permvar.sf.512", x[m0 + mm, T.Ramp(wi * w, 1, w)],
                         T.Cast("int32x16", positions[g, wi * per_window + sl, T.Ramp(0, 1, w)]))
         for u in T.unroll(chains - 1):
@@ -269,7 +281,7 @@ def _permute(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, h
             y[m0 + mm, T.Ramp(g * w, 1, w)] = acc[0, mm, T.Ramp(0, 1, w)]
 
     @T.prim_func
-    def kernel(x: T.Buffer((m, k), "float32"), values: T.Buffer((n_out // w, slots, w), "float32"),
+    def kernel(x: T.Buffer((m, k), "float32"), values: T.Buffer((n_out // w, slots, w), stored),
                positions: T.Buffer((n_out // w, slots, w), "uint8"),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         for g in T.parallel(n_out // w):
@@ -288,6 +300,7 @@ def _mvec(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, has_
 
     slots = k // group * keep
     tile, kblock, nr = s.tile, s.kblock, s.rows
+    stored, weights = stored_dtype(s.weights), s.weights
     n_mt = ceil_div(m, tile)
     mp = n_mt * tile
     nkb = ceil_div(k, kblock)
@@ -308,14 +321,14 @@ def _mvec(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, has_
             for sl in T.unroll(keep):
                 for q in T.unroll(nr):
                     for v in T.vectorized(tile):
-                        acc[q, v] = acc[q, v] + values[n0 + q, gr * keep + sl] * xt[
+                        acc[q, v] = acc[q, v] + widen(values[n0 + q, gr * keep + sl], weights) * xt[
                             mt, gr * group + T.Cast("int32", positions[n0 + q, gr * keep + sl]), v]
         for q in T.unroll(nr):
             for v in T.vectorized(tile):
                 yt[n0 + q, mt * tile + v] = acc[q, v]
 
     @T.prim_func
-    def kernel(x: T.Buffer((m, k), "float32"), values: T.Buffer((n_out, slots), "float32"),
+    def kernel(x: T.Buffer((m, k), "float32"), values: T.Buffer((n_out, slots), stored),
                positions: T.Buffer((n_out, slots), "uint8"),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((m, n_out), "float32")):
         # xt[t, col, :] holds x[t*tile : (t+1)*tile, col], zero past row m.
@@ -336,6 +349,7 @@ def _mvec(m: int, n_out: int, k: int, keep: int, group: int, s: NMSchedule, has_
 
 
 def _validate(s: NMSchedule, m: int, n_out: int, k: int, group: int, caps: Capabilities) -> None:
+    check_weights(s.weights, f"N:M schedule {s}")
     if s.family not in FAMILIES:
         raise ValueError(f"unknown N:M schedule family {s.family!r}")
     if s.tile < 1 or s.chains < 1 or s.rows < 1:
@@ -363,4 +377,4 @@ def nm_linear(m: int, packed: PackedNM, has_bias: bool, caps: Capabilities,
         else:
             func = _gather(m, n_out, k, packed.n, packed.m, _rows_per_vector(n_out, lanes(caps)), s, has_bias)
     func = func if has_bias else drop_param(func, "bias")
-    return finish(func, name, f"{s.describe()} {packed.n}:{packed.m}")
+    return finish(func, name, with_detail(s.describe(), f"{packed.n}:{packed.m}"))
