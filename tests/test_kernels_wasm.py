@@ -163,7 +163,7 @@ def test_csr(folder, m: int, shape: tuple[int, int]) -> None:
 
 
 @pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("block", [(16, 1), (8, 1), (4, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("block", [(16, 1), (8, 1), (4, 1), (4, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
 def test_bsr(folder, m: int, block: tuple[int, int]) -> None:
     r, c = block
     rng = np.random.default_rng(m * 13 + r)
