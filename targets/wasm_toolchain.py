@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -235,9 +236,8 @@ def missing() -> list[str]:
         out.append("wasm-ld (Debian: lld)")
     if _wasi_lib() is None:
         out.append("wasi-libc's libc.a (Debian: wasi-libc; or set WASI_SYSROOT)")
-    try:
-        import wasmtime  # noqa: F401
-    except ImportError:
+    # find_spec, not import: listing targets should not load wasmtime
+    if importlib.util.find_spec("wasmtime") is None:
         out.append("the wasmtime Python package (pip install wasmtime)")
     return out
 

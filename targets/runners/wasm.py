@@ -102,7 +102,8 @@ class WasmKernel:
             text = bytes(self._memory.read(self.store, start, start + length)).decode("utf-8", "replace")
             raise TargetError(f"wasm kernel {self.export} failed ({rc}): {text or 'no message'}")
 
-    def read(self, index: int, like: np.ndarray) -> np.ndarray:
+    def read(self, index: int) -> np.ndarray:
+        """A copy of argument ``index`` as it is now in linear memory."""
         addr, nbytes, shape, dtype = self._slots[index]
         raw = self._memory.read(self.store, addr, addr + nbytes)
         return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape).copy()
@@ -112,7 +113,7 @@ class WasmKernel:
         self.call()
         outs = []
         for i in range(len(arrays) - self.n_outputs, len(arrays)):
-            outs.append(self.read(i, arrays[i]))
+            outs.append(self.read(i))
         return outs
 
     def time(self, number: int = 10) -> float:
