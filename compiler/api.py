@@ -187,6 +187,8 @@ def compile(  # noqa: A001 - the public name users expect
 
     check_sparsity_value(sparsity)
     record = get_target(target)
+    # Fail before capture and calibration, not after minutes of pruning.
+    record.require_model_build()
     program = _as_program(model_or_program, example_inputs)
     batches = _normalize_calibration(calibration, program)
     if batches is None:

@@ -49,9 +49,13 @@ def _floats(text: str) -> list[float]:
 def cmd_compile(args: argparse.Namespace) -> int:
     import warnings
 
+    from sparsecc.targets import get_target
+
     from .api import compile as compile_model
     from .capture import load_program
 
+    # An unknown target or one without whole-model builds fails before the model is loaded.
+    get_target(args.target).require_model_build()
     program = load_program(args.model)
     calibration = None
     if args.calib:
@@ -158,6 +162,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
     for record in all_targets():
         here = "runs here" if record.runs_here else "build only"
+        if not record.builds_models:
+            here += "; kernels only, no whole-model build yet"
         print(f"{record.name:12s} {record.summary} [patterns: {', '.join(record.patterns)}; "
               f"default {record.default_pattern}; {here}]")
     return 0

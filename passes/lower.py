@@ -144,6 +144,7 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    target.require_model_build()
     caps: Capabilities = target.capabilities()
     # Decompose to core ATen ourselves, but keep ``linear`` whole so dense layers reach our
     # converter with their weight (TVM's own decomposition turns it into permute + addmm).
@@ -603,6 +604,7 @@ def compile_relax(mod: Any, target: TargetRecord, records: list[KernelRecord] | 
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    target.require_model_build()
     tvm_target = tvm.target.Target(target.tvm_target())
     with tvm_target:
         mod = tvm.transform.Sequential(cpu.library_dispatch_passes(tvm_target))(mod)

@@ -43,6 +43,18 @@ class TargetRecord:
     # Kernel time predictions and measured schedule choices (``sparsecc.targets.tuning.CostModel``);
     # None for a target without one. Built lazily: it may read a cost table from disk.
     cost_model: Callable[[], Any] | None = None
+    # Whether whole models lower and build for this target (``sparsecc compile``); a target whose
+    # kernels build and run one at a time, but whose model build is not written yet, says False.
+    builds_models: bool = True
 
     def supports(self, pattern_name: str) -> bool:
         return pattern_name in self.patterns
+
+    def require_model_build(self) -> None:
+        """Raise a clear :class:`~sparsecc.errors.TargetError` when whole models cannot be built
+        for this target (instead of building host code under its name)."""
+        if not self.builds_models:
+            from sparsecc.errors import TargetError
+
+            raise TargetError(f"target {self.name!r}: whole-model lowering for this target is not built yet "
+                              "(its kernels build and run one at a time); compile for x86 instead")

@@ -8,8 +8,13 @@ from sparsecc.registry import LazyRegistry
 
 from .base import TargetRecord
 
-_TARGETS: LazyRegistry[TargetRecord] = LazyRegistry("target", ("sparsecc.targets.x86",), TargetError,
-                                                    "sparsecc targets")
+#: every target's module, imported the first time the registry is read
+TARGET_MODULES = (
+    "sparsecc.targets.x86",
+    "sparsecc.targets.wasm",
+)
+
+_TARGETS: LazyRegistry[TargetRecord] = LazyRegistry("target", TARGET_MODULES, TargetError, "sparsecc targets")
 
 
 def register(record: TargetRecord) -> TargetRecord:

@@ -351,7 +351,9 @@ def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], pattern
     from .registry import get_target
 
     record = get_target(target_name)
-    if not record.runs_here or record.cost_model is None:
+    if record.cost_model is None:
+        raise SparseccError(f"target {target_name!r} has no cost model to tune yet")
+    if not record.runs_here:
         raise SparseccError(f"target {target_name!r} cannot be measured on this machine; its cost model is a "
                             "roofline only")
     model = record.cost_model()

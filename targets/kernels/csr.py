@@ -101,6 +101,8 @@ class CSRSchedule:
     prefetch_panel: bool = False
     pairs: bool = False
     weights: str = "float32"
+    #: f32 lanes per step of ``spmv`` and ``sell`` (sell: 16, one zmm gather); see :func:`_spmv_lanes`
+    lanes: int = 16
 
     def describe(self) -> str:
         if self.family == "spmm":
@@ -108,7 +110,7 @@ class CSRSchedule:
                     f"{self.index}{' scaled' if self.scaled else ''}{' prefetch-y' if self.prefetch_out else ''}"
                     f"{' prefetch-panel' if self.prefetch_panel else ''}{' pairs' if self.pairs else ''}"
                     f"{weights_marker(self.weights)}")
-        return f"csr-{self.family} gather{_GATHER} unroll{self.unroll} {self.index}{weights_marker(self.weights)}"
+        return f"csr-{self.family} gather{self.lanes} unroll{self.unroll} {self.index}{weights_marker(self.weights)}"
 
 
 def _lanes(caps: Capabilities | None) -> int:
@@ -180,6 +182,14 @@ def _panel_prefetch_pays(k: int, tile: int) -> bool:
     return 4 * k * tile > _PANEL_PREFETCH_BYTES
 
 
+def _spmv_lanes(caps: Capabilities | None) -> int:
+    """Lanes of one step of the ``spmv`` schedule: 16 (one zmm, or two ymm of software-gathered x)
+    where vectors hold 8 lanes or more; one register where they hold fewer (simd128: 4), so a
+    step is one native vector and the masked end of a row wastes at most 3 lanes."""
+    v = _lanes(caps)
+    return _GATHER if v >= 8 else v
+
+
 def _index_dtype(k: int) -> str:
     # 2-byte column indices halve the index stream when they fit.
     return "uint16" if k <= 65536 else "int32"
@@ -220,10 +230,10 @@ def csr_schedules(m: int, packed: PackedCSR, caps: Capabilities | None) -> list[
     index = _index_dtype(k)
     if m == 1:
         if not _has_gather(caps):
-            out = [CSRSchedule("spmv", index, unroll=u) for u in (2, 1)]
+            out = [CSRSchedule("spmv", index, unroll=u, lanes=_spmv_lanes(caps)) for u in (2, 1)]
         else:
             sell = [CSRSchedule("sell", index, unroll=u) for u in (2, 1, 4)]
-            spmv = [CSRSchedule("spmv", index, unroll=u) for u in (2, 1)]
+            spmv = [CSRSchedule("spmv", index, unroll=u, lanes=_spmv_lanes(caps)) for u in (2, 1)]
             # Slices pay for their padding; rows of equal length (per-row pruning) have none.
             first, second = (sell, spmv) if _slice_padding(packed) <= 0.1 else (spmv, sell)
             out = first + second + [CSRSchedule("sell", "int32", unroll=2)]
@@ -282,6 +292,10 @@ def _check_schedule(m: int, k: int, s: CSRSchedule, caps: Capabilities | None) -
             raise ValueError(f"{s.family} is an M = 1 schedule, got M = {m}")
         if s.family == "sell" and not _has_gather(caps):
             raise ValueError("sell needs AVX-512 gathers")
+        if s.family == "sell" and s.lanes != _GATHER:
+            raise ValueError(f"sell steps are {_GATHER} lanes (one zmm gather), not {s.lanes}")
+        if s.lanes not in (4, 8, 16):
+            raise ValueError(f"{s.family} steps of {s.lanes} lanes: choose 4, 8 or 16")
     elif s.family != "spmm":
         raise ValueError(f"unknown CSR schedule family {s.family!r}")
     if s.scaled and (s.family != "spmm" or not _scale_fits(k, s)):
@@ -495,10 +509,9 @@ def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype
 
 @cached_builder
 def _spmv(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str, hw_gather: bool,
-          weights: str = "float32"):
+          v: int = _GATHER, weights: str = "float32"):
     from tvm.script import tirx as T
 
-    v = _GATHER
     stored = stored_dtype(weights)
     step = v * unroll
 
@@ -551,22 +564,34 @@ def _spmv(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype
     return kernel
 
 
-def _shuffle_lanes(bit: int, upper: bool) -> list[int]:
-    """Lanes of the two-source shuffle (lanes 0-15 from the lower row of a pair, 16-31 from the
-    upper) that swaps row-index bit ``bit`` with column-index bit ``bit`` of a 16 x 16 block: four
-    such stages (bits 0..3) transpose it."""
+def _shuffle_lanes(bit: int, upper: bool, b: int = 16) -> list[int]:
+    """Lanes of the two-source shuffle (lanes 0..b-1 from the lower row of a pair, b..2b-1 from
+    the upper) that swaps row-index bit ``bit`` with column-index bit ``bit`` of a b x b block:
+    log2(b) such stages (bits 0..3 for 16 x 16, 0..1 for 4 x 4) transpose it."""
     s = 1 << bit
     if upper:
-        return [16 + c if c & s else c ^ s for c in range(16)]
-    return [16 + (c ^ s) if c & s else c for c in range(16)]
+        return [b + c if c & s else c ^ s for c in range(b)]
+    return [b + (c ^ s) if c & s else c for c in range(b)]
+
+
+def _transpose_block(caps: Capabilities | None) -> int:
+    """Side of the square blocks the SpMM transposes x and y in, in registers: 16 x 16 where a
+    vector holds 8 lanes or more (one or two AVX registers per row), 4 x 4 with 4-lane vectors
+    (simd128: one register per row, so every shuffle is one native two-source shuffle)."""
+    return 16 if _lanes(caps) >= 8 else 4
 
 
 @cached_builder
 def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kblock: int, idx_dtype: str,
           chunk: int | None = None, unroll: int = 1, scaled: bool = False, prefetch_out: bool = False,
-          prefetch_panel: bool = False, pairs: bool = False, n_values: int = 0, weights: str = "float32"):
+          prefetch_panel: bool = False, pairs: bool = False, n_values: int = 0, b: int = 16,
+          weights: str = "float32"):
     from tvm.script import tirx as T
 
+    if b not in (4, 16):
+        raise ValueError(f"SpMM transpose blocks are 4 x 4 or 16 x 16, not {b} x {b}")
+    h = b // 2  # rows of each half of a transposed block
+    top_bit = b.bit_length() - 2  # the stage across the halves
     nz = max(nnz, 1)
     stored = stored_dtype(weights)
     n_mt = ceil_div(m, tile)
@@ -575,8 +600,8 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
         chunk = _default_chunk(n_out, k, tile, 1)
     n_chunks = ceil_div(n_out, chunk)
     full, tail = divmod(n_out, chunk)
-    strips = ceil_div(k, 16)
-    n_bands = ceil_div(tile, 16)
+    strips = ceil_div(k, b)
+    n_bands = ceil_div(tile, b)
     # Panel prefetch: the next K block's panel lines, spread evenly over this block's rows (pairs).
     panel_lines = kblock * tile // 16
     lines_per_row = ceil_div(panel_lines, chunk // 2 if pairs else chunk)
@@ -585,45 +610,47 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
     # pairs: one weight per nonzero, fewer indices than weights (see _spmm_pair_layout)
     nv = max(n_values, 1) if pairs else nz
 
-    # Row pairs of stage ``bit`` < 3 lie within one half of the block, stage 3 pairs row i of the
-    # lower half with row i of the upper. Halves are separate (8 x 16) buffers: TVM gives a buffer
+    # Row pairs of stage ``bit`` < top_bit lie within one half of the block, stage top_bit pairs
+    # row i of the lower half with row i of the upper. Halves are separate (h x b) buffers: TVM gives a buffer
     # of 1 KiB or more heap workspace instead of a stack slot, and LLVM only keeps stack slots in
     # registers.
     @T.macro
     def _stage_within(src, dst, bit):
-        for i in T.unroll(4):
+        for i in T.unroll(b // 4):
             lo = T.meta_var((i // (1 << bit)) * (2 << bit) + i % (1 << bit))
-            a = T.meta_var(src[lo, T.Ramp(0, 1, 16)])
-            b = T.meta_var(src[lo + (1 << bit), T.Ramp(0, 1, 16)])
-            dst[lo, T.Ramp(0, 1, 16)] = T.Shuffle([a, b], _shuffle_lanes(bit, False))
-            dst[lo + (1 << bit), T.Ramp(0, 1, 16)] = T.Shuffle([a, b], _shuffle_lanes(bit, True))
+            first = T.meta_var(src[lo, T.Ramp(0, 1, b)])
+            second = T.meta_var(src[lo + (1 << bit), T.Ramp(0, 1, b)])
+            dst[lo, T.Ramp(0, 1, b)] = T.Shuffle([first, second], _shuffle_lanes(bit, False, b))
+            dst[lo + (1 << bit), T.Ramp(0, 1, b)] = T.Shuffle([first, second], _shuffle_lanes(bit, True, b))
 
     @T.macro
     def _stage_across(src_lo, src_hi, dst_lo, dst_hi):
-        for i in T.unroll(8):
-            a = T.meta_var(src_lo[i, T.Ramp(0, 1, 16)])
-            b = T.meta_var(src_hi[i, T.Ramp(0, 1, 16)])
-            dst_lo[i, T.Ramp(0, 1, 16)] = T.Shuffle([a, b], _shuffle_lanes(3, False))
-            dst_hi[i, T.Ramp(0, 1, 16)] = T.Shuffle([a, b], _shuffle_lanes(3, True))
+        for i in T.unroll(h):
+            first = T.meta_var(src_lo[i, T.Ramp(0, 1, b)])
+            second = T.meta_var(src_hi[i, T.Ramp(0, 1, b)])
+            dst_lo[i, T.Ramp(0, 1, b)] = T.Shuffle([first, second], _shuffle_lanes(top_bit, False, b))
+            dst_hi[i, T.Ramp(0, 1, b)] = T.Shuffle([first, second], _shuffle_lanes(top_bit, True, b))
 
     @T.macro
-    def _transpose16(lo0, hi0, lo1, hi1):
-        # rows of (lo0; hi0) -> columns, result back in (lo0; hi0)
+    def _transpose(lo0, hi0, lo1, hi1):
+        # rows of (lo0; hi0) -> columns, result back in (lo0; hi0): b = 16 takes bits 0-2 within
+        # the halves and bit 3 across them, b = 4 bit 0 within and bit 1 across
         _stage_within(lo0, lo1, 0)
         _stage_within(hi0, hi1, 0)
-        _stage_within(lo1, lo0, 1)
-        _stage_within(hi1, hi0, 1)
-        _stage_within(lo0, lo1, 2)
-        _stage_within(hi0, hi1, 2)
+        if b == 16:
+            _stage_within(lo1, lo0, 1)
+            _stage_within(hi1, hi0, 1)
+            _stage_within(lo0, lo1, 2)
+            _stage_within(hi0, hi1, 2)
         _stage_across(lo1, hi1, lo0, hi0)
 
     @T.macro
     def _store_row(src, bias, y, row, col, j):
         if row < m:
             if has_bias:
-                y[row, T.Ramp(col, 1, 16)] = src[j, T.Ramp(0, 1, 16)] + bias[T.Ramp(col, 1, 16)]
+                y[row, T.Ramp(col, 1, b)] = src[j, T.Ramp(0, 1, b)] + bias[T.Ramp(col, 1, b)]
             else:
-                y[row, T.Ramp(col, 1, 16)] = src[j, T.Ramp(0, 1, 16)]
+                y[row, T.Ramp(col, 1, b)] = src[j, T.Ramp(0, 1, b)]
 
     @T.macro
     def _store_one(yt, bias, y, row, col0, r, mm):
@@ -727,33 +754,33 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
                                 acc[0, v] = acc[0, v] + acc[u, v]
                         for v in T.vectorized(tile):
                             yt[r, v] = acc[0, v]
-            if rows % 16 == 0 and tile % 16 == 0:
-                # yt holds y^T: transpose it 16 x 16 in registers (64 two-source shuffles per block)
-                # so every y row gets 16-wide stores; reading yt with stride ``tile`` instead cost
+            if rows % b == 0 and tile % b == 0:
+                # yt holds y^T: transpose it b x b in registers (64 two-source shuffles per 16 x 16 block)
+                # so every y row gets b-wide stores; reading yt with stride ``tile`` instead cost
                 # one insert per element, about half the kernel's time at 90 % sparsity.
-                for rb in range(rows // 16):
-                    for mb in range(tile // 16):
-                        if mt * tile + mb * 16 < m:
-                            lo0 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
-                            hi0 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
-                            lo1 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
-                            hi1 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
-                            for i in T.unroll(8):
-                                lo0[i, T.Ramp(0, 1, 16)] = yt[rb * 16 + i, T.Ramp(mb * 16, 1, 16)]
-                                hi0[i, T.Ramp(0, 1, 16)] = yt[rb * 16 + 8 + i, T.Ramp(mb * 16, 1, 16)]
-                            _transpose16(lo0, hi0, lo1, hi1)
-                            for j in T.unroll(8):
-                                _store_row(lo0, bias, y, mt * tile + mb * 16 + j, c * chunk + rb * 16, j)
-                                _store_row(hi0, bias, y, mt * tile + mb * 16 + 8 + j, c * chunk + rb * 16, j)
+                for rb in range(rows // b):
+                    for mb in range(tile // b):
+                        if mt * tile + mb * b < m:
+                            lo0 = T.decl_buffer((h, b), "float32", scope=ACC_SCOPE)
+                            hi0 = T.decl_buffer((h, b), "float32", scope=ACC_SCOPE)
+                            lo1 = T.decl_buffer((h, b), "float32", scope=ACC_SCOPE)
+                            hi1 = T.decl_buffer((h, b), "float32", scope=ACC_SCOPE)
+                            for i in T.unroll(h):
+                                lo0[i, T.Ramp(0, 1, b)] = yt[rb * b + i, T.Ramp(mb * b, 1, b)]
+                                hi0[i, T.Ramp(0, 1, b)] = yt[rb * b + h + i, T.Ramp(mb * b, 1, b)]
+                            _transpose(lo0, hi0, lo1, hi1)
+                            for j in T.unroll(h):
+                                _store_row(lo0, bias, y, mt * tile + mb * b + j, c * chunk + rb * b, j)
+                                _store_row(hi0, bias, y, mt * tile + mb * b + h + j, c * chunk + rb * b, j)
             else:
-                # Narrow tiles (few x rows) or a ragged last chunk: read yt strided, 16 rows at a
+                # Narrow tiles (few x rows) or a ragged last chunk: read yt strided, b rows at a
                 # time (one vector of all ``rows`` took LLVM minutes to compile at 512).
                 for mm in range(T.min(tile, m - mt * tile)):
-                    for rb in range(rows // 16):
-                        for r in T.vectorized(16):
-                            _store_one(yt, bias, y, mt * tile + mm, c * chunk, rb * 16 + r, mm)
-                    for r in range(rows % 16):
-                        _store_one(yt, bias, y, mt * tile + mm, c * chunk, rows // 16 * 16 + r, mm)
+                    for rb in range(rows // b):
+                        for r in T.vectorized(b):
+                            _store_one(yt, bias, y, mt * tile + mm, c * chunk, rb * b + r, mm)
+                    for r in range(rows % b):
+                        _store_one(yt, bias, y, mt * tile + mm, c * chunk, rows // b * b + r, mm)
 
     @T.prim_func
     def kernel(x: T.Buffer((m, k), "float32"), indptr: T.Buffer((ptr_len,), "int32"),
@@ -770,28 +797,28 @@ def _spmm(m: int, n_out: int, k: int, nnz: int, has_bias: bool, tile: int, kbloc
             t = T.meta_var(s // n_bands)
             mb = T.meta_var(s % n_bands)
             for st in range(strips):
-                if (mb * 16 + 16 <= tile) and (t * tile + mb * 16 + 16 <= m) and (st * 16 + 16 <= k):
-                    # A whole 16 x 16 block: transposed in registers (the scalar copy below took
+                if (mb * b + b <= tile) and (t * tile + mb * b + b <= m) and (st * b + b <= k):
+                    # A whole b x b block: transposed in registers (the scalar copy below took
                     # about 6 % of the kernel at 3072 x 768, 90 % sparse).
-                    lo0 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
-                    hi0 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
-                    lo1 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
-                    hi1 = T.decl_buffer((8, 16), "float32", scope=ACC_SCOPE)
-                    for i in T.unroll(8):
-                        lo0[i, T.Ramp(0, 1, 16)] = x[t * tile + mb * 16 + i, T.Ramp(st * 16, 1, 16)]
-                        hi0[i, T.Ramp(0, 1, 16)] = x[t * tile + mb * 16 + 8 + i, T.Ramp(st * 16, 1, 16)]
-                    _transpose16(lo0, hi0, lo1, hi1)
-                    for j in T.unroll(8):
-                        xt[t, st * 16 + j, T.Ramp(mb * 16, 1, 16)] = lo0[j, T.Ramp(0, 1, 16)]
-                        xt[t, st * 16 + 8 + j, T.Ramp(mb * 16, 1, 16)] = hi0[j, T.Ramp(0, 1, 16)]
+                    lo0 = T.decl_buffer((h, b), "float32", scope=ACC_SCOPE)
+                    hi0 = T.decl_buffer((h, b), "float32", scope=ACC_SCOPE)
+                    lo1 = T.decl_buffer((h, b), "float32", scope=ACC_SCOPE)
+                    hi1 = T.decl_buffer((h, b), "float32", scope=ACC_SCOPE)
+                    for i in T.unroll(h):
+                        lo0[i, T.Ramp(0, 1, b)] = x[t * tile + mb * b + i, T.Ramp(st * b, 1, b)]
+                        hi0[i, T.Ramp(0, 1, b)] = x[t * tile + mb * b + h + i, T.Ramp(st * b, 1, b)]
+                    _transpose(lo0, hi0, lo1, hi1)
+                    for j in T.unroll(h):
+                        xt[t, st * b + j, T.Ramp(mb * b, 1, b)] = lo0[j, T.Ramp(0, 1, b)]
+                        xt[t, st * b + h + j, T.Ramp(mb * b, 1, b)] = hi0[j, T.Ramp(0, 1, b)]
                 else:
-                    # ragged: past the last x row (zeros), past K, or a tile narrower than 16
-                    for mm in range(T.min(16, tile - mb * 16)):
-                        for kk in range(T.min(16, k - st * 16)):
-                            if t * tile + mb * 16 + mm < m:
-                                xt[t, st * 16 + kk, mb * 16 + mm] = x[t * tile + mb * 16 + mm, st * 16 + kk]
+                    # ragged: past the last x row (zeros), past K, or a tile narrower than b
+                    for mm in range(T.min(b, tile - mb * b)):
+                        for kk in range(T.min(b, k - st * b)):
+                            if t * tile + mb * b + mm < m:
+                                xt[t, st * b + kk, mb * b + mm] = x[t * tile + mb * b + mm, st * b + kk]
                             else:
-                                xt[t, st * 16 + kk, mb * 16 + mm] = T.float32(0)
+                                xt[t, st * b + kk, mb * b + mm] = T.float32(0)
         for c in T.parallel(n_chunks):
             if c < full:
                 do_chunk(x, xt, indptr, shared_before, indices, data, bias, y, c, chunk)
@@ -815,13 +842,14 @@ def csr_linear(m: int, packed: PackedCSR, has_bias: bool, caps: Capabilities,
     if s.family == "sell":
         func = _sell(n_out, k, total, has_bias, s.unroll, s.index, s.weights)
     elif s.family == "spmv":
-        func = _spmv(n_out, k, total, has_bias, s.unroll, s.index, _has_gather(caps), s.weights)
+        func = _spmv(n_out, k, total, has_bias, s.unroll, s.index, _has_gather(caps) and s.lanes == _GATHER,
+                     s.lanes, s.weights)
     else:
         kblock = s.kblock or round_up(k, 16)
         chunk = s.chunk or _default_chunk(n_out, k, s.tile, caps.threads if caps is not None else 1)
         func = _spmm(m, n_out, k, total, has_bias, s.tile, kblock, s.index, chunk=chunk, unroll=s.unroll,
                      scaled=s.scaled, prefetch_out=s.prefetch_out, prefetch_panel=s.prefetch_panel, pairs=s.pairs,
-                     n_values=packed.nnz if s.pairs else 0, weights=s.weights)
+                     n_values=packed.nnz if s.pairs else 0, b=_transpose_block(caps), weights=s.weights)
         if not s.pairs:
             func = drop_param(func, "shared_before")
     func = func if has_bias else drop_param(func, "bias")

@@ -14,7 +14,7 @@ from typing import Any
 from sparsecc.errors import TargetError
 
 # runner name -> module providing load(path)
-RUNNERS = {"host": "sparsecc.targets.runners.host"}
+RUNNERS = {"host": "sparsecc.targets.runners.host", "wasm": "sparsecc.targets.runners.wasm"}
 
 
 def load_library(runner: str, path: str | pathlib.Path) -> Callable[..., list[Any]]:

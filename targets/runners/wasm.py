@@ -1,0 +1,149 @@
+"""WebAssembly runner: load a kernel module built by :mod:`sparsecc.targets.wasm_toolchain` into
+wasmtime, copy numpy arrays into its linear memory, call the kernel, read the outputs back.
+
+One :class:`WasmKernel` holds one instance (one linear memory). Buffers are allocated in that
+memory with the shim's ``sc_alloc`` once per distinct argument shape and reused by later calls,
+so repeated calls (and :meth:`WasmKernel.time`) measure the kernel, not allocation.
+
+Whole-model artifacts are not built for WebAssembly yet, so :func:`load` refuses them with a
+clear error; kernels are loaded with :func:`load_kernel`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sparsecc.errors import ArtifactError, TargetError
+
+# numpy dtype -> DLPack (type code, bits): 0 int, 1 uint, 2 float
+_DLPACK = {
+    np.dtype("float32"): (2, 32), np.dtype("float64"): (2, 64), np.dtype("int32"): (0, 32),
+    np.dtype("int64"): (0, 64), np.dtype("uint16"): (1, 16), np.dtype("uint8"): (1, 8),
+    np.dtype("int8"): (0, 8), np.dtype("uint32"): (1, 32), np.dtype("int16"): (0, 16),
+}
+
+
+class WasmKernel:
+    """A built kernel module: ``kernel(*arrays)`` runs the kernel on numpy arrays in wasmtime.
+
+    ``arrays`` are every argument of the PrimFunc in order, outputs included; after the call the
+    output arguments (the last ``n_outputs``) hold the results (copied back into the given arrays).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], export: str, n_outputs: int = 1):
+        import wasmtime
+
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"wasm module {path} does not exist; build the kernel first")
+        self.path = path
+        self.engine = wasmtime.Engine()
+        self.store = wasmtime.Store(self.engine)
+        module = wasmtime.Module.from_file(self.engine, str(path))
+        if module.imports:
+            names = ", ".join(f"{i.module}.{i.name}" for i in module.imports)
+            raise ArtifactError(f"wasm module {path} imports {names}; sparsecc kernels must import nothing")
+        self.instance = wasmtime.Instance(self.store, module, [])
+        exports = self.instance.exports(self.store)
+        self._memory = exports["memory"]
+        self._fn = {name: exports[name] for name in ("sc_alloc", "sc_shape", "sc_set_tensor", "sc_args",
+                                                      "sc_result", "sc_error", "sc_error_len")}
+        try:
+            self._kernel = exports[export]
+        except KeyError:
+            raise ArtifactError(f"wasm module {path} has no export {export!r}") from None
+        self.export = export
+        self.n_outputs = n_outputs
+        # argument index -> (address, nbytes, shape, dtype) of its buffer in linear memory
+        self._slots: dict[int, tuple[int, int, tuple[int, ...], np.dtype]] = {}
+
+    def _slot(self, index: int, array: np.ndarray) -> int:
+        key = (array.nbytes, tuple(array.shape), array.dtype)
+        slot = self._slots.get(index)
+        if slot is None or slot[1:] != key:
+            if array.dtype not in _DLPACK:
+                raise TargetError(f"argument {index}: dtype {array.dtype} has no DLPack code here")
+            if array.ndim > 8:
+                raise TargetError(f"argument {index}: {array.ndim} dimensions (at most 8)")
+            addr = self._fn["sc_alloc"](self.store, max(array.nbytes, 1))
+            if not addr:
+                raise TargetError(f"wasm linear memory exhausted allocating {array.nbytes} bytes")
+            shape_addr = self._fn["sc_shape"](self.store, index)
+            self._memory.write(self.store, np.asarray(array.shape, np.int64).tobytes(), shape_addr)
+            code, bits = _DLPACK[array.dtype]
+            if self._fn["sc_set_tensor"](self.store, index, addr, array.ndim, code, bits) != 0:
+                raise TargetError(f"argument {index}: the shim rejected it")
+            slot = (addr, *key)
+            self._slots[index] = slot
+        return slot[0]
+
+    def load(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Copy every argument into linear memory (outputs too: a NaN-filled output shows
+        elements the kernel never writes). Returns the arrays as C-contiguous numpy."""
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        for i, a in enumerate(arrays):
+            self._memory.write(self.store, a.tobytes(), self._slot(i, a))
+        self._nargs = len(arrays)
+        return arrays
+
+    def call(self) -> None:
+        """Run the kernel on the arguments last given to :meth:`load`."""
+        rc = self._kernel(self.store, 0, self._fn["sc_args"](self.store), self._nargs,
+                          self._fn["sc_result"](self.store))
+        if rc != 0:
+            start = self._fn["sc_error"](self.store)
+            length = self._fn["sc_error_len"](self.store)
+            text = bytes(self._memory.read(self.store, start, start + length)).decode("utf-8", "replace")
+            raise TargetError(f"wasm kernel {self.export} failed ({rc}): {text or 'no message'}")
+
+    def read(self, index: int) -> np.ndarray:
+        """A copy of argument ``index`` as it is now in linear memory."""
+        addr, nbytes, shape, dtype = self._slots[index]
+        raw = self._memory.read(self.store, addr, addr + nbytes)
+        return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape).copy()
+
+    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        arrays = self.load(*arrays)
+        self.call()
+        outs = []
+        for i in range(len(arrays) - self.n_outputs, len(arrays)):
+            outs.append(self.read(i))
+        return outs
+
+    def time(self, number: int = 10) -> float:
+        """Seconds per call of ``number`` back-to-back calls on the loaded arguments."""
+        start = time.perf_counter()
+        for _ in range(number):
+            self.call()
+        return (time.perf_counter() - start) / number
+
+
+def interleaved_median(kernels: Sequence[WasmKernel], rounds: int = 15, number: int = 5,
+                       warmup: int = 2) -> list[float]:
+    """Median seconds per call of each kernel (arguments already loaded), measured in rounds that
+    take one sample of every kernel in turn, so drifts of the machine (other jobs, clock changes)
+    hit all of them alike. Single samples swing by 2x on a shared machine; medians do not."""
+    for k in kernels:
+        for _ in range(warmup):
+            k.call()
+    samples: list[list[float]] = [[] for _ in kernels]
+    for _ in range(rounds):
+        for i, k in enumerate(kernels):
+            samples[i].append(k.time(number))
+    return [statistics.median(s) for s in samples]
+
+
+def load_kernel(path: str | os.PathLike[str], export: str, n_outputs: int = 1) -> WasmKernel:
+    return WasmKernel(path, export, n_outputs)
+
+
+def load(path: str | os.PathLike[str]) -> Any:
+    """Whole-model libraries are not built for WebAssembly yet: refuse with the reason."""
+    raise ArtifactError(f"{path}: whole-model WebAssembly builds do not exist yet (the wasm-simd target "
+                        "builds and runs single kernels only); compile the model for x86 instead")

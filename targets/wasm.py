@@ -1,0 +1,50 @@
+"""The ``wasm-simd`` target: WebAssembly (wasm32) with 128-bit SIMD (simd128), run under wasmtime.
+
+Kernels are TVM-built wasm objects linked with a small runtime shim into self-contained modules
+(:mod:`sparsecc.targets.wasm_toolchain`) and run from Python through wasmtime's linear memory
+(:mod:`sparsecc.targets.runners.wasm`). One thread: wasm threads need shared memory and a host
+that spawns workers, which a plain module has not.
+
+Status: every packed format's kernel builds and runs here and matches the masked-dense product;
+whole-model lowering for this target is not built yet (``builds_models=False``), so
+``sparsecc compile --target wasm-simd`` stops with that reason, and there is no cost model yet.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from . import wasm_toolchain
+from .base import Capabilities, TargetRecord
+from .registry import register
+
+
+@functools.cache
+def capabilities() -> Capabilities:
+    # 128-bit vectors: 4 f32 lanes. Engines run wasm on the host CPU, whose caches apply; these
+    # are typical desktop sizes, used only by the kernels' blocking heuristics.
+    return Capabilities(vector_bits=128, threads=1, l2_bytes=1024 * 1024, llc_bytes=16 * 1024 * 1024,
+                        features=("simd128",))
+
+
+def tvm_target() -> dict[str, Any]:
+    """TVM 0.27 target dict for wasm32 with simd128."""
+    return wasm_toolchain.tvm_target(("+simd128",))
+
+
+WASM_SIMD = register(TargetRecord(
+    name="wasm-simd",
+    summary="WebAssembly wasm32 + simd128 (4 f32 lanes, 1 thread); kernels run under wasmtime",
+    patterns=("unstructured", "block16x1", "block8x1", "block4x1", "block4x4", "2:4"),
+    default_pattern="block16x1",
+    capabilities=capabilities,
+    tvm_target=tvm_target,
+    runner="wasm",
+    runs_here=wasm_toolchain.available(),
+    builds_models=False,
+    notes=(
+        "kernels only: whole-model lowering for this target is not built yet",
+        "needs clang, wasm-ld (lld), wasi-libc and the wasmtime Python package to build and run",
+    ),
+))

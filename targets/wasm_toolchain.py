@@ -1,0 +1,327 @@
+"""Building TVM kernels into self-contained WebAssembly modules (wasm32 + simd128).
+
+A kernel (a scheduled ``tvm.tirx.PrimFunc``) is compiled by TVM's LLVM backend to a wasm object
+that exports ``__tvm_ffi_<name>`` (TVM's packed calling convention: ``int(void* self, const
+TVMFFIAny* args, int32 nargs, TVMFFIAny* ret)``). That object needs a few runtime functions TVM's
+C++ runtime would normally provide; :data:`SHIM_SOURCE` is a small freestanding C file with them
+(a stack-like workspace allocator on linear memory, the error setter, a serial parallel launch)
+plus helpers the runner calls to lay out DLTensor arguments. ``wasm-ld`` links object and shim
+against wasi-libc's ``libc.a`` (which supplies ``expf``, ``memcpy`` and friends) into a module
+with no imports, which :mod:`sparsecc.targets.runners.wasm` runs under wasmtime.
+
+Tools looked up: ``clang`` and ``wasm-ld`` (plain or versioned names, e.g. ``clang-14``), wasi-libc
+(``$WASI_SYSROOT/lib/wasm32-wasi`` or ``/usr/lib/wasm32-wasi``) and the ``wasmtime`` Python
+package. On Debian: ``apt-get install clang lld wasi-libc wabt`` and ``pip install wasmtime``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+from typing import Any
+
+from sparsecc.errors import TargetError
+
+
+class ToolchainMissing(TargetError):
+    """A tool the wasm target needs is not installed."""
+
+
+#: LLVM triple TVM compiles wasm kernels for
+TRIPLE = "wasm32-unknown-unknown-wasm"
+
+#: flags of the shim's compile (freestanding: no libc headers, no start files)
+SHIM_FLAGS = ("--target=wasm32", "-O2", "-msimd128", "-ffreestanding", "-nostdlib", "-fno-builtin")
+
+SHIM_SOURCE = r"""
+/* Runtime support for one TVM-compiled kernel in a wasm32 module (freestanding, no headers). */
+typedef __SIZE_TYPE__ size_t;
+typedef __INT64_TYPE__ int64_t;
+typedef __UINT64_TYPE__ uint64_t;
+typedef __INT32_TYPE__ int32_t;
+typedef __UINT32_TYPE__ uint32_t;
+typedef __UINT16_TYPE__ uint16_t;
+typedef __UINT8_TYPE__ uint8_t;
+
+#define EXPORT(name) __attribute__((export_name(#name)))
+#define ALIGN 64u
+#define PAGE 65536u
+
+extern unsigned char __heap_base;
+
+/* ---- memory: a bump allocator whose blocks are released last-in first-out ---------------- */
+static size_t top;
+#define MAX_BLOCKS 1024
+static size_t block_start[MAX_BLOCKS];
+static size_t block_prev[MAX_BLOCKS];
+static uint8_t block_live[MAX_BLOCKS];
+static int n_blocks;
+
+static size_t heap_top(void) {
+  if (!top) top = (size_t)&__heap_base;
+  return top;
+}
+
+EXPORT(sc_alloc) void* sc_alloc(size_t nbytes) {
+  size_t start = (heap_top() + ALIGN - 1) & ~(size_t)(ALIGN - 1);
+  size_t end = start + (nbytes ? nbytes : 1);
+  size_t have = __builtin_wasm_memory_size(0) * PAGE;
+  if (end < start) return 0;
+  if (end > have && __builtin_wasm_memory_grow(0, (end - have + PAGE - 1) / PAGE) == (size_t)-1) return 0;
+  if (n_blocks < MAX_BLOCKS) {
+    block_start[n_blocks] = start;
+    block_prev[n_blocks] = top;
+    block_live[n_blocks] = 1;
+    n_blocks++;
+  }
+  top = end;
+  return (void*)start;
+}
+
+/* Free a block; the heap top drops past every freed block at the end of the stack. */
+EXPORT(sc_free) void sc_free(void* ptr) {
+  for (int i = n_blocks - 1; i >= 0; i--) {
+    if (block_start[i] == (size_t)ptr) { block_live[i] = 0; break; }
+  }
+  while (n_blocks > 0 && !block_live[n_blocks - 1]) {
+    n_blocks--;
+    top = block_prev[n_blocks];
+  }
+}
+
+void* TVMBackendAllocWorkspace(int device_type, int device_id, uint64_t nbytes, int code, int bits) {
+  (void)device_type; (void)device_id; (void)code; (void)bits;
+  return sc_alloc((size_t)nbytes);
+}
+
+int TVMBackendFreeWorkspace(int device_type, int device_id, void* ptr) {
+  (void)device_type; (void)device_id;
+  sc_free(ptr);
+  return 0;
+}
+
+/* TVM's object calls these through weak pointer slots of its own; defining the slots fills them. */
+void* (*__TVMBackendAllocWorkspace)(int, int, uint64_t, int, int) = TVMBackendAllocWorkspace;
+int (*__TVMBackendFreeWorkspace)(int, int, void*) = TVMBackendFreeWorkspace;
+
+/* ---- errors: kept as one message the runner reads after a nonzero return -------------------- */
+static char error_text[2048];
+static size_t error_len;
+
+static void error_append(const char* s) {
+  while (s && *s && error_len + 1 < sizeof(error_text)) error_text[error_len++] = *s++;
+  error_text[error_len] = 0;
+}
+
+void TVMFFIErrorSetRaisedFromCStr(const char* kind, const char* message) {
+  error_len = 0;
+  error_append(kind);
+  error_append(": ");
+  error_append(message);
+}
+
+void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char** parts, int32_t n) {
+  error_len = 0;
+  error_append(kind);
+  error_append(": ");
+  for (int32_t i = 0; i < n; i++) error_append(parts[i]);
+}
+
+EXPORT(sc_error) const char* sc_error(void) { return error_text; }
+EXPORT(sc_error_len) size_t sc_error_len(void) { return error_len; }
+
+/* ---- parallel loops: one thread, every task in one call ------------------------------------ */
+typedef struct { void* sync_handle; int32_t num_task; } ParallelEnv;
+typedef int (*ParallelLambda)(int task_id, ParallelEnv* env, void* cdata);
+
+static int launch_serial(ParallelLambda f, void* cdata, int num_task) {
+  (void)num_task;
+  ParallelEnv env = {0, 1};
+  return f(0, &env, cdata);
+}
+
+static int barrier_none(int task_id, ParallelEnv* env) { (void)task_id; (void)env; return 0; }
+
+int (*__TVMBackendParallelLaunch)(ParallelLambda, void*, int) = launch_serial;
+int (*__TVMBackendParallelBarrier)(int, ParallelEnv*) = barrier_none;
+
+/* ---- arguments: DLTensors and the packed-call argument array ------------------------------ */
+typedef struct { int32_t device_type; int32_t device_id; } Device;
+typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } DataType;
+typedef struct {
+  void* data; Device device; int32_t ndim; DataType dtype;
+  int64_t* shape; int64_t* strides; uint64_t byte_offset;
+} Tensor;
+typedef struct { int32_t type_index; uint32_t pad; union { int64_t v_int64; void* v_ptr; } v; } Any;
+
+#define MAX_ARGS 32
+#define MAX_DIMS 8
+static Tensor tensors[MAX_ARGS];
+static int64_t shapes[MAX_ARGS][MAX_DIMS];
+static Any args[MAX_ARGS];
+static Any result;
+
+EXPORT(sc_shape) int64_t* sc_shape(int i) { return shapes[i]; }
+
+/* Argument i: a CPU DLTensor (type index 7) over ``data``, shape already written at sc_shape(i). */
+EXPORT(sc_set_tensor) int sc_set_tensor(int i, void* data, int ndim, int code, int bits) {
+  if (i < 0 || i >= MAX_ARGS || ndim < 0 || ndim > MAX_DIMS) return -1;
+  Tensor* t = &tensors[i];
+  t->data = data;
+  t->device.device_type = 1;
+  t->device.device_id = 0;
+  t->ndim = ndim;
+  t->dtype.code = (uint8_t)code;
+  t->dtype.bits = (uint8_t)bits;
+  t->dtype.lanes = 1;
+  t->shape = shapes[i];
+  t->strides = 0;
+  t->byte_offset = 0;
+  args[i].type_index = 7;
+  args[i].pad = 0;
+  args[i].v.v_int64 = 0;
+  args[i].v.v_ptr = t;
+  return 0;
+}
+
+EXPORT(sc_args) Any* sc_args(void) { return args; }
+EXPORT(sc_result) Any* sc_result(void) { return &result; }
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Toolchain:
+    clang: str
+    wasm_ld: str
+    wasi_lib: pathlib.Path  # folder holding wasi-libc's libc.a and libm.a
+    wasm2wat: str | None  # optional (Debian ``wabt``): only for reading a module's text form
+
+
+def _which(*names: str) -> str | None:
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _versioned(base: str) -> list[str]:
+    return [base] + [f"{base}-{v}" for v in range(25, 13, -1)]
+
+
+def _wasi_lib() -> pathlib.Path | None:
+    roots = []
+    if os.environ.get("WASI_SYSROOT"):
+        roots.append(pathlib.Path(os.environ["WASI_SYSROOT"]) / "lib" / "wasm32-wasi")
+    roots += [pathlib.Path("/usr/lib/wasm32-wasi"), pathlib.Path("/usr/share/wasi-sysroot/lib/wasm32-wasi")]
+    for root in roots:
+        if (root / "libc.a").is_file():
+            return root
+    return None
+
+
+def missing() -> list[str]:
+    """What the wasm target lacks on this machine (empty when everything is there)."""
+    out = []
+    if _which(*_versioned("clang")) is None:
+        out.append("clang (Debian: clang)")
+    if _which(*_versioned("wasm-ld")) is None:
+        out.append("wasm-ld (Debian: lld)")
+    if _wasi_lib() is None:
+        out.append("wasi-libc's libc.a (Debian: wasi-libc; or set WASI_SYSROOT)")
+    # find_spec, not import: listing targets should not load wasmtime
+    if importlib.util.find_spec("wasmtime") is None:
+        out.append("the wasmtime Python package (pip install wasmtime)")
+    return out
+
+
+def available() -> bool:
+    return not missing()
+
+
+def find_toolchain() -> Toolchain:
+    """The tools the wasm target builds with; :class:`ToolchainMissing` names what is absent."""
+    lacking = missing()
+    if lacking:
+        raise ToolchainMissing("the wasm-simd target needs " + ", ".join(lacking))
+    return Toolchain(clang=_which(*_versioned("clang")), wasm_ld=_which(*_versioned("wasm-ld")),
+                     wasi_lib=_wasi_lib(), wasm2wat=_which("wasm2wat"))
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TargetError(f"{pathlib.Path(cmd[0]).name} failed ({done.returncode}): {' '.join(cmd)}\n"
+                          f"{done.stderr.strip()}")
+
+
+def _cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "sparsecc" / "wasm"
+
+
+@functools.cache
+def shim_object(clang: str) -> pathlib.Path:
+    """The compiled shim (cached per shim text, flags and compiler)."""
+    key = hashlib.sha256("\0".join([SHIM_SOURCE, *SHIM_FLAGS, clang]).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    obj = folder / f"shim-{key}.o"
+    if not obj.is_file():
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            src = pathlib.Path(tmp) / "shim.c"
+            src.write_text(SHIM_SOURCE)
+            out = pathlib.Path(tmp) / "shim.o"
+            _run([clang, *SHIM_FLAGS, "-c", str(src), "-o", str(out)])
+            os.replace(out, obj)
+    return obj
+
+
+def tvm_target(mattr: tuple[str, ...] = ("+simd128",)) -> dict[str, Any]:
+    return {"kind": "llvm", "mtriple": TRIPLE, "mattr": list(mattr), "num-cores": 1}
+
+
+def build_kernel(func: Any, out_path: str | os.PathLike[str], target: dict[str, Any] | None = None) -> pathlib.Path:
+    """Compile one scheduled PrimFunc into a self-contained ``.wasm`` at ``out_path``.
+
+    The module exports the kernel as ``__tvm_ffi_<global_symbol>``, its linear memory and the
+    shim's ``sc_*`` helpers (see :data:`SHIM_SOURCE`), and imports nothing.
+    """
+    import tvm
+
+    tools = find_toolchain()
+    out_path = pathlib.Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    obj = out_path.with_suffix(".o")
+    ex = tvm.compile(func, target=target or tvm_target())
+    ex.mod.write_to_file(str(obj))
+    try:
+        _run([tools.wasm_ld, "--no-entry", "--export-dynamic", "--export=__heap_base", "--strip-debug",
+              "-o", str(out_path), str(obj), str(shim_object(tools.clang)),
+              f"-L{tools.wasi_lib}", "-lm", "-lc"])
+    finally:
+        obj.unlink(missing_ok=True)
+    return out_path
+
+
+def kernel_export(func: Any) -> str:
+    """The export name of ``func``'s packed entry in a module from :func:`build_kernel`."""
+    return f"__tvm_ffi_{func.attrs['global_symbol']}"
+
+
+def wat(path: str | os.PathLike[str]) -> str:
+    """The text form of a module (needs ``wasm2wat``, Debian's ``wabt``)."""
+    tool = _which("wasm2wat")
+    if tool is None:
+        raise ToolchainMissing("wasm2wat (Debian: wabt) is not installed")
+    done = subprocess.run([tool, "--enable-all", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TargetError(f"wasm2wat failed: {done.stderr.strip()}")
+    return done.stdout
