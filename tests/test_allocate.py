@@ -7,6 +7,7 @@ import sparsecc
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sparsecc.errors import WeightError
 from sparsecc.pass_manager import PassContext, PassManager
 from sparsecc.passes.allocate import layer_groups, rebalance, row_sparsities
 from sparsecc.plan import LayerPlan, Plan, PlanError
@@ -92,7 +93,7 @@ def test_allocations_keep_the_total_and_differ_from_uniform(x86, method):
     if method == "search":
         res = result.results[1][1]
         errors = {k: v for k, v in res.counters.items() if k.startswith("error_")}
-        assert len(errors) == 7 and "error_uniform_0" in errors
+        assert len(errors) == 11 and "error_uniform_0" in errors
         note = next(d.message for d in res.diagnostics if "search chose" in d.message)
         assert f"{min(errors.values()):.4g}" in note
 
@@ -140,12 +141,12 @@ def test_neuroal_writes_row_ratios_that_pruning_follows(x86, tmp_path):
     model = _LoudRows().eval()
     calib = [(torch.randn(32, 64),) for _ in range(6)]
     program = sparsecc.capture(model, calib[0])
-    result = _run(program, "plan-uniform{sparsity=0.7,pattern=unstructured},allocate{method=neuroal},prune-wanda",
-                  x86, calib)
+    result = _run(program, "plan-uniform{sparsity=0.7,pattern=unstructured},"
+                  "allocate{method=neuroal,row_strengths=0.05;0.2},prune-wanda", x86, calib)
     res = result.results[1][1]
     row_errors = {k: v for k, v in res.counters.items() if k.startswith("error_rows_")}
     assert set(row_errors) == {"error_rows_0"} | {f"error_rows_{signal}_{lam}" for signal in ("loss", "outliers")
-                                                for lam in ("0.05", "0.1", "0.2")}
+                                                for lam in ("0.05", "0.2")}
     # here the row-wise step pays: it is chosen and strictly better than equal rows
     assert res.counters["row_lam"] > 0
     assert min(row_errors.values()) < row_errors["error_rows_0"]
@@ -206,3 +207,19 @@ def test_row_ratios_compile_to_csr_kernels_that_match_masked_dense(tmp_path):
     assert torch.equal(kept, expected) and len(set(kept.tolist())) > 1
     again = sparsecc.load(artifact.save(tmp_path / "art"))
     assert again.plan.layers["layers.1"].row_sparsity == rows
+
+
+def test_alignment_measures_are_named_and_checked(x86):
+    model, calib = _blocks()
+    program = sparsecc.capture(model, calib[0])
+    for measure, words in (("kl", "KL divergence from dense"), ("l2", "output error relative to dense")):
+        result = _run(program, f"plan-uniform{{sparsity=0.7,pattern=unstructured}},allocate{{method=search,"
+                      f"measure={measure}}}", x86, calib)
+        res = result.results[1][1]
+        note = next(d.message for d in res.diagnostics if "search chose" in d.message)
+        assert words in note
+        errors = [v for k, v in res.counters.items() if k.startswith("error_")]
+        assert all(v >= 0 for v in errors) and len(set(errors)) > 1
+    with pytest.raises(WeightError, match="unknown alignment measure 'cosine'"):
+        _run(program, "plan-uniform{sparsity=0.7,pattern=unstructured},allocate{method=search,measure=cosine}",
+             x86, calib)
