@@ -22,12 +22,13 @@ import hashlib
 import importlib.util
 import os
 import pathlib
-import shutil
 import subprocess
 import tempfile
 from typing import Any
 
 from sparsecc.errors import TargetError
+
+from .kernel_runtime import C_RUNTIME, cache_dir, run_tool, which
 
 
 class ToolchainMissing(TargetError):
@@ -96,104 +97,9 @@ EXPORT(sc_free) void sc_free(void* ptr) {
   }
 }
 
-void* TVMBackendAllocWorkspace(int device_type, int device_id, uint64_t nbytes, int code, int bits) {
-  (void)device_type; (void)device_id; (void)code; (void)bits;
-  return sc_alloc((size_t)nbytes);
-}
-
-int TVMBackendFreeWorkspace(int device_type, int device_id, void* ptr) {
-  (void)device_type; (void)device_id;
-  sc_free(ptr);
-  return 0;
-}
-
-/* TVM's object calls these through weak pointer slots of its own; defining the slots fills them. */
-void* (*__TVMBackendAllocWorkspace)(int, int, uint64_t, int, int) = TVMBackendAllocWorkspace;
-int (*__TVMBackendFreeWorkspace)(int, int, void*) = TVMBackendFreeWorkspace;
-
-/* ---- errors: kept as one message the runner reads after a nonzero return -------------------- */
-static char error_text[2048];
-static size_t error_len;
-
-static void error_append(const char* s) {
-  while (s && *s && error_len + 1 < sizeof(error_text)) error_text[error_len++] = *s++;
-  error_text[error_len] = 0;
-}
-
-void TVMFFIErrorSetRaisedFromCStr(const char* kind, const char* message) {
-  error_len = 0;
-  error_append(kind);
-  error_append(": ");
-  error_append(message);
-}
-
-void TVMFFIErrorSetRaisedFromCStrParts(const char* kind, const char** parts, int32_t n) {
-  error_len = 0;
-  error_append(kind);
-  error_append(": ");
-  for (int32_t i = 0; i < n; i++) error_append(parts[i]);
-}
-
-EXPORT(sc_error) const char* sc_error(void) { return error_text; }
-EXPORT(sc_error_len) size_t sc_error_len(void) { return error_len; }
-
-/* ---- parallel loops: one thread, every task in one call ------------------------------------ */
-typedef struct { void* sync_handle; int32_t num_task; } ParallelEnv;
-typedef int (*ParallelLambda)(int task_id, ParallelEnv* env, void* cdata);
-
-static int launch_serial(ParallelLambda f, void* cdata, int num_task) {
-  (void)num_task;
-  ParallelEnv env = {0, 1};
-  return f(0, &env, cdata);
-}
-
-static int barrier_none(int task_id, ParallelEnv* env) { (void)task_id; (void)env; return 0; }
-
-int (*__TVMBackendParallelLaunch)(ParallelLambda, void*, int) = launch_serial;
-int (*__TVMBackendParallelBarrier)(int, ParallelEnv*) = barrier_none;
-
-/* ---- arguments: DLTensors and the packed-call argument array ------------------------------ */
-typedef struct { int32_t device_type; int32_t device_id; } Device;
-typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } DataType;
-typedef struct {
-  void* data; Device device; int32_t ndim; DataType dtype;
-  int64_t* shape; int64_t* strides; uint64_t byte_offset;
-} Tensor;
-typedef struct { int32_t type_index; uint32_t pad; union { int64_t v_int64; void* v_ptr; } v; } Any;
-
-#define MAX_ARGS 32
-#define MAX_DIMS 8
-static Tensor tensors[MAX_ARGS];
-static int64_t shapes[MAX_ARGS][MAX_DIMS];
-static Any args[MAX_ARGS];
-static Any result;
-
-EXPORT(sc_shape) int64_t* sc_shape(int i) { return shapes[i]; }
-
-/* Argument i: a CPU DLTensor (type index 7) over ``data``, shape already written at sc_shape(i). */
-EXPORT(sc_set_tensor) int sc_set_tensor(int i, void* data, int ndim, int code, int bits) {
-  if (i < 0 || i >= MAX_ARGS || ndim < 0 || ndim > MAX_DIMS) return -1;
-  Tensor* t = &tensors[i];
-  t->data = data;
-  t->device.device_type = 1;
-  t->device.device_id = 0;
-  t->ndim = ndim;
-  t->dtype.code = (uint8_t)code;
-  t->dtype.bits = (uint8_t)bits;
-  t->dtype.lanes = 1;
-  t->shape = shapes[i];
-  t->strides = 0;
-  t->byte_offset = 0;
-  args[i].type_index = 7;
-  args[i].pad = 0;
-  args[i].v.v_int64 = 0;
-  args[i].v.v_ptr = t;
-  return 0;
-}
-
-EXPORT(sc_args) Any* sc_args(void) { return args; }
-EXPORT(sc_result) Any* sc_result(void) { return &result; }
-"""
+void* sc_workspace_alloc(size_t nbytes) { return sc_alloc(nbytes); }
+void sc_workspace_free(void* ptr) { sc_free(ptr); }
+""" + C_RUNTIME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,14 +108,6 @@ class Toolchain:
     wasm_ld: str
     wasi_lib: pathlib.Path  # folder holding wasi-libc's libc.a and libm.a
     wasm2wat: str | None  # optional (Debian ``wabt``): only for reading a module's text form
-
-
-def _which(*names: str) -> str | None:
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
 
 
 def _versioned(base: str) -> list[str]:
@@ -230,9 +128,9 @@ def _wasi_lib() -> pathlib.Path | None:
 def missing() -> list[str]:
     """What the wasm target lacks on this machine (empty when everything is there)."""
     out = []
-    if _which(*_versioned("clang")) is None:
+    if which(*_versioned("clang")) is None:
         out.append("clang (Debian: clang)")
-    if _which(*_versioned("wasm-ld")) is None:
+    if which(*_versioned("wasm-ld")) is None:
         out.append("wasm-ld (Debian: lld)")
     if _wasi_lib() is None:
         out.append("wasi-libc's libc.a (Debian: wasi-libc; or set WASI_SYSROOT)")
@@ -251,20 +149,12 @@ def find_toolchain() -> Toolchain:
     lacking = missing()
     if lacking:
         raise ToolchainMissing("the wasm-simd target needs " + ", ".join(lacking))
-    return Toolchain(clang=_which(*_versioned("clang")), wasm_ld=_which(*_versioned("wasm-ld")),
-                     wasi_lib=_wasi_lib(), wasm2wat=_which("wasm2wat"))
-
-
-def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise TargetError(f"{pathlib.Path(cmd[0]).name} failed ({done.returncode}): {' '.join(cmd)}\n"
-                          f"{done.stderr.strip()}")
+    return Toolchain(clang=which(*_versioned("clang")), wasm_ld=which(*_versioned("wasm-ld")),
+                     wasi_lib=_wasi_lib(), wasm2wat=which("wasm2wat"))
 
 
 def _cache_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(base) / "sparsecc" / "wasm"
+    return cache_dir("wasm")
 
 
 @functools.cache
@@ -279,7 +169,7 @@ def shim_object(clang: str) -> pathlib.Path:
             src = pathlib.Path(tmp) / "shim.c"
             src.write_text(SHIM_SOURCE)
             out = pathlib.Path(tmp) / "shim.o"
-            _run([clang, *SHIM_FLAGS, "-c", str(src), "-o", str(out)])
+            run_tool([clang, *SHIM_FLAGS, "-c", str(src), "-o", str(out)])
             os.replace(out, obj)
     return obj
 
@@ -303,7 +193,7 @@ def build_kernel(func: Any, out_path: str | os.PathLike[str], target: dict[str, 
     ex = tvm.compile(func, target=target or tvm_target())
     ex.mod.write_to_file(str(obj))
     try:
-        _run([tools.wasm_ld, "--no-entry", "--export-dynamic", "--export=__heap_base", "--strip-debug",
+        run_tool([tools.wasm_ld, "--no-entry", "--export-dynamic", "--export=__heap_base", "--strip-debug",
               "-o", str(out_path), str(obj), str(shim_object(tools.clang)),
               f"-L{tools.wasi_lib}", "-lm", "-lc"])
     finally:
@@ -318,7 +208,7 @@ def kernel_export(func: Any) -> str:
 
 def wat(path: str | os.PathLike[str]) -> str:
     """The text form of a module (needs ``wasm2wat``, Debian's ``wabt``)."""
-    tool = _which("wasm2wat")
+    tool = which("wasm2wat")
     if tool is None:
         raise ToolchainMissing("wasm2wat (Debian: wabt) is not installed")
     done = subprocess.run([tool, "--enable-all", str(path)], capture_output=True, text=True)

@@ -21,12 +21,7 @@ from typing import Any
 import numpy as np
 from sparsecc.errors import ArtifactError, TargetError
 
-# numpy dtype -> DLPack (type code, bits): 0 int, 1 uint, 2 float
-_DLPACK = {
-    np.dtype("float32"): (2, 32), np.dtype("float64"): (2, 64), np.dtype("int32"): (0, 32),
-    np.dtype("int64"): (0, 64), np.dtype("uint16"): (1, 16), np.dtype("uint8"): (1, 8),
-    np.dtype("int8"): (0, 8), np.dtype("uint32"): (1, 32), np.dtype("int16"): (0, 16),
-}
+from ..kernel_runtime import dlpack_code
 
 
 class WasmKernel:
@@ -67,16 +62,12 @@ class WasmKernel:
         key = (array.nbytes, tuple(array.shape), array.dtype)
         slot = self._slots.get(index)
         if slot is None or slot[1:] != key:
-            if array.dtype not in _DLPACK:
-                raise TargetError(f"argument {index}: dtype {array.dtype} has no DLPack code here")
-            if array.ndim > 8:
-                raise TargetError(f"argument {index}: {array.ndim} dimensions (at most 8)")
+            code, bits = dlpack_code(index, array)
             addr = self._fn["sc_alloc"](self.store, max(array.nbytes, 1))
             if not addr:
                 raise TargetError(f"wasm linear memory exhausted allocating {array.nbytes} bytes")
             shape_addr = self._fn["sc_shape"](self.store, index)
             self._memory.write(self.store, np.asarray(array.shape, np.int64).tobytes(), shape_addr)
-            code, bits = _DLPACK[array.dtype]
             if self._fn["sc_set_tensor"](self.store, index, addr, array.ndim, code, bits) != 0:
                 raise TargetError(f"argument {index}: the shim rejected it")
             slot = (addr, *key)
