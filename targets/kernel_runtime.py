@@ -11,10 +11,12 @@ it expects ``<stdint.h>``-style integer types, an ``EXPORT(name)`` macro and the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import shutil
 import subprocess
+import tempfile
 
 import numpy as np
 from sparsecc.errors import TargetError
@@ -159,3 +161,20 @@ def cache_dir(target: str) -> pathlib.Path:
     """Where a toolchain keeps its compiled runtime objects (``$XDG_CACHE_HOME/sparsecc/<target>``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(base) / "sparsecc" / target
+
+
+def compiled_object(target: str, stem: str, source: str, compiler: str, flags: tuple[str, ...]) -> pathlib.Path:
+    """``source`` compiled to an object by ``compiler`` with ``flags``, kept in :func:`cache_dir`
+    under a name that changes with the text, the flags and the compiler."""
+    key = hashlib.sha256("\0".join([source, *flags, compiler]).encode()).hexdigest()[:16]
+    folder = cache_dir(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    obj = folder / f"{stem}-{key}.o"
+    if not obj.is_file():
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            src = pathlib.Path(tmp) / f"{stem}.c"
+            src.write_text(source)
+            out = pathlib.Path(tmp) / f"{stem}.o"
+            run_tool([compiler, *flags, "-c", str(src), "-o", str(out)])
+            os.replace(out, obj)  # atomic: a concurrent build sees the old name or the whole object
+    return obj

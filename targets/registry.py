@@ -12,6 +12,7 @@ from .base import TargetRecord
 TARGET_MODULES = (
     "sparsecc.targets.x86",
     "sparsecc.targets.wasm",
+    "sparsecc.targets.arm",
 )
 
 _TARGETS: LazyRegistry[TargetRecord] = LazyRegistry("target", TARGET_MODULES, TargetError, "sparsecc targets")

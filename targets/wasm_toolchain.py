@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import importlib.util
 import os
 import pathlib
 import subprocess
-import tempfile
 from typing import Any
 
 from sparsecc.errors import TargetError
 
-from .kernel_runtime import C_RUNTIME, cache_dir, run_tool, which
+from .kernel_runtime import C_RUNTIME, compiled_object, run_tool, which
 
 
 class ToolchainMissing(TargetError):
@@ -153,25 +151,10 @@ def find_toolchain() -> Toolchain:
                      wasi_lib=_wasi_lib(), wasm2wat=which("wasm2wat"))
 
 
-def _cache_dir() -> pathlib.Path:
-    return cache_dir("wasm")
-
-
 @functools.cache
 def shim_object(clang: str) -> pathlib.Path:
     """The compiled shim (cached per shim text, flags and compiler)."""
-    key = hashlib.sha256("\0".join([SHIM_SOURCE, *SHIM_FLAGS, clang]).encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    obj = folder / f"shim-{key}.o"
-    if not obj.is_file():
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src = pathlib.Path(tmp) / "shim.c"
-            src.write_text(SHIM_SOURCE)
-            out = pathlib.Path(tmp) / "shim.o"
-            run_tool([clang, *SHIM_FLAGS, "-c", str(src), "-o", str(out)])
-            os.replace(out, obj)
-    return obj
+    return compiled_object("wasm", "shim", SHIM_SOURCE, clang, SHIM_FLAGS)
 
 
 def tvm_target(mattr: tuple[str, ...] = ("+simd128",)) -> dict[str, Any]:

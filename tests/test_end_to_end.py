@@ -164,7 +164,7 @@ def test_console_script_lists_targets_and_passes():
     out = subprocess.run([sys.executable, "-m", "sparsecc.cli", "targets"], capture_output=True, text=True,
                          check=True).stdout
     names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    assert "x86" in names and "wasm-simd" in names
+    assert "x86" in names and "wasm-simd" in names and "arm-neon" in names
     out = subprocess.run([sys.executable, "-m", "sparsecc.cli", "passes"], capture_output=True, text=True,
                          check=True).stdout
     assert "prune-wanda" in out and "pack" in out

@@ -14,7 +14,11 @@ from typing import Any
 from sparsecc.errors import TargetError
 
 # runner name -> module providing load(path)
-RUNNERS = {"host": "sparsecc.targets.runners.host", "wasm": "sparsecc.targets.runners.wasm"}
+RUNNERS = {
+    "host": "sparsecc.targets.runners.host",
+    "wasm": "sparsecc.targets.runners.wasm",
+    "arm": "sparsecc.targets.runners.arm",
+}
 
 
 def load_library(runner: str, path: str | pathlib.Path) -> Callable[..., list[Any]]:
