@@ -13,17 +13,25 @@ tvm = pytest.importorskip("tvm")
 
 from kernel_check import check_close, reference  # noqa: E402
 from sparsecc.errors import ArtifactError, TargetError  # noqa: E402
-from sparsecc.sparsity import pack_bsr, pack_csr, pack_nm, parse_pattern  # noqa: E402
+from sparsecc.sparsity import pack_csr, parse_pattern  # noqa: E402
 from sparsecc.targets import all_targets, get_target  # noqa: E402
 from sparsecc.targets import wasm_toolchain as wt  # noqa: E402
-from sparsecc.targets.kernels import dense_args, dense_linear, sparse_kernel  # noqa: E402
-from sparsecc.targets.kernels.bsr import bsr_args, bsr_linear, bsr_schedules  # noqa: E402
-from sparsecc.targets.kernels.csr import _transpose_block, csr_args, csr_linear, csr_schedules  # noqa: E402
+from sparsecc.targets.kernels import dense_args, dense_linear  # noqa: E402
+from sparsecc.targets.kernels.csr import _transpose_block, csr_args, csr_schedules  # noqa: E402
 from sparsecc.targets.kernels.dense import dense_params, dense_schedules  # noqa: E402
-from sparsecc.targets.kernels.nm import nm_args, nm_linear, nm_schedules  # noqa: E402
-from wasm_check import CAPS, TARGET, build_and_run, require, require_toolchain, require_wasm2wat, simd_ops  # noqa: E402
-
-MS = [1, 3, 8, 32]
+from target_cases import (  # noqa: E402
+    MS,
+    SIMD_FORMATS,
+    Case,
+    bsr_case,
+    candidate_cases,
+    csr_case,
+    dense_case,
+    nm_case,
+    require,
+    simd_case,
+)
+from wasm_check import CAPS, TARGET, build_and_run, require_toolchain, require_wasm2wat, simd_ops  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,31 +40,10 @@ def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("wasm")
 
 
-def _x_bias(rng, m: int, n_out: int, k: int, with_bias: bool):
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    bias = rng.standard_normal(n_out).astype(np.float32) if with_bias else None
-    return x, bias
-
-
-def _run_sparse(folder, m: int, w: np.ndarray, packed, with_bias: bool, rng, name: str) -> str:
-    n_out, k = w.shape
-    x, bias = _x_bias(rng, m, n_out, k, with_bias)
-    func, arrays = sparse_kernel(m, packed, with_bias, CAPS, name)
-    got, _ = build_and_run(func, [x, *arrays] + ([bias] if with_bias else []), m, n_out, folder)
-    check_close(got, reference(x, w, bias))
-    return str(func.attrs["sparsecc.schedule"])
-
-
-def _awkward_rows(w: np.ndarray, rng) -> np.ndarray:
-    """An empty row, a fully dense row, rows with one nonzero in the first / last column."""
-    n_out, k = w.shape
-    w[1] = 0
-    w[2] = rng.standard_normal(k)
-    w[3] = 0
-    w[3, 0] = 1.5
-    w[4] = 0
-    w[4, k - 1] = -2.0
-    return w
+def _check(folder, case: Case):
+    got, path = build_and_run(case.func, case.inputs, case.m, case.n_out, folder)
+    check_close(got, case.ref)
+    return path
 
 
 # ---- the target record ------------------------------------------------------------------------
@@ -123,11 +110,11 @@ def test_targets_listing_is_truthful(capsys) -> None:
 def test_missing_toolchain_skips_locally_and_fails_in_ci(monkeypatch) -> None:
     monkeypatch.setenv("CI", "false")
     with pytest.raises(pytest.skip.Exception, match="clang"):
-        require(["clang (Debian: clang)"])
+        require(["clang (Debian: clang)"], "the wasm toolchain")
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true"):
-        require(["clang (Debian: clang)"])
-    require([])  # nothing missing: neither
+        require(["clang (Debian: clang)"], "the wasm toolchain")
+    require([], "the wasm toolchain")  # nothing missing: neither
 
 
 def test_missing_toolchain_error_names_the_tools(monkeypatch) -> None:
@@ -141,55 +128,27 @@ def test_missing_toolchain_error_names_the_tools(monkeypatch) -> None:
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("shape", [(37, 53), (48, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_dense(folder, m: int, shape: tuple[int, int]) -> None:
-    rng = np.random.default_rng(m * 7 + shape[1])
-    n_out, k = shape
-    w = rng.standard_normal(shape).astype(np.float32)
-    x, bias = _x_bias(rng, m, n_out, k, m != 3)
-    func = dense_linear(m, shape, bias is not None, CAPS, f"dense_{m}_{n_out}")
-    args = [x, *dense_args(w, m, CAPS)] + ([bias] if bias is not None else [])
-    got, _ = build_and_run(func, args, m, n_out, folder)
-    check_close(got, reference(x, w, bias))
+    _check(folder, dense_case(m, shape, CAPS))
 
 
 @pytest.mark.parametrize("m", MS + [131])
 @pytest.mark.parametrize("shape", [(37, 53), (48, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_csr(folder, m: int, shape: tuple[int, int]) -> None:
-    rng = np.random.default_rng(m * 11 + shape[0])
-    w = rng.standard_normal(shape).astype(np.float32)
-    w[rng.random(shape) < 0.7] = 0
-    w = _awkward_rows(w, rng)
-    schedule = _run_sparse(folder, m, w, pack_csr(w), m % 2 == 0, rng, f"csr_{m}_{shape[0]}")
-    assert schedule.startswith("csr-spmv gather4" if m == 1 else "csr-spmm")
+    case = csr_case(m, shape, CAPS)
+    _check(folder, case)
+    assert case.schedule.startswith("csr-spmv gather4" if m == 1 else "csr-spmm")
 
 
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("block", [(16, 1), (8, 1), (4, 1), (4, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
 def test_bsr(folder, m: int, block: tuple[int, int]) -> None:
-    r, c = block
-    rng = np.random.default_rng(m * 13 + r)
-    n_out = 48
-    k = 53 if c == 1 else 68  # K not a multiple of 16 (the kernels' strips) nor of the tile
-    w = rng.standard_normal((n_out, k)).astype(np.float32)
-    keep = rng.random((n_out // r, k // c)) < 0.35
-    keep[0] = False  # an empty block row
-    keep[1] = True  # a fully dense block row
-    w *= keep.repeat(r, 0).repeat(c, 1)
-    _run_sparse(folder, m, w, pack_bsr(w, block), m != 3, rng, f"bsr{r}x{c}_{m}")
+    _check(folder, bsr_case(m, block, CAPS))
 
 
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("n_out", [48, 20])
 def test_nm_2_4(folder, m: int, n_out: int) -> None:
-    rng = np.random.default_rng(m * 17 + n_out)
-    k = 68
-    w = rng.standard_normal((n_out, k)).astype(np.float32)
-    groups = w.reshape(n_out, k // 4, 4)
-    order = np.argsort(rng.random(groups.shape), axis=2)
-    groups[order >= 2] = 0
-    w = groups.reshape(n_out, k)
-    w[0, :4] = 0  # a group with no nonzeros (padded slots)
-    w[3] = 0  # an all-zero row
-    _run_sparse(folder, m, w, pack_nm(w, 2, 4), m != 1, rng, f"nm_{m}_{n_out}")
+    _check(folder, nm_case(m, n_out, CAPS))
 
 
 def test_kernel_errors_come_back(folder) -> None:
@@ -206,32 +165,12 @@ def test_kernel_errors_come_back(folder) -> None:
 
 # ---- SIMD is really used ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt", ["dense", "csr", "bsr16x1", "bsr4x4", "2:4"])
+@pytest.mark.parametrize("fmt", SIMD_FORMATS)
 @pytest.mark.parametrize("m", [1, 8])
 def test_modules_use_simd(folder, fmt: str, m: int) -> None:
     require_wasm2wat()
-    rng = np.random.default_rng(5)
-    n_out, k = 48, 64
-    w = rng.standard_normal((n_out, k)).astype(np.float32)
-    name = f"simd_{fmt.replace(':', '_')}_{m}"
-    if fmt == "dense":
-        func, arrays = dense_linear(m, (n_out, k), False, CAPS, name), dense_args(w, m, CAPS)
-    else:
-        if fmt == "csr":
-            w[rng.random(w.shape) < 0.7] = 0
-            packed = pack_csr(w)
-        elif fmt == "2:4":
-            groups = w.reshape(n_out, k // 4, 4)
-            groups[np.argsort(rng.random(groups.shape), axis=2) >= 2] = 0
-            packed = pack_nm(groups.reshape(n_out, k), 2, 4)
-        else:
-            r, c = {"bsr16x1": (16, 1), "bsr4x4": (4, 4)}[fmt]
-            w *= (rng.random((n_out // r, k // c)) < 0.4).repeat(r, 0).repeat(c, 1)
-            packed = pack_bsr(w, (r, c))
-        func, arrays = sparse_kernel(m, packed, False, CAPS, name)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    _, path = build_and_run(func, [x, *arrays], m, n_out, folder)
-    ops = simd_ops(path, name)
+    case = simd_case(fmt, m, CAPS)
+    ops = simd_ops(_check(folder, case), case.name)
     assert ops.get("f32x4.mul", 0) + ops.get("f32x4.add", 0) >= 2, ops
 
 
@@ -251,37 +190,8 @@ def test_simd_check_sees_a_scalar_build(folder) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("m", [1, 8])
 def test_every_candidate(folder, m: int) -> None:
-    rng = np.random.default_rng(m)
-    n_out, k = 48, 68
-    base = rng.standard_normal((n_out, k)).astype(np.float32)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-
-    def check(func, arrays, w, i):
-        got, _ = build_and_run(func, [x, *arrays], m, n_out, folder)
-        check_close(got, reference(x, w, None))
-
-    for i, s in enumerate(dense_schedules(m, (n_out, k), CAPS)[:4]):
-        check(dense_linear(m, (n_out, k), False, CAPS, f"cand_dense_{m}_{i}", schedule=s),
-              dense_args(base, m, CAPS, schedule=s), base, i)
-    w = _awkward_rows(np.where(rng.random(base.shape) < 0.7, 0, base).astype(np.float32), rng)
-    packed = pack_csr(w)
-    for i, s in enumerate(csr_schedules(m, packed, CAPS)):
-        check(csr_linear(m, packed, False, CAPS, f"cand_csr_{m}_{i}", schedule=s),
-              csr_args(packed, m, CAPS, schedule=s), w, i)
-    for block in ((16, 1), (4, 4)):
-        keep = rng.random((n_out // block[0], k // block[1])) < 0.4
-        wb = base * keep.repeat(block[0], 0).repeat(block[1], 1)
-        pb = pack_bsr(wb, block)
-        for i, s in enumerate(bsr_schedules(m, pb, CAPS)):
-            check(bsr_linear(m, pb, False, CAPS, f"cand_bsr{block[0]}_{m}_{i}", schedule=s),
-                  bsr_args(pb, m, CAPS, schedule=s), wb, i)
-    groups = base.copy().reshape(n_out, k // 4, 4)
-    groups[np.argsort(rng.random(groups.shape), axis=2) >= 2] = 0
-    wn = groups.reshape(n_out, k)
-    pn = pack_nm(wn, 2, 4)
-    for i, s in enumerate(nm_schedules(m, pn, CAPS)):
-        check(nm_linear(m, pn, False, CAPS, f"cand_nm_{m}_{i}", schedule=s),
-              nm_args(pn, m, CAPS, schedule=s), wn, i)
+    for case in candidate_cases(m, CAPS):
+        _check(folder, case)
 
 
 def test_schedule_dataclass_keeps_lanes() -> None:

@@ -3,37 +3,21 @@ the toolchain gate (skip on a user's machine, fail in CI), build-and-run, and th
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import shutil
 
 import numpy as np
-import pytest
 from sparsecc.targets import get_target
 from sparsecc.targets import wasm_toolchain as wt
+from target_cases import require
 
 TARGET = get_target("wasm-simd")
 CAPS = TARGET.capabilities()
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
-
-
-def require(lacking: list[str], what: str = "the wasm toolchain") -> None:
-    """Skip when tools are missing, except in CI (``CI=true``), where a missing toolchain is a
-    broken CI image and must fail loudly instead of passing as a skip."""
-    if not lacking:
-        return
-    message = f"{what} is missing: {', '.join(lacking)}"
-    if in_ci():
-        pytest.fail(f"{message} (CI=true: a missing toolchain fails instead of skipping; .ci/run installs it)")
-    pytest.skip(message)
-
-
 def require_toolchain() -> None:
-    require(wt.missing())
+    require(wt.missing(), "the wasm toolchain")
 
 
 def require_wasm2wat() -> None:
