@@ -29,3 +29,15 @@ def check_close(got: np.ndarray, ref: np.ndarray) -> None:
 def reference(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     return ref + bias if bias is not None else ref
+
+
+def awkward_rows(w: np.ndarray, rng) -> np.ndarray:
+    """An empty row, a fully dense row, rows with one nonzero in the first / last column."""
+    n_out, k = w.shape
+    w[1] = 0
+    w[2] = rng.standard_normal(k)
+    w[3] = 0
+    w[3, 0] = 1.5
+    w[4] = 0
+    w[4, k - 1] = -2.0
+    return w

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kernel_check import reference
+from kernel_check import awkward_rows, reference
 from sparsecc.sparsity import pack_bsr, pack_csr, pack_nm
 from sparsecc.targets import Capabilities
 from sparsecc.targets.kernels import dense_args, dense_linear, sparse_kernel
@@ -73,18 +73,6 @@ def _sparse_case(m: int, w: np.ndarray, packed, with_bias: bool, rng, caps: Capa
     x, bias = _x_bias(rng, m, n_out, k, with_bias)
     func, arrays = sparse_kernel(m, packed, with_bias, caps, name)
     return Case(func, [x, *arrays] + ([bias] if with_bias else []), m, n_out, reference(x, w, bias))
-
-
-def awkward_rows(w: np.ndarray, rng) -> np.ndarray:
-    """An empty row, a fully dense row, rows with one nonzero in the first / last column."""
-    n_out, k = w.shape
-    w[1] = 0
-    w[2] = rng.standard_normal(k)
-    w[3] = 0
-    w[3, 0] = 1.5
-    w[4] = 0
-    w[4, k - 1] = -2.0
-    return w
 
 
 def dense_case(m: int, shape: tuple[int, int], caps: Capabilities) -> Case:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 tvm = pytest.importorskip("tvm")
 
+from kernel_check import awkward_rows  # noqa: E402
 from kernel_check import check_close as _check  # noqa: E402
 from kernel_check import run_kernel as _run  # noqa: E402
 from sparsecc.sparsity import pack_csr  # noqa: E402
@@ -35,12 +36,7 @@ def _weight(rng: np.random.Generator, n_out: int, k: int, sparsity: float) -> np
     (first and last column), and a row one longer than a gathered vector."""
     w = rng.standard_normal((n_out, k)).astype(np.float32)
     w[rng.random((n_out, k)) < sparsity] = 0
-    w[1] = 0
-    w[2] = rng.standard_normal(k)
-    w[3] = 0
-    w[3, 0] = 1.5
-    w[4] = 0
-    w[4, k - 1] = -2.0
+    w = awkward_rows(w, rng)
     w[5] = 0
     w[5, rng.choice(k, min(k, 17), replace=False)] = 1.0
     return w
