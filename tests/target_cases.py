@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kernel_check import awkward_rows, reference
-from sparsecc.sparsity import pack_bsr, pack_csr, pack_nm
-from sparsecc.targets import Capabilities
+from kernel_check import awkward_rows, check_close, reference
+from sparsecc.errors import ArtifactError, TargetError
+from sparsecc.sparsity import pack_bsr, pack_csr, pack_nm, parse_pattern
+from sparsecc.targets import Capabilities, TargetRecord, all_targets
 from sparsecc.targets.kernels import dense_args, dense_linear, sparse_kernel
 from sparsecc.targets.kernels.bsr import bsr_args, bsr_linear, bsr_schedules
 from sparsecc.targets.kernels.csr import csr_args, csr_linear, csr_schedules
@@ -60,6 +61,63 @@ class Case:
     @property
     def schedule(self) -> str:
         return str(self.func.attrs["sparsecc.schedule"])
+
+
+def check_case(build_and_run, folder, case: Case) -> Any:
+    """Build and run ``case`` with a target's ``build_and_run(func, inputs, m, n_out, folder)``,
+    compare with the reference, return the built file's path."""
+    got, path = build_and_run(case.func, case.inputs, case.m, case.n_out, folder)
+    check_close(got, case.ref)
+    return path
+
+
+def check_record(target: TargetRecord, triple: str, mattr: str, runner: str) -> None:
+    """What every kernels-only 128-bit target record says: registered, 4 f32 lanes on one
+    thread, an LLVM target dict TVM accepts, its runner, no whole-model build, packed patterns."""
+    import tvm
+
+    assert target in all_targets()
+    caps = target.capabilities()
+    assert caps.vector_bits == 128 and caps.vector_lanes_f32 == 4 and caps.threads == 1
+    tgt = target.tvm_target()
+    assert tgt["kind"] == "llvm" and tgt["mtriple"].startswith(triple) and mattr in tgt["mattr"]
+    tvm.target.Target(tgt)  # TVM accepts it
+    assert target.runner == runner and not target.builds_models
+    assert target.supports(target.default_pattern)
+    for name in target.patterns:
+        assert parse_pattern(name).packed_format in ("csr", "bsr", "nm"), name
+
+
+def check_model_build_refused(target: TargetRecord, tmp_path, artifact_message: str) -> None:
+    """Whole models are refused with the reason: by the API, by the command line (exit status 2,
+    before the model is read), by the lowering, and by the runner's ``load``."""
+    import torch
+    from sparsecc import cli
+    from sparsecc.api import compile as compile_model
+    from sparsecc.passes.lower import compile_relax
+    from sparsecc.targets.runners import load_library
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    with pytest.raises(TargetError, match="whole-model lowering for this target is not built yet"):
+        compile_model(model, (torch.randn(2, 16),), target=target.name, progress=False)
+    argv = ["compile", str(tmp_path / "absent.pt2"), "--target", target.name, "-o", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    with pytest.raises(TargetError, match="not built yet"):
+        compile_relax(None, target)
+    with pytest.raises(ArtifactError, match=artifact_message):
+        load_library(target.runner, tmp_path / "model.bin")
+
+
+def listing_line(target: TargetRecord, capsys) -> str:
+    """The line ``sparsecc targets`` prints for ``target``; it says kernels only and whether the
+    target runs here."""
+    from sparsecc import cli
+
+    assert cli.main(["targets"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(target.name))
+    assert "no whole-model build yet" in line
+    assert ("runs here" in line) == target.runs_here
+    return line
 
 
 def _x_bias(rng, m: int, n_out: int, k: int, with_bias: bool):
@@ -177,3 +235,46 @@ def candidate_cases(m: int, caps: Capabilities) -> Iterator[Case]:
     for i, s in enumerate(nm_schedules(m, pn, caps)):
         yield case(nm_linear(m, pn, False, caps, f"cand_nm_{m}_{i}", schedule=s),
                    nm_args(pn, m, caps, schedule=s), wn)
+
+
+class FormatTests:
+    """Every packed format's kernels against the masked-dense product, for one target. A test
+    module subclasses it as ``Test...`` with ``caps`` (the target's capabilities) and ``check``
+    (build and run one :class:`Case` under the ``folder`` fixture, compare, return the built
+    file's path); the subclass's module provides the ``folder`` fixture."""
+
+    caps: Capabilities
+    build_and_run: Any  # staticmethod(build_and_run) of the target's test helpers
+
+    def check(self, folder, case: Case) -> Any:
+        return check_case(self.build_and_run, folder, case)
+
+    @pytest.mark.parametrize("m", MS)
+    @pytest.mark.parametrize("shape", [(37, 53), (48, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
+    def test_dense(self, folder, m: int, shape: tuple[int, int]) -> None:
+        self.check(folder, dense_case(m, shape, self.caps))
+
+    @pytest.mark.parametrize("m", MS + [131])
+    @pytest.mark.parametrize("shape", [(37, 53), (48, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
+    def test_csr(self, folder, m: int, shape: tuple[int, int]) -> None:
+        case = csr_case(m, shape, self.caps)
+        self.check(folder, case)
+        # 4 lanes on both 128-bit targets: the row-gathering SpMV at M = 1
+        assert case.schedule.startswith("csr-spmv gather4" if m == 1 else "csr-spmm")
+
+    @pytest.mark.parametrize("m", MS)
+    @pytest.mark.parametrize("block", [(16, 1), (8, 1), (4, 1), (4, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
+    def test_bsr(self, folder, m: int, block: tuple[int, int]) -> None:
+        self.check(folder, bsr_case(m, block, self.caps))
+
+    @pytest.mark.parametrize("m", MS)
+    @pytest.mark.parametrize("n_out", [48, 20])
+    def test_nm_2_4(self, folder, m: int, n_out: int) -> None:
+        self.check(folder, nm_case(m, n_out, self.caps))
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("m", [1, 8])
+    def test_every_candidate(self, folder, m: int) -> None:
+        """Every candidate schedule (slow: about 40 builds)."""
+        for case in candidate_cases(m, self.caps):
+            self.check(folder, case)

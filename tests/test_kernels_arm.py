@@ -11,20 +11,18 @@ tvm = pytest.importorskip("tvm")
 
 from arm_check import CAPS, TARGET, build_and_run, neon_ops, require_toolchain  # noqa: E402
 from kernel_check import check_close, reference  # noqa: E402
-from sparsecc.errors import ArtifactError, TargetError  # noqa: E402
-from sparsecc.sparsity import parse_pattern  # noqa: E402
-from sparsecc.targets import all_targets, arm  # noqa: E402
+from sparsecc.errors import TargetError  # noqa: E402
+from sparsecc.targets import arm  # noqa: E402
 from sparsecc.targets import arm_toolchain as at  # noqa: E402
 from sparsecc.targets.kernels import dense_args, dense_linear  # noqa: E402
 from target_cases import (  # noqa: E402
-    MS,
     SIMD_FORMATS,
     Case,
-    bsr_case,
-    candidate_cases,
-    csr_case,
-    dense_case,
-    nm_case,
+    FormatTests,
+    check_case,
+    check_model_build_refused,
+    check_record,
+    listing_line,
     simd_case,
 )
 
@@ -36,26 +34,15 @@ def folder(tmp_path_factory):
 
 
 def _check(folder, case: Case):
-    got, path = build_and_run(case.func, case.inputs, case.m, case.n_out, folder)
-    check_close(got, case.ref)
-    return path
+    return check_case(build_and_run, folder, case)
 
 
 # ---- the target record ------------------------------------------------------------------------
 
 def test_record() -> None:
-    assert TARGET in all_targets()
-    assert CAPS.vector_bits == 128 and CAPS.vector_lanes_f32 == 4 and CAPS.threads == 1
-    assert "neon" in CAPS.features
-    tgt = TARGET.tvm_target()
-    assert tgt["kind"] == "llvm" and tgt["mtriple"].startswith("aarch64") and "+neon" in tgt["mattr"]
-    assert tgt["mcpu"] == "cortex-a76"
-    tvm.target.Target(tgt)  # TVM accepts it
-    assert TARGET.runner == "arm" and not TARGET.builds_models and TARGET.cost_model is None
-    assert TARGET.runs_here == at.available()
-    assert TARGET.supports(TARGET.default_pattern)
-    for name in TARGET.patterns:
-        assert parse_pattern(name).packed_format in ("csr", "bsr", "nm"), name
+    check_record(TARGET, "aarch64", "+neon", "arm")
+    assert "neon" in CAPS.features and TARGET.tvm_target()["mcpu"] == "cortex-a76"
+    assert TARGET.cost_model is None and TARGET.runs_here == at.available()
 
 
 def test_cpu_option(monkeypatch) -> None:
@@ -74,28 +61,11 @@ def test_cpu_option(monkeypatch) -> None:
 
 
 def test_whole_model_compile_is_refused(tmp_path) -> None:
-    import torch
-    from sparsecc import cli
-    from sparsecc.api import compile as compile_model
-
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
-    with pytest.raises(TargetError, match="whole-model lowering for this target is not built yet"):
-        compile_model(model, (torch.randn(2, 16),), target="arm-neon", progress=False)
-    argv = ["compile", str(tmp_path / "absent.pt2"), "--target", "arm-neon", "-o", str(tmp_path / "out")]
-    assert cli.main(argv) == 2
-    from sparsecc.targets.runners import load_library
-
-    with pytest.raises(ArtifactError, match="whole-model ARM builds do not exist yet"):
-        load_library("arm", tmp_path / "model.exe")
+    check_model_build_refused(TARGET, tmp_path, "whole-model ARM builds do not exist yet")
 
 
 def test_targets_listing_is_truthful(capsys) -> None:
-    from sparsecc import cli
-
-    assert cli.main(["targets"]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("arm-neon"))
-    assert "no whole-model build yet" in line and "qemu" in line
-    assert ("runs here" in line) == at.available()
+    assert "qemu" in listing_line(TARGET, capsys)
 
 
 def test_missing_toolchain_skips_locally_and_fails_in_ci(monkeypatch) -> None:
@@ -112,30 +82,11 @@ def test_missing_toolchain_skips_locally_and_fails_in_ci(monkeypatch) -> None:
 
 # ---- every format, built for AArch64 and run under qemu -------------------------------------
 
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("shape", [(37, 53), (48, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_dense(folder, m: int, shape: tuple[int, int]) -> None:
-    _check(folder, dense_case(m, shape, CAPS))
+class TestFormats(FormatTests):
+    """Every packed format, built for AArch64 and run under qemu."""
 
-
-@pytest.mark.parametrize("m", MS + [131])
-@pytest.mark.parametrize("shape", [(37, 53), (48, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_csr(folder, m: int, shape: tuple[int, int]) -> None:
-    case = csr_case(m, shape, CAPS)
-    _check(folder, case)
-    assert case.schedule.startswith("csr-spmv" if m == 1 else "csr-spmm")
-
-
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("block", [(16, 1), (8, 1), (4, 1), (4, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
-def test_bsr(folder, m: int, block: tuple[int, int]) -> None:
-    _check(folder, bsr_case(m, block, CAPS))
-
-
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("n_out", [48, 20])
-def test_nm_2_4(folder, m: int, n_out: int) -> None:
-    _check(folder, nm_case(m, n_out, CAPS))
+    caps = CAPS
+    build_and_run = staticmethod(build_and_run)
 
 
 def test_kernel_errors_come_back(folder) -> None:
@@ -168,12 +119,3 @@ def test_neon_check_sees_a_scalar_build(folder) -> None:
     assert neon_ops(path) == {}
     _, neon = build_and_run(func, [x, *dense_args(w, 1, CAPS)], 1, 32, folder / "neon")
     assert neon_ops(neon).get("fmla", 0) >= 1
-
-
-# ---- every candidate schedule (slow: about 40 builds and qemu runs) ---------------------------
-
-@pytest.mark.slow
-@pytest.mark.parametrize("m", [1, 8])
-def test_every_candidate(folder, m: int) -> None:
-    for case in candidate_cases(m, CAPS):
-        _check(folder, case)

@@ -12,22 +12,21 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from kernel_check import check_close, reference  # noqa: E402
-from sparsecc.errors import ArtifactError, TargetError  # noqa: E402
-from sparsecc.sparsity import pack_csr, parse_pattern  # noqa: E402
-from sparsecc.targets import all_targets, get_target  # noqa: E402
+from sparsecc.errors import TargetError  # noqa: E402
+from sparsecc.sparsity import pack_csr  # noqa: E402
+from sparsecc.targets import get_target  # noqa: E402
 from sparsecc.targets import wasm_toolchain as wt  # noqa: E402
 from sparsecc.targets.kernels import dense_args, dense_linear  # noqa: E402
 from sparsecc.targets.kernels.csr import _transpose_block, csr_args, csr_schedules  # noqa: E402
 from sparsecc.targets.kernels.dense import dense_params, dense_schedules  # noqa: E402
 from target_cases import (  # noqa: E402
-    MS,
     SIMD_FORMATS,
     Case,
-    bsr_case,
-    candidate_cases,
-    csr_case,
-    dense_case,
-    nm_case,
+    FormatTests,
+    check_case,
+    check_model_build_refused,
+    check_record,
+    listing_line,
     require,
     simd_case,
 )
@@ -41,24 +40,14 @@ def folder(tmp_path_factory):
 
 
 def _check(folder, case: Case):
-    got, path = build_and_run(case.func, case.inputs, case.m, case.n_out, folder)
-    check_close(got, case.ref)
-    return path
+    return check_case(build_and_run, folder, case)
 
 
 # ---- the target record ------------------------------------------------------------------------
 
 def test_record() -> None:
-    assert TARGET in all_targets()
-    caps = TARGET.capabilities()
-    assert caps.vector_bits == 128 and caps.vector_lanes_f32 == 4 and caps.threads == 1
-    tgt = TARGET.tvm_target()
-    assert tgt["kind"] == "llvm" and tgt["mtriple"].startswith("wasm32") and "+simd128" in tgt["mattr"]
-    tvm.target.Target(tgt)  # TVM accepts it
-    assert TARGET.runner == "wasm" and not TARGET.builds_models
-    assert TARGET.supports(TARGET.default_pattern)
-    for name in TARGET.patterns:
-        assert parse_pattern(name).packed_format in ("csr", "bsr", "nm"), name
+    check_record(TARGET, "wasm32", "+simd128", "wasm")
+
 
 
 def test_schedules_pick_four_lanes() -> None:
@@ -78,33 +67,11 @@ def test_schedules_pick_four_lanes() -> None:
 
 
 def test_whole_model_compile_is_refused(tmp_path) -> None:
-    import torch
-    from sparsecc import cli
-    from sparsecc.api import compile as compile_model
-
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
-    with pytest.raises(TargetError, match="whole-model lowering for this target is not built yet"):
-        compile_model(model, (torch.randn(2, 16),), target="wasm-simd", progress=False)
-    # the command line says the same and exits with its error code, before reading the model
-    argv = ["compile", str(tmp_path / "absent.pt2"), "--target", "wasm-simd", "-o", str(tmp_path / "out")]
-    assert cli.main(argv) == 2
-    from sparsecc.passes.lower import compile_relax
-
-    with pytest.raises(TargetError, match="not built yet"):
-        compile_relax(None, TARGET)
-    from sparsecc.targets.runners import load_library
-
-    with pytest.raises(ArtifactError, match="whole-model WebAssembly builds do not exist yet"):
-        load_library("wasm", tmp_path / "model.wasm")
+    check_model_build_refused(TARGET, tmp_path, "whole-model WebAssembly builds do not exist yet")
 
 
 def test_targets_listing_is_truthful(capsys) -> None:
-    from sparsecc import cli
-
-    assert cli.main(["targets"]) == 0
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("wasm-simd"))
-    assert "no whole-model build yet" in line
-    assert ("runs here" in line) == wt.available()
+    listing_line(TARGET, capsys)
 
 
 def test_missing_toolchain_skips_locally_and_fails_in_ci(monkeypatch) -> None:
@@ -125,30 +92,11 @@ def test_missing_toolchain_error_names_the_tools(monkeypatch) -> None:
 
 # ---- every format, built and run in wasmtime --------------------------------------------------
 
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("shape", [(37, 53), (48, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_dense(folder, m: int, shape: tuple[int, int]) -> None:
-    _check(folder, dense_case(m, shape, CAPS))
+class TestFormats(FormatTests):
+    """Every packed format, built to WebAssembly and run in wasmtime."""
 
-
-@pytest.mark.parametrize("m", MS + [131])
-@pytest.mark.parametrize("shape", [(37, 53), (48, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_csr(folder, m: int, shape: tuple[int, int]) -> None:
-    case = csr_case(m, shape, CAPS)
-    _check(folder, case)
-    assert case.schedule.startswith("csr-spmv gather4" if m == 1 else "csr-spmm")
-
-
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("block", [(16, 1), (8, 1), (4, 1), (4, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
-def test_bsr(folder, m: int, block: tuple[int, int]) -> None:
-    _check(folder, bsr_case(m, block, CAPS))
-
-
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("n_out", [48, 20])
-def test_nm_2_4(folder, m: int, n_out: int) -> None:
-    _check(folder, nm_case(m, n_out, CAPS))
+    caps = CAPS
+    build_and_run = staticmethod(build_and_run)
 
 
 def test_kernel_errors_come_back(folder) -> None:
@@ -183,15 +131,6 @@ def test_simd_check_sees_a_scalar_build(folder) -> None:
     got, path = build_and_run(func, [x, *dense_args(w, 1, CAPS)], 1, 32, folder, target=wt.tvm_target(()))
     check_close(got, reference(x, w, None))
     assert simd_ops(path, "scalar_dense") == {}
-
-
-# ---- every candidate schedule (slow: about 40 builds) -----------------------------------------
-
-@pytest.mark.slow
-@pytest.mark.parametrize("m", [1, 8])
-def test_every_candidate(folder, m: int) -> None:
-    for case in candidate_cases(m, CAPS):
-        _check(folder, case)
 
 
 def test_schedule_dataclass_keeps_lanes() -> None:
