@@ -63,6 +63,18 @@ class Case:
         return str(self.func.attrs["sparsecc.schedule"])
 
 
+def folder_fixture(require_toolchain, name: str):
+    """A module-scoped ``folder`` fixture: a fresh folder for built kernels, after the
+    toolchain gate (``require_toolchain()`` skips, or fails in CI, when tools are missing)."""
+
+    @pytest.fixture(scope="module")
+    def folder(tmp_path_factory):
+        require_toolchain()
+        return tmp_path_factory.mktemp(name)
+
+    return folder
+
+
 def check_case(build_and_run, folder, case: Case) -> Any:
     """Build and run ``case`` with a target's ``build_and_run(func, inputs, m, n_out, folder)``,
     compare with the reference, return the built file's path."""

@@ -4,6 +4,8 @@ product, at ordinary and awkward shapes, and a check that the kernels really use
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -17,24 +19,17 @@ from sparsecc.targets import arm_toolchain as at  # noqa: E402
 from sparsecc.targets.kernels import dense_args, dense_linear  # noqa: E402
 from target_cases import (  # noqa: E402
     SIMD_FORMATS,
-    Case,
     FormatTests,
     check_case,
     check_model_build_refused,
     check_record,
+    folder_fixture,
     listing_line,
     simd_case,
 )
 
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    require_toolchain()
-    return tmp_path_factory.mktemp("arm")
-
-
-def _check(folder, case: Case):
-    return check_case(build_and_run, folder, case)
+folder = folder_fixture(require_toolchain, "arm")
+_check = functools.partial(check_case, build_and_run)
 
 
 # ---- the target record ------------------------------------------------------------------------

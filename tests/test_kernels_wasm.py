@@ -5,6 +5,7 @@ product, at ordinary and awkward shapes, and a check that the modules really use
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -21,26 +22,19 @@ from sparsecc.targets.kernels.csr import _transpose_block, csr_args, csr_schedul
 from sparsecc.targets.kernels.dense import dense_params, dense_schedules  # noqa: E402
 from target_cases import (  # noqa: E402
     SIMD_FORMATS,
-    Case,
     FormatTests,
     check_case,
     check_model_build_refused,
     check_record,
+    folder_fixture,
     listing_line,
     require,
     simd_case,
 )
 from wasm_check import CAPS, TARGET, build_and_run, require_toolchain, require_wasm2wat, simd_ops  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    require_toolchain()
-    return tmp_path_factory.mktemp("wasm")
-
-
-def _check(folder, case: Case):
-    return check_case(build_and_run, folder, case)
+folder = folder_fixture(require_toolchain, "wasm")
+_check = functools.partial(check_case, build_and_run)
 
 
 # ---- the target record ------------------------------------------------------------------------
