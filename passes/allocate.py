@@ -165,7 +165,10 @@ class Allocate(Pass):
     # -- candidate allocations ------------------------------------------------------------------
 
     def _candidate(self, method: str, lam: float, program: Program, ctx: PassContext, free: list[LayerPlan],
-                   sizes: dict[str, int], target: float) -> dict[str, float]:
+                   sizes: dict[str, int], target: float,
+                   scores: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """One allocation; ``scores`` (the layers' Wanda scores, computed here when not given) lets
+        a search rank OWL's outliers once for all its strengths."""
         names = [lp.name for lp in free]
         if method == "uniform" or lam == 0:
             return {n: target for n in names}
@@ -176,17 +179,11 @@ class Allocate(Pass):
             order = {g: float(i) for i, g in enumerate(groups)}
             per_group = _spread(order, target, lam, higher_is_denser=False)
         else:  # owl
-            stats = calibration_stats(program, ctx)
-            layers = {layer.name: layer for layer in program.layers()}
+            scores = scores if scores is not None else wanda_scores(program, ctx, free)
             ratios = {}
             for group, members in groups.items():
-                outliers = count = 0
-                for name in members:
-                    weight = program.tensor(layers[name].weight).detach()
-                    score = weight.reshape(weight.shape[0], -1).abs() * stats.layers[name].feature_norms[None, :]
-                    outliers += int((score > self.outlier * score.mean()).sum())
-                    count += score.numel()
-                ratios[group] = outliers / count
+                outliers = sum(int((scores[name] > self.outlier * scores[name].mean()).sum()) for name in members)
+                ratios[group] = outliers / sum(scores[name].numel() for name in members)
             per_group = _spread(ratios, target, lam, higher_is_denser=True)
         raw = {n: per_group[g] for g, members in groups.items() for n in members}
         return rebalance(raw, sizes, target, self.max_sparsity)
@@ -215,7 +212,7 @@ class Allocate(Pass):
         candidates = [("uniform", 0.0)] + [(m, lam) for m in ("owl", "depth") for lam in strengths]
         best, best_error, best_name, counters = None, float("inf"), "", {}
         for method, lam in candidates:
-            allocation = self._candidate(method, lam, program, ctx, free, sizes, target)
+            allocation = self._candidate(method, lam, program, ctx, free, sizes, target, error_of.scores)
             error = error_of(allocation)
             counters[f"error_{method}_{lam:g}"] = round(error, 6)
             if error < best_error:
@@ -268,17 +265,14 @@ class _Alignment:
         self.measure = measure
         self.what = "KL divergence from dense" if measure == "kl" else "output error relative to dense"
         self.batches = ctx.calibration_batches(program)[: max(1, search_batches)]
-        stats = calibration_stats(program, ctx)
         self.free = free
         self.scratch = program.clone()
         self.layers = {layer.name: layer for layer in self.scratch.layers()}
+        self.scores = wanda_scores(program, ctx, free)
         self.dense: dict[str, torch.Tensor] = {}
-        self.scores: dict[str, torch.Tensor] = {}
         for lp in free:
             weight = self.scratch.tensor(self.layers[lp.name].weight).detach()
-            matrix = weight.reshape(weight.shape[0], -1).clone()
-            self.dense[lp.name] = matrix
-            self.scores[lp.name] = matrix.abs() * stats.layers[lp.name].feature_norms[None, :]
+            self.dense[lp.name] = weight.reshape(weight.shape[0], -1).clone()
         with torch.no_grad():
             self.reference = [self.scratch.run_flat(*b) for b in self.batches]
 
@@ -304,6 +298,18 @@ class _Alignment:
         p = torch.log_softmax(ref.double(), dim=-1)
         q = torch.log_softmax(out.double(), dim=-1)
         return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def wanda_scores(program: Program, ctx: PassContext, free: list[LayerPlan]) -> dict[str, torch.Tensor]:
+    """Each planned layer's Wanda scores ``|W_ij| ||X_j||`` (N, K) from the dense calibration
+    statistics: what OWL counts outliers in and what the one-shot candidate masks rank."""
+    stats = calibration_stats(program, ctx)
+    layers = {layer.name: layer for layer in program.layers()}
+    scores = {}
+    for lp in free:
+        weight = program.tensor(layers[lp.name].weight).detach()
+        scores[lp.name] = weight.reshape(weight.shape[0], -1).abs() * stats.layers[lp.name].feature_norms[None, :]
+    return scores
 
 
 def row_sparsities(signal: torch.Tensor, sparsity: float, lam: float, max_sparsity: float) -> torch.Tensor:
