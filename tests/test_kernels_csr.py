@@ -223,8 +223,9 @@ def test_uint16_column_beyond_int16() -> None:
     w[7, 32768] = -1.0
     for m in (1, 4):
         candidates = csr_schedules(m, pack_csr(w), CAPS)
-        assert candidates[0].index == "uint16"
-        for schedule in candidates[:2]:
+        indexed = [c for c in candidates if c.family != "perm"]  # perm stores window offsets
+        assert indexed[0].index == "uint16"
+        for schedule in dict.fromkeys(candidates[:2] + indexed[:1]):
             _build_and_check(m, w, schedule, with_bias=False, seed=m)
 
 
@@ -284,3 +285,84 @@ def test_invalid_schedules_are_refused() -> None:
     csr_args(wide, 128, CAPS, schedule=CSRSchedule("spmm", "uint16", tile=64, kblock=1024, scaled=True))
     with pytest.raises(ValueError):
         csr_args(wide, 128, CAPS, schedule=CSRSchedule("spmm", "uint16", tile=64, kblock=1040, scaled=True))
+
+
+needs_permutes = pytest.mark.skipif(not HAS_GATHER, reason="the perm family needs AVX-512 permutes")
+
+
+@needs_permutes
+@pytest.mark.parametrize("window", [16, 32, 64])
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(35, 301), (48, 64), (17, 53)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_perm_windows(window: int, unroll: int, shape: tuple[int, int]) -> None:
+    # K = 301 and 53 leave a ragged last window (zeros past K); 35 and 17 rows a ragged last
+    # slice; the awkward rows put nonzeros in the first and last column and a row full of them.
+    rng = np.random.default_rng(window + unroll)
+    w = _weight(rng, *shape, sparsity=0.6)
+    schedule = CSRSchedule("perm", "uint8", unroll=unroll, window=window)
+    for weights in ("float32", "bfloat16"):
+        chosen = dataclasses.replace(schedule, weights=weights)
+        if weights == "bfloat16":
+            import torch
+
+            w = torch.from_numpy(w).bfloat16().float().numpy()  # values bf16 holds exactly
+        desc = _build_and_check(1, w, chosen, with_bias=unroll != 2, seed=window)
+        assert desc == chosen.describe() and f"window{window}" in desc
+
+
+@needs_permutes
+def test_perm_layout_pads_each_window_to_its_longest_row() -> None:
+    w = np.zeros((20, 70), np.float32)
+    w[0, [1, 2, 3]] = 1.0  # slice 0, window 0: 3 steps
+    w[1, [5, 40]] = 2.0  # window 0 and window 1: 1 step each
+    w[2, 69] = 3.0  # window 2 (columns 64..69): 1 step
+    w[17, [33, 34]] = 4.0  # slice 1, window 1: 2 steps
+    schedule = CSRSchedule("perm", "uint8", unroll=2, window=32)
+    ptr, offsets, data = csr_args(pack_csr(w), 1, CAPS, schedule=schedule)
+    assert list(ptr) == [0, 3, 4, 5, 5, 7, 7]  # cells (slice, window) slice-major, in steps
+    assert offsets.dtype == np.uint8 and len(data) == 7 * 16 and np.count_nonzero(data) == 8
+    # row 1's second nonzero is step 0 of cell (0, 1), lane 1, at offset 40 - 32
+    assert offsets[3 * 16 + 1] == 8 and data[3 * 16 + 1] == 2.0
+    assert offsets[4 * 16 + 2] == 69 - 64 and data[4 * 16 + 2] == 3.0
+    assert list(offsets[5 * 16 + 1: 7 * 16: 16]) == [1, 2] and list(data[5 * 16 + 1: 7 * 16: 16]) == [4.0, 4.0]
+    _build_and_check(1, w, schedule, with_bias=True, seed=3)
+
+
+@needs_permutes
+def test_perm_is_the_m1_default_unless_slices_pad_too_much() -> None:
+    rng = np.random.default_rng(2)
+    even = _weight(rng, 64, 768, 0.5)
+    first = csr_schedules(1, pack_csr(even), CAPS)[0]
+    assert (first.family, first.window, first.unroll) == ("perm", 32, 2)
+    sparse = rng.standard_normal((64, 768)).astype(np.float32) * (rng.random((64, 768)) > 0.9)
+    assert csr_schedules(1, pack_csr(sparse.astype(np.float32)), CAPS)[0].window == 64
+    # one fully dense row per slice among rows of a few nonzeros: every window pads to 32
+    skewed = np.zeros((64, 768), np.float32)
+    skewed[:, ::97] = 1.0
+    skewed[::16] = 1.0
+    candidates = csr_schedules(1, pack_csr(skewed), CAPS)
+    assert candidates[0].family != "perm" and "perm" in {c.family for c in candidates}
+
+
+@needs_permutes
+def test_perm_kernel_permutes_instead_of_gathering() -> None:
+    rng = np.random.default_rng(4)
+    packed = pack_csr(_weight(rng, 64, 256, 0.5))
+    # a one-register permute may come out in the integer domain (vpermd), the same operation
+    two_source = ("vpermi2ps", "vpermt2ps")
+    for window, instructions in ((16, ("vpermps", "vpermd")), (32, two_source), (64, two_source)):
+        func = csr_linear(1, packed, True, CAPS, "perm_asm",
+                          schedule=CSRSchedule("perm", "uint8", unroll=2, window=window))
+        asm = tvm.compile(func, target=TARGET.tvm_target()).mod.inspect_source("asm")
+        assert "vgatherdps" not in asm
+        assert any(line.split()[0] in instructions and "zmm" in line
+                   for line in asm.splitlines() if line.strip() and not line.strip().startswith((".", "#")))
+        assert "vpmovzxbd" in asm  # one-byte offsets widened in one instruction
+
+
+def test_perm_schedules_are_checked() -> None:
+    packed = pack_csr(np.eye(8, 70, dtype=np.float32))
+    for bad, m in ((CSRSchedule("perm", "uint8", window=32), 4), (CSRSchedule("perm", "uint8", window=48), 1),
+                   (CSRSchedule("perm", "uint16", window=32), 1), (CSRSchedule("sell", "uint16", window=32), 1)):
+        with pytest.raises(ValueError):
+            csr_linear(m, packed, False, CAPS, schedule=bad)
