@@ -10,8 +10,8 @@ are Armv8.2-A cores with two 128-bit NEON FMA pipes.
 
 Status: every packed format's kernel builds, runs under qemu and matches the masked-dense
 product; whole-model lowering for this target is not built yet (``builds_models=False``), so
-``sparsecc compile --target arm-neon`` stops with that reason. There is no cost model: qemu
-timings say nothing about ARM speed, and no ARM hardware has been measured.
+``sparsecc compile --target arm-neon`` stops with that reason. Qemu timings say nothing about ARM
+speed, so the cost model is a roofline of the named core (:mod:`sparsecc.targets.arm_cost`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ def capabilities() -> Capabilities:
     return _capabilities(arm_toolchain.cpu())
 
 
+def cost_model():
+    """Roofline of the chosen core (:mod:`sparsecc.targets.arm_cost`); nothing is measured here."""
+    from . import arm_cost
+
+    return arm_cost.cost_model(arm_cost.CORES[arm_toolchain.cpu()], capabilities())
+
+
 def tvm_target() -> dict[str, Any]:
     """TVM 0.27 target dict for AArch64 + NEON, tuned for the chosen CPU."""
     return arm_toolchain.tvm_target(("+neon",))
@@ -55,10 +62,12 @@ ARM_NEON = register(TargetRecord(
     tvm_target=tvm_target,
     runner="arm",
     runs_here=arm_toolchain.available(),
+    cost_model=cost_model,
     builds_models=False,
     notes=(
         "kernels only: whole-model lowering for this target is not built yet",
-        "runs only under qemu-user: no cost model, and qemu timings say nothing about ARM speed",
+        "runs only under qemu-user, whose timings say nothing about ARM speed: the cost model is a roofline "
+        "of the named core (targets/arm_cost.py states its numbers)",
         "needs aarch64-linux-gnu-gcc, the AArch64 glibc and qemu-aarch64-static to build and run",
     ),
 ))

@@ -279,8 +279,11 @@ class Roofline:
     bandwidth_gbs: float
     efficiency: tuple[tuple[str, float], ...] = (("dense", 0.6), ("bsr", 0.45), ("nm", 0.3), ("csr", 0.2))
 
-    def seconds(self, fmt: str, flops: float, weight_bytes: float, threads: int) -> float:
-        eff = dict(self.efficiency).get(fmt, 0.2)
+    def seconds(self, fmt: str, flops: float, weight_bytes: float, threads: int, detail: str = "") -> float:
+        """Predicted seconds; ``detail`` (a block shape such as ``r4c1``) picks a format-plus-detail
+        efficiency (key ``bsrr4c1``) where the table has one, else the format's."""
+        table = dict(self.efficiency)
+        eff = table.get(fmt + detail, table.get(fmt, 0.2))
         return max(flops / (self.gflops_per_thread * threads * eff * 1e9), weight_bytes / (self.bandwidth_gbs * 1e9))
 
 
@@ -327,7 +330,8 @@ class CostModel:
             weight_bytes -= (4 - value_bytes) * int(values.size)
         flops = 2.0 * m * stored
         activation_bytes = 4.0 * m * (n + k)
-        return self.roofline.seconds(problem.fmt, flops, weight_bytes + activation_bytes, self.caps.threads), "roofline"
+        return self.roofline.seconds(problem.fmt, flops, weight_bytes + activation_bytes, self.caps.threads,
+                                     problem.detail), "roofline"
 
 
 def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], patterns: list[str],
