@@ -95,7 +95,7 @@ def machine_peaks(threads: int) -> dict[str, float]:
     import time
 
     import numpy as np
-    from sparsecc.targets.x86 import _cpu_ghz, capabilities
+    from sparsecc.targets.x86 import capabilities, cpu_ghz
 
     src = np.ones(64 * 1024 * 1024, np.float32)
     dst = np.empty_like(src)
@@ -105,7 +105,7 @@ def machine_peaks(threads: int) -> dict[str, float]:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - start)
     caps = capabilities()
-    fma_peak = caps.vector_lanes_f32 * 2 * 2 * _cpu_ghz() * threads
+    fma_peak = caps.vector_lanes_f32 * 2 * 2 * cpu_ghz() * threads
 
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper

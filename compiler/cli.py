@@ -275,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="measure kernel schedules on this machine and store the fastest in the "
                        "target's cost table (read by compile)")
-    p.add_argument("--target", default="x86")
+    p.add_argument("--target", default="x86",
+                   help="x86 (kernels timed in-process) or wasm-simd (timed in wasmtime, own table); arm-neon "
+                        "cannot be timed here (its cost model is a roofline)")
     p.add_argument("--shapes", required=True, help="weight shapes NxK, e.g. 768x768,3072x768")
     p.add_argument("--m", default="1,128", help="rows of x (batch x tokens), e.g. 1,8,128")
     p.add_argument("--patterns", default="unstructured,block16x1,2:4,dense",

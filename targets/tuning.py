@@ -219,7 +219,8 @@ def synthetic_weight(shape: tuple[int, int], pattern: str, sparsity: float, seed
 
 
 def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilities, tvm_target: Any,
-            rounds: int = 7, candidates: list[Any] | None = None, weights: str = "float32") -> list[tuple[Any, float]]:
+            rounds: int = 7, candidates: list[Any] | None = None, weights: str = "float32",
+            runner: str = "host") -> list[tuple[Any, float]]:
     """Build and time every candidate schedule of one problem, side by side.
 
     ``weight`` is the masked-dense weight (the reference); ``packed`` its packed form, or None for
@@ -227,13 +228,15 @@ def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilitie
     may mix fp32 and bf16 storage (then they are timed side by side); a bf16 candidate is checked
     against the bf16-rounded weight, which is what it computes with. Returns ``[(schedule, median
     seconds), ...]`` in candidate order; a candidate whose output disagrees with the reference
-    raises (a wrong kernel must never win).
+    raises (a wrong kernel must never win). ``runner`` names where the kernels run and are timed
+    (``"host"``: in this process; ``"wasm"``: in wasmtime), see
+    :func:`sparsecc.targets.runners.kernel_preparer`.
     """
-    import tvm
     from sparsecc.timing import interleave
 
     from .kernels import dense_args, dense_linear, sparse_kernel
     from .kernels._common import from_bfloat16_bits, to_bfloat16_bits
+    from .runners import kernel_preparer
 
     shape = tuple(weight.shape)
     schedules = candidates if candidates is not None else schedule_space(m, packed, caps, shape, weights)
@@ -244,7 +247,7 @@ def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilitie
     references = {"float32": x.astype(np.float64) @ weight.astype(np.float64).T + bias,
                   "bfloat16": x.astype(np.float64) @ rounded.astype(np.float64).T + bias}
     scale = max(1.0, float(np.abs(references["float32"]).max()))
-    dev = tvm.cpu()
+    prepare = kernel_preparer(runner)
     calls = {}
     for index, schedule in enumerate(schedules):
         if packed is None:
@@ -252,16 +255,13 @@ def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilitie
             arrays = dense_args(weight, m, caps, schedule=schedule)
         else:
             func, arrays = sparse_kernel(m, packed, True, caps, "explore", schedule=schedule)
-        lib = tvm.compile(func, target=tvm_target)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in [x, *arrays, bias]]
-        y = tvm.runtime.tensor(np.zeros((m, shape[0]), np.float32), dev)
-        kernel = lib["explore"]
-        kernel(*args, y)
-        error = float(np.abs(y.numpy() - references[schedule.weights]).max())
+        call, read = prepare(func, [x, *arrays, bias], (m, shape[0]), tvm_target)
+        call()
+        error = float(np.abs(read() - references[schedule.weights]).max())
         if not error <= 1e-3 * scale:
             raise SparseccError(f"schedule {_describe(schedule)} computes a wrong result for {shape} at M={m} "
                                 f"(max error {error:.3g}); this is a kernel bug")
-        calls[str(index)] = (lambda kernel=kernel, args=args, y=y: kernel(*args, y))
+        calls[str(index)] = call
     times = interleave(calls, rounds=rounds)
     return [(schedule, times[str(i)]["median"]) for i, schedule in enumerate(schedules)]
 
@@ -382,7 +382,8 @@ def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], pattern
                     weight = synthetic_weight(shape, pattern if parsed else "unstructured", sparsity)
                     packed = parsed.pack(weight) if parsed is not None else None
                     candidates = [s for w in weights for s in schedule_space(m, packed, caps, shape, w)]
-                    results = explore(m, weight, packed, caps, tvm_target, rounds=rounds, candidates=candidates)
+                    results = explore(m, weight, packed, caps, tvm_target, rounds=rounds, candidates=candidates,
+                                      runner=record.runner)
                     for w in weights:
                         problem = Problem.of(m, packed, shape, w)
                         entry = table.record(problem, [(s, t) for s, t in results if s.weights == w])

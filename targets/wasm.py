@@ -28,6 +28,44 @@ def capabilities() -> Capabilities:
                         features=("simd128",))
 
 
+def machine() -> dict[str, Any]:
+    """What a wasm cost table must have been measured on to apply: this host's CPU, in wasmtime."""
+    from importlib.metadata import version
+
+    from . import x86
+
+    return {"target": "wasm-simd", "mcpu": x86.host_cpu(), "engine": f"wasmtime {version('wasmtime')}",
+            "vector_bits": 128, "threads": 1}
+
+
+def cost_table_path():
+    """``$SPARSECC_WASM_COST_TABLE`` when set, else a file per host CPU under the sparsecc cache
+    (``cost-table-wasm-<cpu>-128b-t1.json``)."""
+    import os
+    import pathlib
+
+    from . import x86
+    from .tuning import default_table_path
+
+    override = os.environ.get("SPARSECC_WASM_COST_TABLE")
+    return pathlib.Path(override) if override else default_table_path(f"wasm-{x86.host_cpu()}", capabilities())
+
+
+def cost_model():
+    """Kernel times of wasm code in wasmtime on this host: the table ``sparsecc tune --target
+    wasm-simd`` measured, and where nothing was measured a roofline of one core running 4-lane
+    vectors with a separate multiply and add (simd128 has no fused multiply-add): 4 lanes x 2
+    flops per cycle, 10 GB/s."""
+    from . import x86
+    from .tuning import CostModel, CostTable, Roofline
+
+    caps = capabilities()
+    roofline = Roofline(gflops_per_thread=4 * 2 * x86.cpu_ghz(), bandwidth_gbs=10.0)
+    path = cost_table_path()
+    table = CostTable.load(path, machine()) if path.is_file() else None
+    return CostModel(caps, roofline, table, table_path=path, machine=machine())
+
+
 def tvm_target() -> dict[str, Any]:
     """TVM 0.27 target dict for wasm32 with simd128."""
     return wasm_toolchain.tvm_target(("+simd128",))
@@ -42,6 +80,7 @@ WASM_SIMD = register(TargetRecord(
     tvm_target=tvm_target,
     runner="wasm",
     runs_here=wasm_toolchain.available(),
+    cost_model=cost_model,
     builds_models=False,
     notes=(
         "kernels only: whole-model lowering for this target is not built yet",

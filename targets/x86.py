@@ -82,7 +82,8 @@ def capabilities() -> Capabilities:
     )
 
 
-def _cpu_ghz() -> float:
+def cpu_ghz() -> float:
+    """This host's clock in GHz, as /proc/cpuinfo reports it."""
     # The "cpu MHz" line of /proc/cpuinfo; 3 GHz when absent (a typical server core).
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -117,7 +118,7 @@ def cost_model():
     from .tuning import CostModel, CostTable, Roofline
 
     caps = capabilities()
-    roofline = Roofline(gflops_per_thread=caps.vector_lanes_f32 * 2 * 2 * _cpu_ghz(), bandwidth_gbs=10.0 * caps.threads)
+    roofline = Roofline(gflops_per_thread=caps.vector_lanes_f32 * 2 * 2 * cpu_ghz(), bandwidth_gbs=10.0 * caps.threads)
     path = cost_table_path()
     # Read on every call (a compile reads it once): `sparsecc tune` may have just rewritten it.
     table = CostTable.load(path, machine()) if path.is_file() else None

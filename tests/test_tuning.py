@@ -125,3 +125,35 @@ def test_tune_refuses_a_bad_request(tmp_path) -> None:
 
     assert main(["tune", "--shapes", "64by64", "--table", str(tmp_path / "t.json")]) == 2
     assert main(["tune", "--shapes", "64x64", "--sparsities", "1.5", "--table", str(tmp_path / "t.json")]) == 2
+
+
+def test_wasm_tune_measures_in_wasmtime(tmp_path, monkeypatch) -> None:
+    # The explorer times wasm kernels in wasmtime (checked against the reference first) and keeps
+    # them in the wasm target's own table, keyed by this host's CPU and the engine.
+    from wasm_check import require_toolchain
+
+    require_toolchain()
+    path = tmp_path / "wasm.json"
+    monkeypatch.setenv("SPARSECC_WASM_COST_TABLE", str(path))
+    record = get_target("wasm-simd")
+    packed = pack_bsr(synthetic_weight((64, 96), "block16x1", 0.7), (16, 1))
+    assert record.cost_model().predict(4, packed)[1] == "roofline"
+    tune("wasm-simd", [(64, 96)], [4], ["block16x1"], [0.7], rounds=2, log=lambda _line: None)
+    table = json.loads(path.read_text())
+    assert table["machine"]["target"] == "wasm-simd" and table["machine"]["engine"].startswith("wasmtime")
+    model = record.cost_model()
+    seconds, how = model.predict(4, packed)
+    assert how == "measured" and 0 < seconds < 0.1
+    assert model.schedule(4, packed) in schedule_space(4, packed, record.capabilities())
+    # the x86 table is another file: wasm measurements never answer for host kernels
+    monkeypatch.setenv("SPARSECC_COST_TABLE", str(tmp_path / "x86.json"))
+    assert TARGET.cost_model().predict(4, packed)[1] == "roofline"
+
+
+def test_arm_kernels_are_never_timed_here() -> None:
+    from sparsecc.targets.runners import kernel_preparer
+
+    with pytest.raises(SparseccError, match="cannot time kernels"):
+        kernel_preparer("arm")
+    with pytest.raises(SparseccError, match="no measured cost table|cannot be measured"):
+        tune("arm-neon", [(64, 96)], [4], ["block16x1"], [0.7], rounds=1)

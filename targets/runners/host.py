@@ -98,3 +98,22 @@ class HostModule:
 def load(path: str | os.PathLike[str]) -> HostModule:
     """Load a library built by ``sparsecc.passes.lower.build`` for the host."""
     return HostModule(path)
+
+
+def prepare_kernel(func: Any, inputs: list[np.ndarray], out_shape: tuple[int, ...],
+                   tvm_target: Any) -> tuple[Any, Any]:
+    """Build one kernel (a scheduled PrimFunc whose last parameter is its output) for this host,
+    with ``inputs`` bound once; returns (call, read): ``call()`` runs it, ``read()`` returns a copy
+    of the output. The schedule explorer times ``call`` (:func:`sparsecc.targets.tuning.explore`)."""
+    import tvm
+
+    dev = tvm.cpu()
+    kernel = tvm.compile(func, target=tvm_target)[str(func.attrs["global_symbol"])]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in inputs]
+    y = tvm.runtime.tensor(np.zeros(out_shape, np.float32), dev)
+
+    def call() -> None:
+        kernel(*args, y)
+
+    return call, y.numpy
+

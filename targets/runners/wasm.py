@@ -81,12 +81,14 @@ class WasmKernel:
         for i, a in enumerate(arrays):
             self._memory.write(self.store, a.tobytes(), self._slot(i, a))
         self._nargs = len(arrays)
+        # fixed addresses of the shim's argument and result records: fetched once, so a call is
+        # one crossing into wasm (each costs about 15 us from Python) and timings are the kernel's
+        self._call_args = (self._fn["sc_args"](self.store), self._nargs, self._fn["sc_result"](self.store))
         return arrays
 
     def call(self) -> None:
         """Run the kernel on the arguments last given to :meth:`load`."""
-        rc = self._kernel(self.store, 0, self._fn["sc_args"](self.store), self._nargs,
-                          self._fn["sc_result"](self.store))
+        rc = self._kernel(self.store, 0, *self._call_args)
         if rc != 0:
             start = self._fn["sc_error"](self.store)
             length = self._fn["sc_error_len"](self.store)
@@ -138,3 +140,21 @@ def load(path: str | os.PathLike[str]) -> Any:
     """Whole-model libraries are not built for WebAssembly yet: refuse with the reason."""
     raise ArtifactError(f"{path}: whole-model WebAssembly builds do not exist yet (the wasm-simd target "
                         "builds and runs single kernels only); compile the model for x86 instead")
+
+
+def prepare_kernel(func: Any, inputs: list[np.ndarray], out_shape: tuple[int, ...],
+                   tvm_target: Any) -> tuple[Any, Any]:
+    """The wasm twin of :func:`sparsecc.targets.runners.host.prepare_kernel`: the kernel built
+    into a module (kept in a temporary folder only while it loads), instantiated in wasmtime with
+    ``inputs`` copied into its linear memory once; ``call()`` runs it there."""
+    import tempfile
+
+    from .. import wasm_toolchain
+
+    with tempfile.TemporaryDirectory(prefix="sparsecc-wasm-") as tmp:
+        path = wasm_toolchain.build_kernel(func, pathlib.Path(tmp) / "kernel.wasm", tvm_target)
+        kernel = WasmKernel(path, wasm_toolchain.kernel_export(func))
+    kernel.load(*inputs, np.zeros(out_shape, np.float32))
+    output = len(inputs)
+    return kernel.call, lambda: kernel.read(output)
+
