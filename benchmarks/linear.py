@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torch-csr", action="store_true", help="skip torch CSR (slow at M=128, 50 %%)")
     p.add_argument("--bf16-values", action="store_true",
                    help="also time every sparse kernel with bf16-stored values (rows marked bf16, beside fp32)")
+    p.add_argument("--tuned", action="store_true",
+                   help="build each sparse kernel with the schedule this host's cost table measured fastest "
+                        "(`sparsecc tune`), as compile does; cells without a measurement keep the heuristic")
     p.add_argument("--out", help="write all measurements to this JSON file")
     return p.parse_args(argv)
 
@@ -175,6 +178,7 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
     """Build and time everything for one (shape, M); returns one record per sparse cell."""
     import torch
     from sparsecc.sparsity import PackedNM, packed_nbytes, parse_pattern
+    from sparsecc.targets import get_target
     from sparsecc.targets.kernels import dense_args, dense_linear, sparse_kernel
     from sparsecc.targets.kernels.dense import DenseSchedule, dense_params, from_bfloat16_bits, to_bfloat16_bits
     from sparsecc.targets.tuning import default_schedule
@@ -211,19 +215,23 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
     refs["sc_dense_bf16"] = dense_ref(from_bfloat16_bits(to_bfloat16_bits(dense_w)))
 
     build_s = 0.0
+    cost_model = get_target("x86").cost_model() if args.tuned else None
     for pattern, sparsities in _patterns(args):
         for sp in sparsities:
             key = f"{pattern}@{int(round(sp * 100))}"
             w = _masked_weight(rng, n_out, k, pattern, sp)
             packed = parse_pattern(pattern).pack(w)
             t0 = time.perf_counter()
-            func, arrays = sparse_kernel(m, packed, True, caps, "sparse_bench")
+            # --tuned: the schedule this host's cost table measured fastest (what compile builds),
+            # where `sparsecc tune` measured this problem; the heuristic elsewhere
+            tuned = cost_model.schedule(m, packed, (n_out, k)) if cost_model is not None else None
+            func, arrays = sparse_kernel(m, packed, True, caps, "sparse_bench", schedule=tuned)
             fns[key], outputs[key] = _tvm_runner(func, [x, *arrays, bias], m, n_out, target)
             build_s += time.perf_counter() - t0
             refs[key] = dense_ref(w)
             cell = {"shape": [n_out, k], "m": m, "pattern": pattern, "sparsity": sp, "nnz": int(packed.nnz),
                     "weight_bytes": packed_nbytes(packed), "schedule": str(func.attrs["sparsecc.schedule"]),
-                    "key": key, "values": "fp32"}
+                    "key": key, "values": "fp32", "tuned": tuned is not None}
             if pattern == "unstructured" and not args.no_torch_csr:
                 wc = torch.from_numpy(w).to_sparse_csr()
                 bcol = bt[:, None]
@@ -289,7 +297,7 @@ def print_table(cells: list[dict[str, Any]]) -> None:
         tcsr_ratio = f"{c['ort_dense_s'] / tcsr:8.2f}" if tcsr else f"{'-':>8}"
         xfp32 = f"{c['vs_fp32_values']:5.2f}" if c["values"] == "bf16" else f"{'':>5}"
         print(f"{c['shape'][0]:>5}x{c['shape'][1]:<5} {c['m']:>4} {c['pattern']:>12} {int(c['sparsity'] * 100):>3}% "
-              f"{c['values']:>4} | "
+              f"{c['values']:>4}{'*' if c.get('tuned') else ' '}| "
               f"{_fmt_us(c['sparsecc_s'])} {_fmt_us(c['ort_dense_s'])} {_fmt_us(c['torch_dense_s'])} "
               f"{_fmt_us(tcsr):>9} {_fmt_us(c['sparsecc_dense_s'])} "
               f"{_fmt_us(c['sparsecc_dense_bf16_s'])}    | {c['vs_ort']:6.2f} {c['vs_torch']:6.2f} "
@@ -335,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(before {start_load[0]:.2f}); total {time.perf_counter() - t0:.0f} s")
     print("ratios are median ORT (or torch) dense time / median sparsecc time, same interleaved run; "
           "GFLOP/s counts 2*M*nnz; wGB/s = packed weight bytes / time; xfp32 (bf16 rows) = fp32-values "
-          "sparse time / bf16-values sparse time")
+          "sparse time / bf16-values sparse time; * after val: schedule from the measured cost table (--tuned)")
     if args.out:
         meta = {"command": _harness.command_line(), "threads": args.threads, "mcpu": tvm_target["mcpu"], "peaks": peaks,
                 "load_before": start_load, "load_after": end_load}
