@@ -62,7 +62,8 @@ def with_weight_storage(pipeline: str, weights: str) -> str:
 
 
 def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip: str = "",
-                     refine: str | None = None, allocation: str | None = None, weights: str = "float32") -> str:
+                     refine: str | None = None, allocation: str | None = None, weights: str = "float32",
+                     convs: str = "pointwise") -> str:
     """The pipeline ``compile`` runs, as a string a build script can reuse or edit. ``weights``
     (``float32`` or ``bfloat16``) is how the compiled kernels store dense weights and sparse
     values (the lower pass's ``dense_weights`` and ``sparse_weights``)."""
@@ -75,6 +76,10 @@ def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip:
         options.append(f"pattern={pattern}")
     if skip:
         options.append(f"skip={skip}")
+    if convs not in ("pointwise", "all"):
+        raise SparseccError(f"convs {convs!r}: choose pointwise (1x1 convolutions only) or all")
+    if convs != "pointwise":
+        options.append(f"convs={convs}")
     if refine and refine not in REFINEMENTS:
         raise SparseccError(f"unknown mask refinement {refine!r}; choose one of: {', '.join(REFINEMENTS)}")
     if allocation and allocation not in ALLOCATIONS:
@@ -167,6 +172,7 @@ def compile(  # noqa: A001 - the public name users expect
     progress: bool = True,
     dump_dir: str | pathlib.Path | None = None,
     weights: str = "float32",
+    convs: str = "pointwise",
 ) -> Artifact:
     """Capture, calibrate, prune, pack, lower and build ``model_or_program`` for ``target``.
 
@@ -179,7 +185,9 @@ def compile(  # noqa: A001 - the public name users expect
     the weights of dense layers and the values of sparse ones as bf16, with fp32 arithmetic: half
     the value bytes, and outputs within bf16 rounding of the fp32 program; a layer whose bf16
     kernel the cost table measured slower keeps fp32 (a warning in the report names it). With
-    ``pipeline`` it overrides the storage options of the pipeline's lower pass. Returns an Artifact
+    ``pipeline`` it overrides the storage options of the pipeline's lower pass. ``convs="all"`` also
+    makes k x k, strided and padded convolutions (groups 1) sparse, as im2col rows times a sparse
+    GEMM; by default only 1x1 convolutions are. Returns an Artifact
     whose ``report`` says what happened per layer.
     """
     from sparsecc.targets import get_target
@@ -199,7 +207,7 @@ def compile(  # noqa: A001 - the public name users expect
         text = with_weight_storage(pipeline, storage) if storage != "float32" else pipeline
     else:
         text = default_pipeline(sparsity=sparsity, pattern=pattern, method=method, skip=skip,
-                                refine=refine, allocation=allocation, weights=storage)
+                                refine=refine, allocation=allocation, weights=storage, convs=convs)
     manager = PassManager(text)
     timing, snapshots = TimingInstrument(), SnapshotInstrument(pathlib.Path(dump_dir) if dump_dir else None)
     numerics = NumericsInstrument(program.example_inputs)

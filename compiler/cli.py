@@ -83,7 +83,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                  method=args.method, refine=args.refine, allocation=args.allocation,
                                  calibration=calibration, skip=args.skip or "",
                                  pipeline=args.pipeline, progress=not args.quiet, dump_dir=args.dump_dir,
-                                 weights=weight_storage(args.weights))
+                                 weights=weight_storage(args.weights), convs=args.convs)
     out = artifact.save(args.output)
     print(artifact.report.summary(), end="")
     print(f"artifact written to {out}")
@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-mean", default="0.485,0.456,0.406", help="per-channel mean for --calib-images")
     p.add_argument("--image-std", default="0.229,0.224,0.225", help="per-channel std for --calib-images")
     p.add_argument("--skip", default=None, help="layers to keep dense: fnmatch globs separated by ';'")
+    p.add_argument("--convs", default="pointwise", choices=["pointwise", "all"],
+                   help="which convolutions become sparse: pointwise (1x1 only, the default) or all (k x k, strided "
+                        "and padded ones too, as im2col rows times a sparse GEMM)")
     p.add_argument("--pipeline", default=None, help="a full pipeline string replacing the default")
     p.add_argument("--weights", default="fp32", choices=["fp32", "bf16"],
                    help="storage of dense weights and sparse values in the compiled kernels: fp32, or bf16 "

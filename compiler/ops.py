@@ -1,19 +1,44 @@
-"""sparsecc's custom torch ops: sparse linear layers holding packed weights.
+"""sparsecc's custom torch ops: sparse linear layers holding packed weights, and the im2col rows
+a k x k convolution's sparse linear multiplies.
 
-The pack pass rewrites pruned ``linear`` (and 1x1 ``conv2d``) nodes into these ops. Each op is
+The pack pass rewrites pruned ``linear`` and ``conv2d`` nodes into these ops (a k x k, strided or
+padded convolution as ``im2col_rows`` followed by a sparse linear). Each op is
 opaque to ``torch.export`` (so it survives decompositions and reaches the TVM importer as one
 node), has a CPU reference kernel (so the packed program still runs in PyTorch and can be checked
 against the masked-dense one) and a fake kernel (so export can trace shapes).
 
-Every op takes a 2-D activation ``x`` of shape (M, K) and returns (M, N). Names are globally
-unique because TVM's importer looks converters up by the bare op name.
+Every sparse linear op takes a 2-D activation ``x`` of shape (M, K) and returns (M, N). Names are
+globally unique because TVM's importer looks converters up by the bare op name.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 NAMESPACE = "sparsecc"
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of one spatial axis of a convolution."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.custom_op(f"{NAMESPACE}::im2col_rows", mutates_args=())
+def im2col_rows(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int],
+                dilation: list[int]) -> torch.Tensor:
+    """A convolution's input windows as rows: x (B, C, H, W) -> (B*OH*OW, C*kh*kw). Row
+    ``(b*OH + oh)*OW + ow`` holds the window of output pixel (oh, ow) of image b in the weight's
+    (C, kh, kw) order, so ``rows @ weight.reshape(N, -1).T`` is the convolution, pixels NHWC;
+    positions in the padding are zeros."""
+    cols = F.unfold(x, tuple(kernel), dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).contiguous()
+
+
+@im2col_rows.register_fake
+def _(x, kernel, stride, padding, dilation):
+    oh, ow = (conv_output_size(x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i]) for i in range(2))
+    return x.new_empty((x.shape[0] * oh * ow, x.shape[1] * kernel[0] * kernel[1]))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::sparse_linear_csr", mutates_args=())

@@ -138,7 +138,7 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
     import tvm_ffi
     from sparsecc.targets.kernels import SCHEDULE_ATTR, dense_args, dense_linear, sparse_kernel
     from sparsecc.targets.kernels.batch_matmul import batch_matmul
-    from sparsecc.targets.kernels.conv import conv2d_panels, conv_geometry, grouped_conv2d
+    from sparsecc.targets.kernels.conv import conv2d_panels, conv_geometry, grouped_conv2d, im2col_rows
     from sparsecc.targets.kernels.dense import DenseSchedule, dense_params
     from sparsecc.targets.tuning import default_schedule
     from tvm import relax
@@ -341,6 +341,19 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
                                     shape, weight.shape, int(np.count_nonzero(weight))))
         return out
 
+    def im2col_converter(node: Any, importer: Any) -> Any:
+        if not importer_env:
+            importer_env.append(importer)
+        x = importer.env[node.args[0]]
+        shape = check_x(x, f"node {node.name} (im2col rows of a sparse convolution)")
+        kernel, stride, padding, dilation = (tuple(int(v) for v in a) for a in node.args[1:5])
+        func = im2col_rows(shape, kernel, stride, padding, dilation, caps, "kernel")
+        out_shape = tuple(int(d) for d in node.meta["val"].shape)
+        out, kname, schedule = emit_call(importer, node, func, [x], out_shape, "im2col")
+        records.append(KernelRecord(node.name, "im2col", "dense", kname, schedule, shape,
+                                    note="input windows of a sparse convolution, as rows"))
+        return out
+
     def bmm_converter(node: Any, importer: Any) -> Any:
         if not importer_env:
             importer_env.append(importer)
@@ -380,6 +393,7 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
         "convolution.default": conv_converter,
         "bmm.default": bmm_converter,
         "mm.default": bmm_converter,
+        "im2col_rows.default": im2col_converter,
         "sparse_linear_csr.default": sparse_converter("csr"),
         "sparse_linear_bsr.default": sparse_converter("bsr"),
         "sparse_linear_nm.default": sparse_converter("nm"),

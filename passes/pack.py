@@ -1,8 +1,9 @@
-"""pack: rewrite pruned linear and pointwise-conv layers into sparsecc sparse ops.
+"""pack: rewrite pruned linear and convolution layers into sparsecc sparse ops.
 
 Each planned-sparse layer's weight is packed into its pattern's format (CSR, BSR, N:M values +
-positions); the ``linear`` / 1x1 ``conv2d`` node becomes a ``sparsecc.sparse_linear_*`` call on
-2-D activations (reshapes and permutes are inserted around it), the packed arrays become buffers
+positions); the ``linear`` / ``conv2d`` node becomes a ``sparsecc.sparse_linear_*`` call on
+2-D activations (reshapes and permutes are inserted around it; a k x k, strided or padded
+convolution reads its windows as rows through ``sparsecc.im2col_rows``), the packed arrays become buffers
 and the dense weight leaves the program. The packed program still runs in PyTorch through the ops'
 reference kernels, so its output is checked against the masked-dense program.
 
@@ -47,7 +48,7 @@ def _find_param_owner(module: torch.nn.Module, fqn: str) -> tuple[torch.nn.Modul
 
 def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, layer: Layer, packed: Packed,
              layer_name: str) -> list[str]:
-    """Replace ``node`` (linear or 1x1 conv) with the sparse op; returns the new buffer names."""
+    """Replace ``node`` (linear or conv of groups 1) with the sparse op; returns the new buffer names."""
     graph = gm.graph
     x = node.args[0]
     x_shape = tuple(x.meta["val"].shape) if "val" in x.meta else None
@@ -68,10 +69,17 @@ def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, layer: Layer, packed
                 aten.reshape.default, (x, [-1, k]))
             y2d = _sparse_call(graph, x2d, packed, getters, bias_node)
             y = y2d if len(out_shape) == 2 else graph.call_function(aten.reshape.default, (y2d, list(out_shape)))
-        else:  # pointwise conv: NCHW -> (N*H*W, C) -> sparse -> NCHW
+        else:  # conv: NCHW -> (N*OH*OW, C*kh*kw) rows -> sparse -> NCHW
             b, _, h, w = out_shape
-            nhwc = graph.call_function(aten.permute.default, (x, [0, 2, 3, 1]))
-            x2d = graph.call_function(aten.reshape.default, (nhwc, [-1, layer.matrix_shape[1]]))
+            if layer.is_pointwise_conv:
+                # a 1x1 window is the pixel's channels: a permute, no copy of windows
+                nhwc = graph.call_function(aten.permute.default, (x, [0, 2, 3, 1]))
+                x2d = graph.call_function(aten.reshape.default, (nhwc, [-1, layer.matrix_shape[1]]))
+            else:
+                conv = layer.conv
+                x2d = graph.call_function(torch.ops.sparsecc.im2col_rows.default, (
+                    x, list(layer.weight_shape[2:]), list(conv["stride"]), list(conv["padding"]),
+                    list(conv["dilation"])))
             y2d = _sparse_call(graph, x2d, packed, getters, bias_node)
             y4 = graph.call_function(aten.reshape.default, (y2d, [b, h, w, n_out]))
             y = graph.call_function(aten.permute.default, (y4, [0, 3, 1, 2]))
@@ -86,7 +94,7 @@ class Pack(Pass):
     """Rewrite pruned layers into sparse ops holding packed weights."""
 
     name = "pack"
-    summary = "rewrite pruned linear/1x1-conv layers into sparsecc sparse ops with packed weights"
+    summary = "rewrite pruned linear/conv layers into sparsecc sparse ops with packed weights"
     numerics = "exact"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:

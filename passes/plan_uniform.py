@@ -2,8 +2,9 @@
 
 This is the planning stage before the per-layer search exists: one pattern and one sparsity for
 all layers, and for every layer that must stay dense a reason the user sees. Rules (also in the
-docs): a k x k, grouped or strided convolution stays dense (sparse kernels cover linear layers
-and pointwise convolutions); a language model's output head stays dense (a linear that produces a
+docs): a grouped convolution stays dense (no sparse kernel); a k x k, strided or padded one stays
+dense unless ``convs=all`` (its sparse form reads im2col rows, see ``sparsecc.ops.im2col_rows``);
+a language model's output head stays dense (a linear that produces a
 program output directly and has at least 4x more outputs than inputs, a vocabulary projection:
 every logit depends on it and no later layer makes up for its error, so both the SparseGPT and
 the Wanda papers keep it dense); a weight the pattern cannot tile stays dense; a layer with fewer
@@ -24,20 +25,25 @@ from sparsecc.plan import LayerPlan, Plan
 from sparsecc.program import Layer, Program
 from sparsecc.sparsity import PatternError, check_sparsity_value, parse_pattern
 
+#: which convolutions (of groups 1) a plan makes sparse: ``pointwise`` only the 1x1, stride 1,
+#: unpadded ones (a permute away from a sparse GEMM), ``all`` every one (k x k, strided or padded
+#: ones read their windows as im2col rows first)
+CONV_CHOICES = ("pointwise", "all")
 
-def dense_reason(layer: Layer) -> str | None:
-    """Why a layer's op cannot become a sparse kernel at all, or None when it can."""
+
+def dense_reason(layer: Layer, convs: str = "pointwise") -> str | None:
+    """Why a layer's op does not become a sparse kernel, or None when it does."""
     if layer.kind == "linear":
         return None
     if layer.conv.get("groups", 1) != 1:
         return f"grouped convolution (groups={layer.conv['groups']}) has no sparse kernel; kept dense"
-    if tuple(layer.weight_shape[2:]) != (1, 1):
-        kh, kw = layer.weight_shape[2:]
-        return (f"{kh}x{kw} convolution: sparse kernels cover linear layers and 1x1 convolutions; "
-                "kept dense (runs on the dense convolution kernel)")
-    if not layer.is_pointwise_conv:
-        return "strided or padded 1x1 convolution has no sparse kernel; kept dense"
-    return None
+    if convs == "all" or layer.is_pointwise_conv:
+        return None
+    kh, kw = layer.weight_shape[2:]
+    what = f"{kh}x{kw} convolution" if (kh, kw) != (1, 1) else "strided or padded 1x1 convolution"
+    return (f"{what}: kept dense (its sparse form first copies its input windows into im2col rows, "
+            f"each input about {kh * kw}/stride^2 times, which a one-shot pruned layer rarely repays; "
+            "ask for it with convs=all, --convs all)")
 
 
 #: ops that only change the shape or the memory layout of a tensor
@@ -79,6 +85,7 @@ class PlanUniform(Pass):
     method: str = "wanda"
     skip: str = ""
     min_inputs: int = 64
+    convs: str = "pointwise"
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         check_sparsity_value(self.sparsity)
@@ -90,12 +97,14 @@ class PlanUniform(Pass):
                 f"it supports: {', '.join(ctx.target.patterns)}")
         if (why := pattern.check_sparsity(self.sparsity)) is not None:
             raise PatternError(why)
+        if self.convs not in CONV_CHOICES:
+            raise ValueError(f"plan-uniform convs={self.convs!r}: choose one of {', '.join(CONV_CHOICES)}")
         skips = [s.strip() for s in self.skip.split(";") if s.strip()]
         plan = Plan(target=ctx.target.name, method=self.method)
         diagnostics = []
         heads = vocabulary_heads(program)
         for layer in program.layers():
-            reason = dense_reason(layer)
+            reason = dense_reason(layer, self.convs)
             if reason is None and layer.node in heads:
                 reason = (f"output head with {layer.matrix_shape[0]} outputs from {layer.matrix_shape[1]} inputs "
                           "(a vocabulary projection): every prediction depends on it and no later layer "

@@ -62,11 +62,21 @@ def test_plan_keeps_untileable_layers_dense_with_a_reason(mlp, x86):
     assert any(d.layer == "head" for d in result.diagnostics)
 
 
-def test_plan_keeps_kxk_convs_dense_and_2_4_needs_k_multiple_of_4(convnet, x86):
+def test_plan_keeps_kxk_convs_dense_unless_asked_and_2_4_needs_k_multiple_of_4(convnet, x86):
     model, example, _ = convnet
-    plan = _run(sparsecc.capture(model, example), "plan-uniform{sparsity=0.5,pattern=2:4}", x86).program.plan
-    assert "3x3 convolution" in plan.layers["conv"].reason
+    program = sparsecc.capture(model, example)
+    plan = _run(program, "plan-uniform{sparsity=0.5,pattern=2:4}", x86).program.plan
+    assert "3x3 convolution: kept dense" in plan.layers["conv"].reason and "convs=all" in plan.layers["conv"].reason
     assert plan.layers["pointwise"].pattern == "2:4" and plan.layers["fc"].pattern == "2:4"
+    # convs=all: the 3x3 convolution's K is its window, 3 channels x 9 taps, not a multiple of 4 ...
+    plan = _run(program, "plan-uniform{sparsity=0.5,pattern=2:4,convs=all}", x86).program.plan
+    assert "K=27 is not a multiple of 4" in plan.layers["conv"].reason
+    # ... but unstructured takes it, once its window holds enough inputs
+    plan = _run(program, "plan-uniform{sparsity=0.5,pattern=unstructured,min_inputs=16,convs=all}",
+                x86).program.plan
+    assert plan.layers["conv"].pattern == "unstructured"
+    with pytest.raises(ValueError, match="convs='some'"):
+        _run(program, "plan-uniform{sparsity=0.5,convs=some}", x86)
 
 
 def test_plan_refuses_impossible_requests(mlp, x86):

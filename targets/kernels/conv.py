@@ -196,3 +196,42 @@ def conv2d_panels(x_shape: tuple[int, int, int, int], w_shape: tuple[int, int, i
 
     func = kernel_fn if has_bias else drop_param(kernel_fn, "bias")
     return finish(func, name, f"direct-conv-panels mr{mr} nr{nr} channels{cb}/block parallel(images/{chunks})")
+
+
+def im2col_rows(x_shape: tuple[int, int, int, int], kernel: tuple[int, int], stride, padding, dilation,
+                caps: Capabilities, name: str = "im2col_rows"):
+    """Scheduled TIR PrimFunc writing a convolution's input windows as rows (the input of a sparse
+    k x k convolution's sparse linear): x (B, C, H, W) -> (B*OH*OW, C*kh*kw), row
+    ``(b*OH + oh)*OW + ow`` in the weight's (C, kh, kw) order, zeros in the padding. Parameters:
+    x, rows.
+
+    One (image, output row) per parallel task; for each window tap, the output pixels of that row
+    read x at a fixed stride, so the inner loop is over pixels. Windows overlap, so the rows hold
+    each x value about kh*kw/(sh*sw) times: the price of feeding a sparse GEMM, paid once per
+    layer, against a product that is kh*kw times longer than a 1x1 convolution's.
+    """
+    from tvm.script import tirx as T
+
+    b, c, h, w = x_shape
+    kh, kw = kernel
+    (sh, sw), (ph, pw), (dh, dw), (oh, ow) = conv_geometry(x_shape, (1, c, kh, kw), stride, padding, dilation)
+    taps = kh * kw
+
+    # A root block around the loops: Relax checks every one-input call_tir for a reshape pattern
+    # (RewriteDataflowReshape), and that check requires a block-structured body.
+    @T.prim_func(s_tir=True)
+    def kernel_func(x: T.Buffer((b, c, h, w), "float32"), rows: T.Buffer((b * oh * ow, c * taps), "float32")):
+        with T.sblock("root"):
+            for r in T.parallel(b * oh):
+                for ci in range(c):
+                    for i in range(kh):
+                        yy = T.meta_var((r % oh) * sh - ph + i * dh)
+                        for j in range(kw):
+                            for q in range(ow):
+                                xx = T.meta_var(q * sw - pw + j * dw)
+                                rows[r * ow + q, ci * taps + i * kw + j] = T.if_then_else(
+                                    (yy >= 0) and (yy < h) and (xx >= 0) and (xx < w),
+                                    x[r // oh, ci, T.max(T.min(yy, h - 1), 0), T.max(T.min(xx, w - 1), 0)],
+                                    T.float32(0))
+
+    return finish(kernel_func, name, f"im2col rows {kh}x{kw} stride{sh}x{sw}")
