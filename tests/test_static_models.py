@@ -1,0 +1,237 @@
+"""Whole models compiled for the targets without a Relax VM (``wasm-simd`` under wasmtime,
+``arm-neon`` under qemu): the bundled digits CNN, sparse and dense, run from saved artifacts and
+compared with the masked-dense program; ``model.js`` under Node; ``model.o`` + ``model.h`` linked
+into a C program; wrong inputs, damaged files and untranslatable Relax refused with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import shutil
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import sparsecc  # noqa: E402
+import torch  # noqa: E402
+from sparsecc.errors import ArtifactError, TargetError  # noqa: E402
+from sparsecc.targets import arm_toolchain, get_target, wasm_toolchain  # noqa: E402
+from sparsecc.targets import static_program as sp  # noqa: E402
+from target_cases import require  # noqa: E402
+
+TOOLCHAINS = {"wasm-simd": (wasm_toolchain.missing, "the wasm toolchain"),
+              "arm-neon": (arm_toolchain.missing, "the arm-neon toolchain")}
+#: the files each target's artifact carries beside the common ones
+MODEL_FILES = {"wasm-simd": {"model.wasm", "model.js", "model.json"},
+               "arm-neon": {"model.elf", "model.o", "model.h", "model.json"}}
+BATCH = 8
+
+
+def _require(target: str) -> None:
+    missing, what = TOOLCHAINS[target]
+    require(missing(), what)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sparsecc.zoo.digits import train_digits_cnn
+
+    model, data = train_digits_cnn(seed=0)
+    example = (data.train_images[:BATCH].contiguous(),)
+    calib = [(data.train_images[i:i + BATCH].contiguous(),) for i in range(0, BATCH * 4, BATCH)]
+    return model, data, example, calib
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Artifacts built in this module, by (target, sparsity); dropped at the end so wasmtime's
+    objects are freed before interpreter shutdown (freed later, they print errors)."""
+    cache: dict[tuple[str, float], tuple[object, object]] = {}
+    yield cache
+    cache.clear()
+    gc.collect()
+
+
+def _artifact(digits, built, tmp_path_factory, target: str, sparsity: float):
+    """The digits CNN compiled for ``target`` (block4x1 at ``sparsity``), saved to a folder (built
+    once per module and configuration)."""
+    _require(target)
+    key = (target, sparsity)
+    if key not in built:
+        model, _, example, calib = digits
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            artifact = sparsecc.compile(model, example, target=target, sparsity=sparsity, pattern="block4x1",
+                                        method="wanda", calibration=calib, progress=False)
+        out = artifact.save(tmp_path_factory.mktemp(f"{target}-{sparsity:g}") / "art")
+        built[key] = (artifact, out)
+    return built[key]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("target", ["wasm-simd", "arm-neon"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.0])
+def test_digits_cnn_matches_masked_dense(digits, built, tmp_path_factory, target, sparsity):
+    artifact, out = _artifact(digits, built, tmp_path_factory, target, sparsity)
+    _, data, _, _ = digits
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"] == target and manifest["format_version"] == 2
+    assert MODEL_FILES[target] <= set(manifest["files"]) and manifest["library"] in MODEL_FILES[target]
+    assert artifact.report.compiled_vs_reference["rel"] < 1e-4
+    sparse = [lr for lr in artifact.report.layers if lr.decision == "sparse"]
+    assert len(sparse) >= (2 if sparsity else 0)
+    loaded = sparsecc.load(out)
+    for start in (0, 40):
+        x = data.test_images[start:start + BATCH].contiguous()
+        got, want = loaded(x), artifact.reference(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(artifact.packed(x), want, rtol=1e-5, atol=1e-5)
+        assert _rel(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("target", ["wasm-simd", "arm-neon"])
+def test_wrong_inputs_are_refused(digits, built, tmp_path_factory, target):
+    artifact, out = _artifact(digits, built, tmp_path_factory, target, 0.5)
+    loaded = sparsecc.load(out)
+    with pytest.raises(ArtifactError, match=r"input 0 has shape \(4, 1, 8, 8\).*compiled for \(8, 1, 8, 8\)"):
+        loaded(torch.zeros(4, 1, 8, 8))
+    # The runner checks on its own too (it is used without an Artifact by benchmarks and users).
+    from sparsecc.targets.runners import load_library
+
+    session = load_library(get_target(target).runner, loaded.library)
+    with pytest.raises(TargetError, match=r"input 0 has shape \(8, 1, 8, 8\) torch.float64"):
+        session(torch.zeros(BATCH, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(TargetError, match="takes 1 inputs, got 2"):
+        session(torch.zeros(BATCH, 1, 8, 8), torch.zeros(BATCH, 1, 8, 8))
+
+
+@pytest.mark.parametrize("target", ["wasm-simd", "arm-neon"])
+def test_damaged_model_files_are_refused(digits, built, tmp_path_factory, tmp_path, target):
+    _, out = _artifact(digits, built, tmp_path_factory, target, 0.5)
+    damaged = shutil.copytree(out, tmp_path / "damaged")
+    (damaged / "model.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="model.json is damaged"):
+        sparsecc.load(damaged)
+    missing = shutil.copytree(out, tmp_path / "missing")
+    library = json.loads((missing / "manifest.json").read_text())["library"]
+    (missing / library).unlink()
+    with pytest.raises(ArtifactError, match=f"{library} is missing"):
+        sparsecc.load(missing)
+    # Without the manifest's hashes the runner still refuses a damaged signature.
+    from sparsecc.targets.runners import load_library
+
+    with pytest.raises(ArtifactError, match="model.json is damaged"):
+        load_library(get_target(target).runner, damaged / library)
+
+
+def test_cli_runs_a_wasm_artifact(digits, built, tmp_path_factory, tmp_path):
+    from sparsecc.cli import main as cli_main
+
+    artifact, out = _artifact(digits, built, tmp_path_factory, "wasm-simd", 0.5)
+    x = digits[1].test_images[:BATCH].contiguous()
+    torch.save(x, tmp_path / "x.pt")
+    assert cli_main(["run", str(out), "--inputs", str(tmp_path / "x.pt"), "--output", str(tmp_path / "y.pt")]) == 0
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), artifact.reference(x), rtol=1e-4, atol=1e-4)
+
+
+NODE_SCRIPT = r"""
+const fs = require("fs");
+const { load } = require(process.argv[2]);
+(async () => {
+  const model = await load();
+  const raw = fs.readFileSync(process.argv[3]);  // a Buffer: a view into a shared pool
+  const x = new Float32Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
+  const [y] = model.run(x);
+  let refused = "";
+  try { model.run(new Float32Array(3)); } catch (e) { refused = e.message; }
+  process.stdout.write(JSON.stringify({ y: Array.from(y), shape: model.signature.outputs[0].shape, refused }));
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def test_model_js_runs_under_node(digits, built, tmp_path_factory, tmp_path):
+    node = shutil.which("node")
+    require([] if node else ["node (Debian: nodejs)"], "Node.js")
+    artifact, out = _artifact(digits, built, tmp_path_factory, "wasm-simd", 0.5)
+    x = digits[1].test_images[:BATCH].contiguous()
+    (tmp_path / "x.bin").write_bytes(x.numpy().tobytes())
+    (tmp_path / "run.js").write_text(NODE_SCRIPT)
+    done = subprocess.run([node, str(tmp_path / "run.js"), str(out / "model.js"), str(tmp_path / "x.bin")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["shape"] == [BATCH, 10]
+    y = torch.tensor(result["y"], dtype=torch.float32).reshape(BATCH, 10)
+    torch.testing.assert_close(y, artifact.reference(x), rtol=1e-4, atol=1e-4)
+    assert "input 0 must be a Float32Array of 512 elements" in result["refused"]
+
+
+USER_PROGRAM = r"""
+#include <stdio.h>
+#include "model.h"
+static float x[SPARSECC_INPUT0_NBYTES / sizeof(float)];
+static float y[SPARSECC_OUTPUT0_NBYTES / sizeof(float)];
+int main(void) {
+  if (fread(x, 1, sizeof x, stdin) != sizeof x) return 2;
+  if (sparsecc_run(x, y) != 0) { fprintf(stderr, "%s\n", sparsecc_error()); return 3; }
+  fwrite(y, 1, sizeof y, stdout);
+  return 0;
+}
+"""
+
+
+def test_arm_object_and_header_link_into_a_program(digits, built, tmp_path_factory, tmp_path):
+    """What a user does on a device: compile a program against model.h, link model.o (-lm)."""
+    artifact, out = _artifact(digits, built, tmp_path_factory, "arm-neon", 0.5)
+    tools = arm_toolchain.find_toolchain()
+    (tmp_path / "main.c").write_text(USER_PROGRAM)
+    exe = tmp_path / "user"
+    subprocess.run([tools.gcc, "-O2", "-Wall", "-Werror", "-static", f"-I{out}", str(tmp_path / "main.c"),
+                    str(out / "model.o"), "-lm", "-o", str(exe)], check=True, capture_output=True)
+    x = digits[1].test_images[:BATCH].contiguous()
+    done = subprocess.run([tools.qemu, str(exe)], input=x.numpy().tobytes(), capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    y = torch.from_numpy(np.frombuffer(done.stdout, np.float32).copy()).reshape(BATCH, 10)
+    torch.testing.assert_close(y, artifact.reference(x), rtol=1e-4, atol=1e-4)
+    header = (out / "model.h").read_text()
+    assert "int sparsecc_run(const float* input0, float* output0);" in header
+    assert "input 0: float32 [8, 1, 8, 8]" in header
+
+
+def test_untranslatable_binding_raises():
+    """A binding the static driver has no translation for (here an operator nobody legalized)
+    stops the build with its name, instead of being skipped."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([4, 8], "float32"))
+    with bb.function("main", [x]):
+        y = bb.emit(relax.op.nn.relu(x))
+        bb.emit_func_output(y)
+    with pytest.raises(sp.StaticProgramError, match=r"binding .*cannot translate a call of relax.nn.relu"):
+        sp.translate(bb.get())
+
+
+def test_dynamic_input_shape_raises():
+    from tvm import relax, tirx
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([tirx.Var("n", "int64"), 8], "float32"))
+    with bb.function("main", [x]):
+        bb.emit_func_output(x)
+    with pytest.raises(sp.StaticProgramError, match="input 0 .*not static"):
+        sp.translate(bb.get())
+
+
+def test_model_build_refusal_still_guards_targets_without_one():
+    record = dataclasses.replace(get_target("wasm-simd"), builds_models=False)
+    with pytest.raises(TargetError, match="whole-model lowering for this target is not built yet"):
+        record.require_model_build()
