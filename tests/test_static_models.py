@@ -235,3 +235,28 @@ def test_model_build_refusal_still_guards_targets_without_one():
     record = dataclasses.replace(get_target("wasm-simd"), builds_models=False)
     with pytest.raises(TargetError, match="whole-model lowering for this target is not built yet"):
         record.require_model_build()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["wasm-simd", "arm-neon"])
+def test_mobilenet_v2_at_50_percent(tmp_path, target):
+    """A real ImageNet model (53 convolutions and linears, depthwise and strided ones among them,
+    batch norm, relu6, average pooling) through the static driver: about a minute per target."""
+    from real_data import mobilenet_or_skip
+
+    _require(target)
+    mobilenet = mobilenet_or_skip()
+    model = mobilenet.load_mobilenet_v2().eval()
+    calib = [(c,) for c in mobilenet.augmented_crops(4, seed=0).split(1)]
+    x = mobilenet.augmented_crops(2, seed=1000).split(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        artifact = sparsecc.compile(model, x[0], target=target, sparsity=0.5, pattern="block4x1", method="wanda",
+                                    calibration=calib, progress=False)
+    assert sum(lr.decision == "sparse" for lr in artifact.report.layers) >= 20
+    loaded = sparsecc.load(artifact.save(tmp_path / "art"))
+    for image in x:
+        want = artifact.reference(image)
+        torch.testing.assert_close(loaded(image), want, rtol=1e-4, atol=1e-4)
+    del loaded, artifact
+    gc.collect()
