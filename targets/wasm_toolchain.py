@@ -242,10 +242,12 @@ LOADER_SOURCE = r"""// A model compiled by sparsecc for wasm-simd: load model.wa
       }
       inputs.forEach((x, i) => {
         const want = SIGNATURE.inputs[i];
-        if (!(x instanceof ARRAYS[want.dtype]) || x.length !== want.size) {
+        // by tag, not instanceof: an array made in another realm (iframe, worker, vm) is as good
+        const kind = ArrayBuffer.isView(x) ? Object.prototype.toString.call(x).slice(8, -1) : typeof x;
+        if (kind !== ARRAYS[want.dtype].name || x.length !== want.size) {
           throw new Error("sparsecc: input " + i + " must be a " + ARRAYS[want.dtype].name + " of " + want.size +
                           " elements (shape [" + want.shape + "]), got " +
-                          (x && x.constructor ? x.constructor.name : typeof x) + " of " + (x ? x.length : 0));
+                          kind + " of " + (x && x.length !== undefined ? x.length : 0));
         }
         new Uint8Array(ex.memory.buffer, ex.sparsecc_input(i), x.byteLength)
           .set(new Uint8Array(x.buffer, x.byteOffset, x.byteLength));

@@ -206,6 +206,78 @@ def test_arm_object_and_header_link_into_a_program(digits, built, tmp_path_facto
     assert "input 0: float32 [8, 1, 8, 8]" in header
 
 
+class _ThreeOutputs(torch.nn.Module):
+    """Outputs that are a kernel's result, a reshaped intermediate and a reshaped input scaled:
+    views (reshape) and a tuple result through the static driver."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 32)
+        self.head = torch.nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor):
+        h = torch.relu(self.fc(x))
+        return self.head(h), h.reshape(-1), x.reshape(-1) * 2.0
+
+
+@pytest.mark.parametrize("target", ["wasm-simd", "arm-neon"])
+def test_tuple_outputs_and_reshaped_views(target):
+    _require(target)
+    torch.manual_seed(0)
+    model = _ThreeOutputs().eval()
+    x = torch.randn(4, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        artifact = sparsecc.compile(model, (x,), target=target, sparsity=0.5, pattern="unstructured",
+                                    method="magnitude", progress=False)
+    x = torch.randn(4, 64)
+    got, want = artifact(x), artifact.reference(x)
+    assert isinstance(got, tuple) and [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+BROWSER_SCRIPT = r"""
+// model.js as a page's <script> sees it: no module, no process; fetch over HTTP.
+const vm = require("vm"), fs = require("fs");
+const page = { fetch, WebAssembly, TextDecoder, URL, console };
+page.self = page;
+vm.runInNewContext(fs.readFileSync(process.argv[2], "utf8"), page);
+(async () => {
+  const model = await page.sparseccModel.load(process.argv[3]);
+  const [y] = model.run(new Float32Array(model.signature.inputs[0].size));
+  process.stdout.write(JSON.stringify({ n: y.length, finite: y.every(Number.isFinite) }));
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def test_model_js_loads_as_a_browser_script(digits, built, tmp_path_factory, tmp_path):
+    """The loader's page path: a global ``sparseccModel`` and the module fetched over HTTP."""
+    import functools
+    import http.server
+    import threading
+
+    node = shutil.which("node")
+    require([] if node else ["node (Debian: nodejs)"], "Node.js")
+    _, out = _artifact(digits, built, tmp_path_factory, "wasm-simd", 0.5)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(out)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "page.js").write_text(BROWSER_SCRIPT)
+        url = f"http://127.0.0.1:{server.server_address[1]}/model.wasm"
+        done = subprocess.run([node, str(tmp_path / "page.js"), str(out / "model.js"), url],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"n": BATCH * 10, "finite": True}
+
+
 def test_untranslatable_binding_raises():
     """A binding the static driver has no translation for (here an operator nobody legalized)
     stops the build with its name, instead of being skipped."""
