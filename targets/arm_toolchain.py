@@ -12,8 +12,12 @@ ndim, 0``, ``int64 shape[ndim]``, ``int64 nbytes`` and the bytes. Stdout: the by
 ``n_outputs`` arguments after the call. A failing kernel exits with status 3 and TVM's message on
 stderr; malformed input exits with status 2.
 
-Tools looked up: ``aarch64-linux-gnu-gcc`` (with the AArch64 glibc) and ``qemu-aarch64-static``
-(or ``qemu-aarch64``). On Debian: ``apt-get install qemu-user-static gcc-aarch64-linux-gnu
+A whole model (:func:`link_model`) is one relocatable ``model.o`` (kernels, generated driver and
+this runtime) with ``model.h``, plus ``model.elf``, the object linked with a generic main that
+reads the inputs' bytes from stdin and writes the outputs' to stdout.
+
+Tools looked up: ``aarch64-linux-gnu-gcc`` (with the AArch64 glibc), its ``objcopy`` (binutils)
+and ``qemu-aarch64-static`` (or ``qemu-aarch64``). On Debian: ``apt-get install qemu-user-static gcc-aarch64-linux-gnu
 libc6-dev-arm64-cross``. qemu translates instructions: its timings say nothing about ARM speed.
 """
 
@@ -118,6 +122,11 @@ def _qemu() -> str | None:
     return which("qemu-aarch64-static", "qemu-aarch64")
 
 
+def _objcopy_path(gcc: str) -> pathlib.Path:
+    # binutils of the same cross toolchain, beside its gcc; a whole model's object needs it
+    return pathlib.Path(gcc).with_name(pathlib.Path(gcc).name.split("-gcc")[0] + "-objcopy")
+
+
 @functools.cache
 def _has_static_libc(gcc: str) -> bool:
     # gcc finds its target's libc.a itself; without libc6-dev-arm64-cross it is not there
@@ -133,6 +142,8 @@ def missing() -> list[str]:
         out.append("aarch64-linux-gnu-gcc (Debian: gcc-aarch64-linux-gnu)")
     elif not _has_static_libc(gcc):
         out.append("the AArch64 glibc's libc.a (Debian: libc6-dev-arm64-cross)")
+    if gcc is not None and not _objcopy_path(gcc).is_file():
+        out.append(f"{_objcopy_path(gcc).name} (Debian: binutils-aarch64-linux-gnu)")
     if _qemu() is None:
         out.append("qemu-aarch64-static (Debian: qemu-user-static)")
     return out
@@ -246,14 +257,6 @@ int main(void) {
 MODEL_EXECUTABLE, MODEL_OBJECT, MODEL_HEADER = "model.elf", "model.o", "model.h"
 
 
-def _objcopy(gcc: str) -> str:
-    # binutils of the same cross toolchain, beside its gcc (Debian: binutils-aarch64-linux-gnu)
-    tool = pathlib.Path(gcc).with_name(pathlib.Path(gcc).name.split("-gcc")[0] + "-objcopy")
-    if not tool.is_file():
-        raise ToolchainMissing(f"{tool.name} (Debian: binutils-aarch64-linux-gnu) is not installed")
-    return str(tool)
-
-
 def link_model(program: Any, kernels: pathlib.Path, blob: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
     """Link a whole model (a :class:`~sparsecc.targets.static_program.StaticProgram` whose kernels
     are compiled into ``kernels`` and whose constants are the file ``blob``) into ``folder``:
@@ -268,7 +271,7 @@ def link_model(program: Any, kernels: pathlib.Path, blob: pathlib.Path, folder: 
     with temporary_object(source, tools.gcc, HARNESS_FLAGS, folder, "driver") as driver:
         run_tool([tools.gcc, "-r", "-nostdlib", "-o", str(obj), str(kernels), str(driver)])
     # Only the entry points stay global, so two models (or a model and TVM's runtime) link together.
-    run_tool([_objcopy(tools.gcc), "--wildcard", "--keep-global-symbol=sparsecc_*", str(obj)])
+    run_tool([str(_objcopy_path(tools.gcc)), "--wildcard", "--keep-global-symbol=sparsecc_*", str(obj)])
     (folder / MODEL_HEADER).write_text(header_source(program))
     main = compiled_object("arm", "model-main", MODEL_MAIN_SOURCE, tools.gcc, HARNESS_FLAGS)
     exe = folder / MODEL_EXECUTABLE

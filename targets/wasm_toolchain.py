@@ -9,6 +9,9 @@ plus helpers the runner calls to lay out DLTensor arguments. ``wasm-ld`` links o
 against wasi-libc's ``libc.a`` (which supplies ``expf``, ``memcpy`` and friends) into a module
 with no imports, which :mod:`sparsecc.targets.runners.wasm` runs under wasmtime.
 
+A whole model (:func:`link_model`) links its kernels, the shim and a generated driver into one
+``model.wasm`` the same way, and gets ``model.js``, a loader for Node and browsers.
+
 Tools looked up: ``clang`` and ``wasm-ld`` (plain or versioned names, e.g. ``clang-14``), wasi-libc
 (``$WASI_SYSROOT/lib/wasm32-wasi`` or ``/usr/lib/wasm32-wasi``) and the ``wasmtime`` Python
 package. On Debian: ``apt-get install clang lld wasi-libc wabt`` and ``pip install wasmtime``.

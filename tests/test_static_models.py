@@ -332,3 +332,30 @@ def test_mobilenet_v2_at_50_percent(tmp_path, target):
         torch.testing.assert_close(loaded(image), want, rtol=1e-4, atol=1e-4)
     del loaded, artifact
     gc.collect()
+
+
+@pytest.mark.slow
+@pytest.mark.models
+@pytest.mark.parametrize("target", ["wasm-simd", "arm-neon"])
+def test_minilm_two_int64_inputs(target):
+    """A transformer with two int64 inputs (token ids, attention mask): embedding gathers, layer
+    norms, softmax, gelu and attention matmuls through the static driver (about 30 s a target)."""
+    from real_data import IN_CI
+    from sparsecc.zoo import minilm
+
+    _require(target)
+    if not minilm.minilm_available():
+        message = f"all-MiniLM-L6-v2 is not installed: {minilm.INSTALL_COMMAND}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    embedder, tokenizer = minilm.load_minilm_embedder()
+    example = minilm.encode(tokenizer, minilm.CALIBRATION_SENTENCES[:2], length=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        artifact = sparsecc.compile(embedder, example, target=target, sparsity=0.5, pattern="block4x1",
+                                    method="magnitude", progress=False)
+    ids, mask = minilm.encode(tokenizer, minilm.SENTENCES[:2], length=16)
+    torch.testing.assert_close(artifact(ids, mask), artifact.reference(ids, mask), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ArtifactError, match=r"input 1 has shape \(2, 16\) torch.int32"):
+        artifact(ids, mask.int())
