@@ -340,15 +340,10 @@ def test_mobilenet_v2_at_50_percent(tmp_path, target):
 def test_minilm_two_int64_inputs(target):
     """A transformer with two int64 inputs (token ids, attention mask): embedding gathers, layer
     norms, softmax, gelu and attention matmuls through the static driver (about 30 s a target)."""
-    from real_data import IN_CI
-    from sparsecc.zoo import minilm
+    from real_data import minilm_or_skip
 
     _require(target)
-    if not minilm.minilm_available():
-        message = f"all-MiniLM-L6-v2 is not installed: {minilm.INSTALL_COMMAND}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    minilm = minilm_or_skip()
     embedder, tokenizer = minilm.load_minilm_embedder()
     example = minilm.encode(tokenizer, minilm.CALIBRATION_SENTENCES[:2], length=16)
     with warnings.catch_warnings():
