@@ -2,25 +2,28 @@
 generated C driver, for targets where the Relax VM cannot run (WebAssembly in wasmtime or a
 browser, a static AArch64 executable under qemu or on a device).
 
-:func:`translate` runs Relax's own lowering (the dataflow-lowering passes, then
+:func:`plan_memory` runs Relax's own lowering (the dataflow-lowering passes, then
 ``StaticPlanBlockMemory``) so ``main`` becomes a flat sequence of storage allocations, tensor
-views and calls of PrimFuncs, and reads that sequence into a :class:`StaticProgram`: storage
-blocks with their sizes, DLTensor views of inputs / blocks / constants, the kernel calls in
-order, and the outputs. Any binding it does not know raises :class:`StaticProgramError` naming
-it; nothing is skipped.
+views and calls of PrimFuncs; :func:`translate` reads that sequence into a
+:class:`StaticProgram`: storage blocks with their sizes (intermediates share blocks as TVM's
+planner decided), DLTensor views of inputs / blocks / constants, the kernel calls in order, and
+the outputs. Any binding it does not know raises :class:`StaticProgramError` naming it; nothing
+is skipped.
 
 :func:`driver_source` writes that program as C: static 64-byte-aligned blocks, the constants
 (weights, packed sparse arrays) as one binary blob pulled in with ``.incbin``, a DLTensor and a
-packed-call argument array per call, and these entry points (also declared by :func:`header_source`)::
+packed-call argument array per call, and these entry points (declared for C users by
+:func:`header_source`)::
 
     int sparsecc_run(const T* input0, ..., T* output0, ...)  copy in, run, copy out
     int sparsecc_invoke(void)                               run on the static input buffers
     void* sparsecc_input(int i) / const void* sparsecc_output(int i)  (and their sizes)
     const char* sparsecc_error(void)                        TVM's message after a nonzero return
 
-:func:`build_model` compiles every PrimFunc into one object for the target and hands object,
-driver source and signature to the target's linker (``wasm_toolchain.link_model``,
-``arm_toolchain.link_model``). ``model.json`` beside the result is the signature the runners read.
+:func:`build_model` compiles every PrimFunc into one object for the target and hands the
+program, that object and the constants' file to the record's ``link_model``
+(``wasm_toolchain.link_model``, ``arm_toolchain.link_model``), which writes the driver and links.
+``model.json`` beside the result is the signature the runners read.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from sparsecc.errors import TargetError
 
 #: the version of the static-model signature file (``model.json``) this module writes
 SIGNATURE_VERSION = 1
+SIGNATURE_FORMAT = "sparsecc-static-model"
 SIGNATURE_FILE = "model.json"
 #: alignment of every static block and constant: TVM's kernels assume 64-byte-aligned tensors
 ALIGN = 64
@@ -121,7 +125,7 @@ class StaticProgram:
 
     def signature(self, target: str) -> dict[str, Any]:
         """What a runner needs to call the built model (written as ``model.json``)."""
-        return {"format": "sparsecc-static-model", "version": SIGNATURE_VERSION, "target": target,
+        return {"format": SIGNATURE_FORMAT, "version": SIGNATURE_VERSION, "target": target,
                 "inputs": [s.to_json() for s in self.inputs], "outputs": [s.to_json() for s in self.output_specs],
                 "kernels": len(self.calls), "blocks_bytes": sum(self.blocks), "constants_bytes": len(self.blob)}
 
@@ -253,6 +257,8 @@ class _Translator:
             return ("storage", len(self.blocks) - 1)
         if name == "relax.memory.alloc_tensor":
             storage = self.lookup(call.args[0], where)
+            if not (isinstance(storage, tuple) and storage[:1] == ("storage",)):
+                raise StaticProgramError(f"{where}: alloc_tensor in {call.args[0]}, which is not a storage block")
             offset = int(call.args[1].value)
             spec = TensorSpec(_ints(call.args[2], where), str(call.args[3].value))
             if spec.nbytes + offset > self.blocks[storage[1]]:
@@ -314,7 +320,7 @@ def translate(mod: Any) -> StaticProgram:
 
 def _blob_asm(blob_path: pathlib.Path, nbytes: int, section: str) -> str:
     # .incbin keeps megabytes of weights out of the C text (and out of the compiler's parser).
-    lines = [f".section {section}", ".p2align 6", "sparsecc_constants:",
+    lines = [f".section {section}", f".p2align {ALIGN.bit_length() - 1}", "sparsecc_constants:",
              f'.incbin "{blob_path}"' if nbytes else ".byte 0", f".size sparsecc_constants, {max(nbytes, 1)}"]
     quoted = (line.replace("\\", "\\\\").replace('"', '\\"') for line in lines)
     return "__asm__(\n" + "".join(f'  "{line}\\n"\n' for line in quoted) + ");\n"
@@ -329,8 +335,13 @@ def driver_source(program: StaticProgram, blob_path: pathlib.Path, blob_section:
     """The model's C driver (appended to a target's runtime source, which defines ``EXPORT``,
     ``Tensor``, ``Any`` and ``sc_error``). ``blob_path`` is the constants' file as written,
     ``blob_section`` the assembler's section directive arguments for read-only data."""
-    out = ["\n/* ---- generated by sparsecc: one model as a static program ---- */\n"]
-    out.append(_blob_asm(blob_path, len(program.blob), blob_section))
+    return ("\n/* ---- generated by sparsecc: one model as a static program ---- */\n"
+            + _c_data(program, blob_path, blob_section) + _c_calls(program) + _c_entries(program))
+
+
+def _c_data(program: StaticProgram, blob_path: pathlib.Path, blob_section: str) -> str:
+    """The constants' blob, the static input and storage blocks, and a DLTensor per view."""
+    out = [_blob_asm(blob_path, len(program.blob), blob_section)]
     out.append("extern const unsigned char sparsecc_constants[];\n")
     for i, spec in enumerate(program.inputs):
         out.append(f"static unsigned char input_{i}[{max(spec.nbytes, 1)}] __attribute__((aligned({ALIGN})));\n")
@@ -345,6 +356,12 @@ def driver_source(program: StaticProgram, blob_path: pathlib.Path, blob_section:
         data = f"(void*)({base[v.base].format(v.index)} + {v.offset})"
         out.append(f"  {{{data}, {{1, 0}}, {len(v.spec.shape)}, {{{code}, {bits}, 1}}, shape_{i}, 0, 0}},\n")
     out.append("};\n")
+    return "".join(out)
+
+
+def _c_calls(program: StaticProgram) -> str:
+    """Each kernel's declaration, its argument array, and ``sparsecc_invoke`` calling them in order."""
+    out = []
     for symbol in dict.fromkeys(c.symbol for c in program.calls):
         out.append(f"int __tvm_ffi_{symbol}(void* self, const Any* args, int32_t nargs, Any* ret);\n")
     for k, call in enumerate(program.calls):
@@ -355,6 +372,12 @@ def driver_source(program: StaticProgram, blob_path: pathlib.Path, blob_section:
         out.append(f"  ret.type_index = 0;\n  if ((rc = __tvm_ffi_{call.symbol}(0, args_{k}, {len(call.args)}, &ret)) "
                    "!= 0) return rc;\n")
     out.append("  return 0;\n}\n\n")
+    return "".join(out)
+
+
+def _c_entries(program: StaticProgram) -> str:
+    """The entry points beside ``sparsecc_invoke``: buffers, sizes, errors and ``sparsecc_run``."""
+    out = []
     n_in, n_out = len(program.inputs), len(program.outputs)
     out.append(f"EXPORT(sparsecc_num_inputs) int sparsecc_num_inputs(void) {{ return {n_in}; }}\n")
     out.append(f"EXPORT(sparsecc_num_outputs) int sparsecc_num_outputs(void) {{ return {n_out}; }}\n")
@@ -437,7 +460,7 @@ def read_signature(folder: pathlib.Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is missing: the static model's signature is needed to run it; recompile")
     try:
         sig = json.loads(path.read_text())
-        if sig.get("format") != "sparsecc-static-model":
+        if sig.get("format") != SIGNATURE_FORMAT:
             raise ValueError("not a sparsecc static-model signature")
         if sig.get("version") != SIGNATURE_VERSION:
             raise ValueError(f"signature version {sig.get('version')!r}, this sparsecc reads {SIGNATURE_VERSION}")
