@@ -132,14 +132,26 @@ def test_damaged_model_files_are_refused(digits, built, tmp_path_factory, tmp_pa
         load_library(get_target(target).runner, damaged / library)
 
 
-def test_cli_runs_a_wasm_artifact(digits, built, tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("target", ["arm-neon", "wasm-simd"])
+def test_cli_compiles_and_runs(mlp, tmp_path, capsys, target):
+    """``sparsecc compile --target T`` then ``sparsecc run``: the command line end to end."""
     from sparsecc.cli import main as cli_main
 
-    artifact, out = _artifact(digits, built, tmp_path_factory, "wasm-simd", 0.5)
-    x = digits[1].test_images[:BATCH].contiguous()
-    torch.save(x, tmp_path / "x.pt")
-    assert cli_main(["run", str(out), "--inputs", str(tmp_path / "x.pt"), "--output", str(tmp_path / "y.pt")]) == 0
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), artifact.reference(x), rtol=1e-4, atol=1e-4)
+    _require(target)
+    model, example, calib = mlp
+    torch.export.save(torch.export.export(model, example), tmp_path / "model.pt2")
+    torch.save(calib, tmp_path / "calib.pt")
+    torch.save(example, tmp_path / "x.pt")
+    out = tmp_path / "out"
+    assert cli_main(["compile", str(tmp_path / "model.pt2"), "--target", target, "--sparsity", "0.5",
+                     "--pattern", "block4x1", "--calib", str(tmp_path / "calib.pt"), "-o", str(out), "-q"]) == 0
+    assert "artifact written" in capsys.readouterr().out
+    assert MODEL_FILES[target] <= {p.name for p in out.iterdir()}
+    for engine in ("compiled", "reference"):
+        assert cli_main(["run", str(out), "--inputs", str(tmp_path / "x.pt"), "--output",
+                         str(tmp_path / f"{engine}.pt"), "--engine", engine]) == 0
+    compiled, reference = torch.load(tmp_path / "compiled.pt"), torch.load(tmp_path / "reference.pt")
+    torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-5)
 
 
 NODE_SCRIPT = r"""
