@@ -122,9 +122,10 @@ def _qemu() -> str | None:
     return which("qemu-aarch64-static", "qemu-aarch64")
 
 
-def _objcopy_path(gcc: str) -> pathlib.Path:
-    # binutils of the same cross toolchain, beside its gcc; a whole model's object needs it
-    return pathlib.Path(gcc).with_name(pathlib.Path(gcc).name.split("-gcc")[0] + "-objcopy")
+def binutil(gcc: str, tool: str) -> pathlib.Path:
+    """The cross binutils program ``tool`` (``objcopy``, ``objdump``) of the toolchain whose gcc
+    is ``gcc``: beside it, with its target prefix (Debian: binutils-aarch64-linux-gnu)."""
+    return pathlib.Path(gcc).with_name(pathlib.Path(gcc).name.split("-gcc")[0] + f"-{tool}")
 
 
 @functools.cache
@@ -142,8 +143,9 @@ def missing() -> list[str]:
         out.append("aarch64-linux-gnu-gcc (Debian: gcc-aarch64-linux-gnu)")
     elif not _has_static_libc(gcc):
         out.append("the AArch64 glibc's libc.a (Debian: libc6-dev-arm64-cross)")
-    if gcc is not None and not _objcopy_path(gcc).is_file():
-        out.append(f"{_objcopy_path(gcc).name} (Debian: binutils-aarch64-linux-gnu)")
+    if gcc is not None and not binutil(gcc, "objcopy").is_file():
+        # a whole model's object keeps only its entry points global with it
+        out.append(f"{binutil(gcc, 'objcopy').name} (Debian: binutils-aarch64-linux-gnu)")
     if _qemu() is None:
         out.append("qemu-aarch64-static (Debian: qemu-user-static)")
     return out
@@ -271,7 +273,7 @@ def link_model(program: Any, kernels: pathlib.Path, blob: pathlib.Path, folder: 
     with temporary_object(source, tools.gcc, HARNESS_FLAGS, folder, "driver") as driver:
         run_tool([tools.gcc, "-r", "-nostdlib", "-o", str(obj), str(kernels), str(driver)])
     # Only the entry points stay global, so two models (or a model and TVM's runtime) link together.
-    run_tool([str(_objcopy_path(tools.gcc)), "--wildcard", "--keep-global-symbol=sparsecc_*", str(obj)])
+    run_tool([str(binutil(tools.gcc, "objcopy")), "--wildcard", "--keep-global-symbol=sparsecc_*", str(obj)])
     (folder / MODEL_HEADER).write_text(header_source(program))
     main = compiled_object("arm", "model-main", MODEL_MAIN_SOURCE, tools.gcc, HARNESS_FLAGS)
     exe = folder / MODEL_EXECUTABLE

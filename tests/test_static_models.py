@@ -97,6 +97,24 @@ def test_digits_cnn_matches_masked_dense(digits, built, tmp_path_factory, target
         assert _rel(got, want) < 1e-4
 
 
+def test_whole_models_use_vector_instructions(digits, built, tmp_path_factory):
+    """The kernels linked into a whole model are the vectorized ones: f32x4 arithmetic in
+    model.wasm, NEON ``fmla v.4s`` in model.o."""
+    import re
+
+    from wasm_check import require_wasm2wat
+
+    _, wasm_out = _artifact(digits, built, tmp_path_factory, "wasm-simd", 0.5)
+    _, arm_out = _artifact(digits, built, tmp_path_factory, "arm-neon", 0.5)
+    require_wasm2wat()
+    assert len(re.findall(r"f32x4\.(?:mul|add|fma)", wasm_toolchain.wat(wasm_out / "model.wasm"))) > 50
+    objdump = arm_toolchain.binutil(arm_toolchain.find_toolchain().gcc, "objdump")
+    require([] if objdump.is_file() else [f"{objdump.name} (Debian: binutils-aarch64-linux-gnu)"], "objdump")
+    listing = subprocess.run([str(objdump), "-d", str(arm_out / "model.o")], capture_output=True, text=True,
+                             check=True).stdout
+    assert len(re.findall(r"\bfmla\s+v\d+\.4s", listing)) > 50
+
+
 @pytest.mark.parametrize("target", ["wasm-simd", "arm-neon"])
 def test_wrong_inputs_are_refused(digits, built, tmp_path_factory, target):
     artifact, out = _artifact(digits, built, tmp_path_factory, target, 0.5)
