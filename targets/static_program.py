@@ -20,10 +20,10 @@ packed-call argument array per call, and these entry points (declared for C user
     void* sparsecc_input(int i) / const void* sparsecc_output(int i)  (and their sizes)
     const char* sparsecc_error(void)                        TVM's message after a nonzero return
 
-:func:`build_model` compiles every PrimFunc into one object for the target and hands the
-program, that object and the constants' file to the record's ``link_model``
-(``wasm_toolchain.link_model``, ``arm_toolchain.link_model``), which writes the driver and links.
-``model.json`` beside the result is the signature the runners read.
+:func:`build_model` (through :func:`build_program`) compiles every PrimFunc into one object for
+the target and hands the program, that object and the constants' file to the record's
+``link_model`` (``wasm_toolchain.link_model``, ``arm_toolchain.link_model``), which writes the
+driver and links. ``model.json`` beside the result is the signature the runners read.
 """
 
 from __future__ import annotations
@@ -477,7 +477,12 @@ def build_model(mod: Any, target: Any, folder: pathlib.Path) -> pathlib.Path:
     runnable file (what the target's runner loads). ``model.json`` beside it is the signature."""
     if target.link_model is None:
         raise StaticProgramError(f"target {target.name!r} has no static-model linker")
-    program = translate(plan_memory(mod, target.tvm_target()))
+    return build_program(translate(plan_memory(mod, target.tvm_target())), target, folder)
+
+
+def build_program(program: StaticProgram, target: Any, folder: pathlib.Path) -> pathlib.Path:
+    """Compile ``program``'s kernels for ``target``, link them with its driver through the
+    record's ``link_model`` into ``folder``, and write ``model.json``; returns the runnable file."""
     folder.mkdir(parents=True, exist_ok=True)
     kernels = compile_kernels(program, target.tvm_target(), folder / "kernels.o")
     blob = folder / "constants.bin"

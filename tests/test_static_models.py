@@ -384,3 +384,38 @@ def test_minilm_two_int64_inputs(target):
     torch.testing.assert_close(artifact(ids, mask), artifact.reference(ids, mask), rtol=1e-4, atol=1e-5)
     with pytest.raises(ArtifactError, match=r"input 1 has shape \(2, 16\) torch.int32"):
         artifact(ids, mask.int())
+
+
+def _add_program(target: str):
+    """A one-kernel static program (``x + x`` on a (4, 8) input), legalized by TVM."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([4, 8], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(bb.emit(relax.op.add(x, x)))
+        bb.emit_func_output(y)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    return sp.translate(sp.plan_memory(mod, get_target(target).tvm_target()))
+
+
+@pytest.mark.parametrize("target", ["wasm-simd", "arm-neon"])
+def test_a_failing_kernel_reports_tvm_s_message(tmp_path, target):
+    """A kernel that rejects its arguments stops the run with TVM's own message, through the
+    driver's error text and the runner (here the input's descriptor claims 9 columns, not 8)."""
+    from sparsecc.targets.runners import load_library
+
+    _require(target)
+    record = get_target(target)
+    program = _add_program(target)
+    good = sp.build_program(program, record, tmp_path / "good")
+    x = torch.arange(32, dtype=torch.float32).reshape(4, 8)
+    (y,) = load_library(record.runner, good)(x)
+    torch.testing.assert_close(y, x + x)
+    view = program.views[0]
+    assert view.base == "input"
+    program.views[0] = dataclasses.replace(view, spec=sp.TensorSpec((4, 9), "float32"))
+    bad = sp.build_program(program, record, tmp_path / "bad")
+    with pytest.raises(TargetError, match=r"failed.*Invalid x.shape\[1\]"):
+        load_library(record.runner, bad)(x)
