@@ -419,3 +419,11 @@ def test_a_failing_kernel_reports_tvm_s_message(tmp_path, target):
     bad = sp.build_program(program, record, tmp_path / "bad")
     with pytest.raises(TargetError, match=r"failed.*Invalid x.shape\[1\]"):
         load_library(record.runner, bad)(x)
+    node = shutil.which("node")
+    if target == "wasm-simd" and node:
+        # model.js throws with the same message
+        script = 'require(process.argv[1]).load().then((m) => m.run(new Float32Array(32))).catch((e) => ' \
+                 '{ console.log(e.message); process.exit(0); }).then((y) => { if (y) process.exit(1); });'
+        done = subprocess.run([node, "-e", script, str(bad.parent / "model.js")], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0 and "the model failed: ValueError: Invalid x.shape[1]" in done.stdout
