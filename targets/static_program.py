@@ -485,7 +485,8 @@ def build_program(program: StaticProgram, target: Any, folder: pathlib.Path) -> 
     record's ``link_model`` into ``folder``, and write ``model.json``; returns the runnable file."""
     folder.mkdir(parents=True, exist_ok=True)
     kernels = compile_kernels(program, target.tvm_target(), folder / "kernels.o")
-    blob = folder / "constants.bin"
+    # absolute: the driver's .incbin names it, and the compiler may run in another directory
+    blob = (folder / "constants.bin").resolve()
     blob.write_bytes(program.blob)
     try:
         main = target.link_model(program, kernels, blob, folder)
