@@ -119,6 +119,15 @@ class Build(Pass):
         if generic:
             listed = "; ".join(f"{r.kernel} ({r.schedule})" for r in generic)
             diagnostics.append(self.diag("info", f"{len(generic)} TIR functions got the generic schedule: {listed}"))
-        return PassResult(new, changed=True,
-                          counters={"library_bytes": path.stat().st_size, "generic_schedules": len(generic)},
-                          diagnostics=diagnostics)
+        counters = {"library_bytes": path.stat().st_size, "generic_schedules": len(generic)}
+        if ctx.target.link_model is not None:
+            from sparsecc.targets.static_program import read_signature
+
+            sig = read_signature(path.parent)
+            counters.update(static_kernel_calls=sig["kernels"], static_block_bytes=sig["blocks_bytes"],
+                            static_constant_bytes=sig["constants_bytes"])
+            diagnostics.append(self.diag(
+                "info", f"static program: {sig['kernels']} kernel calls, {sig['blocks_bytes'] / 1024:.0f} KiB of "
+                        f"planned activation storage, {sig['constants_bytes'] / 1024:.0f} KiB of weights; "
+                        f"{', '.join(sorted(p.name for p in path.parent.iterdir()))}"))
+        return PassResult(new, changed=True, counters=counters, diagnostics=diagnostics)

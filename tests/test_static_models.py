@@ -86,6 +86,9 @@ def test_digits_cnn_matches_masked_dense(digits, built, tmp_path_factory, target
     assert manifest["target"] == target and manifest["format_version"] == 2
     assert MODEL_FILES[target] <= set(manifest["files"]) and manifest["library"] in MODEL_FILES[target]
     assert artifact.report.compiled_vs_reference["rel"] < 1e-4
+    build = next(p for p in artifact.report.passes if p["name"] == "build")
+    assert build["counters"]["static_kernel_calls"] >= 8 and build["counters"]["static_constant_bytes"] > 0
+    assert any(d["message"].startswith("static program: ") for d in artifact.report.diagnostics)
     sparse = [lr for lr in artifact.report.layers if lr.decision == "sparse"]
     assert len(sparse) >= (2 if sparsity else 0)
     loaded = sparsecc.load(out)
