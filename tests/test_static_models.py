@@ -119,6 +119,21 @@ def test_whole_models_use_vector_instructions(digits, built, tmp_path_factory):
 
 
 @pytest.mark.parametrize("target", ["wasm-simd", "arm-neon"])
+def test_bf16_weights(digits, target):
+    """bf16-stored weights and values (16-bit constants in the blob, fp32 arithmetic): within bf16
+    rounding of the masked-dense program."""
+    _require(target)
+    model, data, example, calib = digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        artifact = sparsecc.compile(model, example, target=target, sparsity=0.5, pattern="block4x1",
+                                    weights="bf16", calibration=calib, progress=False)
+    x = data.test_images[:BATCH].contiguous()
+    rel = _rel(artifact(x), artifact.reference(x))
+    assert 1e-6 < rel < 1e-2  # bf16 rounding shows, and nothing more
+
+
+@pytest.mark.parametrize("target", ["wasm-simd", "arm-neon"])
 def test_wrong_inputs_are_refused(digits, built, tmp_path_factory, target):
     artifact, out = _artifact(digits, built, tmp_path_factory, target, 0.5)
     loaded = sparsecc.load(out)
