@@ -232,11 +232,14 @@ def compile(  # noqa: A001 - the public name users expect
     report.numerics = [vars(r) for r in numerics.records]
     report.diagnostics = [d.to_json() for d in result.diagnostics]
     report.library_bytes = final.compiled.stat().st_size
+    # A static program (wasm-simd, arm-neon) is a folder: its other files travel with the library.
+    model_files = (sorted(p for p in final.compiled.parent.iterdir() if p != final.compiled)
+                   if record.link_model is not None else [])
     artifact = Artifact(
         target=record.name, library=final.compiled, pruned=pruned.exported, packed_program=packed.exported,
         plan=plan, report=report, example_inputs=program.example_inputs,
         stages=[(label, txt) for label, txt in snapshots.snapshots], packed_arrays=_collect_packed_arrays(packed),
-        pipeline=manager.pipeline)
+        pipeline=manager.pipeline, model_files=model_files)
     if record.runs_here:
         compiled = flatten_outputs(artifact(*program.example_inputs))
         reference = pruned.run_flat(*program.example_inputs)

@@ -3,8 +3,12 @@
 Layout of an artifact folder::
 
     manifest.json           format version, sparsecc/torch/TVM versions, target, pipeline,
-                            input signature, sha256 of every other file
-    model.so                the compiled library (Relax VM executable) for the target
+                            input signature, the compiled files, sha256 of every other file
+    model.so                x86: the compiled library (Relax VM executable)
+    model.wasm, model.js    wasm-simd: the self-contained module and its Node/browser loader
+    model.elf, model.o,     arm-neon: the static executable (run under qemu here), and the
+    model.h                 object and header to link into a program on a device
+    model.json              wasm-simd / arm-neon: the static model's input and output signature
     pruned.pt2              the masked-dense program (torch.export), the numerics reference
     packed.pt2              the packed program with sparsecc sparse ops (runs in torch)
     packed_weights.safetensors   the packed arrays of every sparse layer
@@ -35,7 +39,10 @@ from .plan import Plan
 from .report import Report
 
 FORMAT_NAME = "sparsecc-artifact"
-FORMAT_VERSION = 1
+#: version 2 names the compiled files in the manifest ("library", "model_files"); version 1 (x86
+#: only) always had exactly ``model.so``
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 
@@ -83,6 +90,9 @@ class Artifact:
     packed_arrays: dict[str, torch.Tensor] = field(default_factory=dict)
     pipeline: str = ""
     path: pathlib.Path | None = None
+    # files that belong with ``library`` and are saved beside it (a static model's signature,
+    # loader, object and header); the runner finds them next to the library
+    model_files: list[pathlib.Path] = field(default_factory=list)
     _session: Any = None
     _out_spec: tuple[Any] | None = None
     _modules: dict[str, Any] = field(default_factory=dict)
@@ -165,7 +175,10 @@ class Artifact:
     def _write(self, folder: pathlib.Path) -> None:
         from safetensors.torch import save_file
 
-        shutil.copyfile(self.library, folder / LIBRARY)
+        # copy2 keeps the mode: an ARM model's executable stays executable
+        shutil.copy2(self.library, folder / self.library.name)
+        for extra in self.model_files:
+            shutil.copy2(extra, folder / extra.name)
         torch.export.save(self.pruned, str(folder / "pruned.pt2"))
         torch.export.save(self.packed_program, str(folder / "packed.pt2"))
         arrays = {k: v.contiguous() for k, v in self.packed_arrays.items()}
@@ -184,6 +197,8 @@ class Artifact:
             "versions": versions(),
             "target": self.target,
             "pipeline": self.pipeline,
+            "library": self.library.name,
+            "model_files": [p.name for p in self.model_files],
             "inputs": _input_signature(self.example_inputs),
             "plan": self.plan.to_json(),
             "files": {str(p.relative_to(folder)): _sha256(p) for p in files},
@@ -241,13 +256,17 @@ def load(folder: str | os.PathLike[str], *, check_versions: bool = True) -> Arti
     if not folder.is_dir():
         raise ArtifactError(f"artifact folder {folder} does not exist")
     manifest = _read_manifest(folder)
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{folder} has artifact format version {manifest.get('format_version')!r}; this sparsecc "
-            f"reads version {FORMAT_VERSION}: compile the model again with this version")
+            f"reads versions {', '.join(map(str, READABLE_VERSIONS))}: compile the model again with this version")
     files = manifest.get("files")
-    if not isinstance(files, dict) or LIBRARY not in files:
-        raise ArtifactError(f"{folder}/{MANIFEST} lists no compiled library; the artifact is damaged")
+    library = manifest.get("library", LIBRARY)
+    model_files = manifest.get("model_files", [])
+    if (not isinstance(files, dict) or not isinstance(library, str) or not isinstance(model_files, list)
+            or any(name not in files for name in [library, *model_files])):
+        raise ArtifactError(f"{folder}/{MANIFEST} does not list the compiled files it names; the artifact is "
+                            "damaged")
     for rel, digest in files.items():
         path = folder / rel
         if not path.is_file():
@@ -270,7 +289,8 @@ def load(folder: str | os.PathLike[str], *, check_versions: bool = True) -> Arti
     stages = [(p.stem, p.read_text()) for p in sorted((folder / "stages").glob("*.txt"))]
     return Artifact(
         target=manifest["target"],
-        library=folder / LIBRARY,
+        library=folder / library,
+        model_files=[folder / name for name in model_files],
         pruned=load_exported(folder / "pruned.pt2"),
         packed_program=load_exported(folder / "packed.pt2"),
         plan=Plan.load(folder / "plan.json"),

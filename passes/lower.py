@@ -11,7 +11,9 @@ through TVM's default legalization.
 gives every TIR function that is not one of ours a generic CPU schedule (no function is compiled
 unscheduled), then runs only the dataflow-lowering and
 finalization passes (running the full default pipeline would legalize again) and exports a
-shared library the host runner loads.
+shared library the host runner loads. For targets where the Relax VM cannot run (``wasm-simd``,
+``arm-neon``: the record's ``link_model``) it instead builds a static program from the same
+scheduled module (``sparsecc.targets.static_program``).
 """
 
 from __future__ import annotations
@@ -609,9 +611,10 @@ def schedule_module(mod: Any, target: TargetRecord) -> tuple[Any, list[KernelRec
     return mod, records
 
 
-def compile_relax(mod: Any, target: TargetRecord, records: list[KernelRecord] | None = None) -> Any:
-    """Compile a Relax module from :func:`lower_to_relax` for ``target``; returns the
-    ``tvm.runtime.Executable`` (its ``.mod.inspect_source("asm")`` shows the generated code).
+def prepare_module(mod: Any, target: TargetRecord, records: list[KernelRecord] | None = None) -> Any:
+    """A Relax module from :func:`lower_to_relax` after TVM's library dispatch and
+    :func:`schedule_module`: every TIR function scheduled, ``main`` still a dataflow graph. Both
+    the Relax VM build (:func:`compile_relax`) and the static-program build start from it.
 
     Generic-schedule records are appended to ``records`` when given.
     """
@@ -625,6 +628,20 @@ def compile_relax(mod: Any, target: TargetRecord, records: list[KernelRecord] | 
     mod, generic = schedule_module(mod, target)
     if records is not None:
         records.extend(generic)
+    return mod
+
+
+def compile_relax(mod: Any, target: TargetRecord, records: list[KernelRecord] | None = None) -> Any:
+    """Compile a Relax module from :func:`lower_to_relax` for ``target``'s Relax VM; returns the
+    ``tvm.runtime.Executable`` (its ``.mod.inspect_source("asm")`` shows the generated code).
+
+    Generic-schedule records are appended to ``records`` when given.
+    """
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    mod = prepare_module(mod, target, records)
+    tvm_target = tvm.target.Target(target.tvm_target())
 
     @tvm.transform.module_pass(opt_level=0)
     def lower_scheduled(m: Any, _ctx: Any) -> Any:
@@ -639,7 +656,18 @@ def compile_relax(mod: Any, target: TargetRecord, records: list[KernelRecord] | 
 
 def build(mod: Any, target: TargetRecord, out_path: pathlib.Path,
           records: list[KernelRecord] | None = None) -> pathlib.Path:
-    """Compile (see :func:`compile_relax`) and export a shared library to ``out_path``."""
+    """Compile ``mod`` for ``target`` and return the file its runner loads.
+
+    For a Relax VM target (no ``link_model`` on the record): :func:`compile_relax`, exported as
+    the shared library ``out_path``. For a target whose code runs without the Relax VM
+    (WebAssembly, static AArch64): a static program (see ``sparsecc.targets.static_program``)
+    built into the folder ``out_path`` (its model files and ``model.json``); the runnable file in it
+    is returned.
+    """
+    if target.link_model is not None:
+        from sparsecc.targets.static_program import build_model
+
+        return build_model(prepare_module(mod, target, records), target, pathlib.Path(out_path))
     ex = compile_relax(mod, target, records)
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

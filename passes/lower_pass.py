@@ -2,10 +2,11 @@
 
 ``lower`` imports the exported program into Relax with sparse ops as ``call_tir`` of sparsecc's
 scheduled TIR kernels and dense layers on scheduled dense kernels (see ``passes/lower.py``).
-``build`` compiles that module into a library for the target; every TIR function that is not one
-of sparsecc's kernels gets a generic schedule there, and the report lists which. Neither changes
-what the torch program computes; the built library is checked against the masked-dense program
-by the compile driver and the tests (kernel tier).
+``build`` compiles that module into a library for the target (a Relax VM library, or for
+``wasm-simd`` / ``arm-neon`` a static program: see ``sparsecc.targets.static_program``); every
+TIR function that is not one of sparsecc's kernels gets a generic schedule there, and the report
+lists which. Neither changes what the torch program computes; the built library is checked
+against the masked-dense program by the compile driver and the tests (kernel tier).
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ class Build(Pass):
         workdir = ctx.workdir or pathlib.Path(tempfile.mkdtemp(prefix="sparsecc-build-"))
         workdir.mkdir(parents=True, exist_ok=True)
         generic: list[Any] = []
-        path = build(program.lowered.module, ctx.target, workdir / "model.so", records=generic)
+        # A Relax VM library is one file; a static program is a folder of model files.
+        out = workdir / ("model.so" if ctx.target.link_model is None else "model")
+        path = build(program.lowered.module, ctx.target, out, records=generic)
         new = program.with_exported(program.exported, stage="built")
         new.lowered = Lowered(program.lowered.module, program.lowered.records + generic,
                               program.lowered.layer_of_node)
@@ -116,6 +119,15 @@ class Build(Pass):
         if generic:
             listed = "; ".join(f"{r.kernel} ({r.schedule})" for r in generic)
             diagnostics.append(self.diag("info", f"{len(generic)} TIR functions got the generic schedule: {listed}"))
-        return PassResult(new, changed=True,
-                          counters={"library_bytes": path.stat().st_size, "generic_schedules": len(generic)},
-                          diagnostics=diagnostics)
+        counters = {"library_bytes": path.stat().st_size, "generic_schedules": len(generic)}
+        if ctx.target.link_model is not None:
+            from sparsecc.targets.static_program import read_signature
+
+            sig = read_signature(path.parent)
+            counters.update(static_kernel_calls=sig["kernels"], static_block_bytes=sig["blocks_bytes"],
+                            static_constant_bytes=sig["constants_bytes"])
+            diagnostics.append(self.diag(
+                "info", f"static program: {sig['kernels']} kernel calls, {sig['blocks_bytes'] / 1024:.0f} KiB of "
+                        f"planned activation storage, {sig['constants_bytes'] / 1024:.0f} KiB of weights; "
+                        f"{', '.join(sorted(p.name for p in path.parent.iterdir()))}"))
+        return PassResult(new, changed=True, counters=counters, diagnostics=diagnostics)

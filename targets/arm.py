@@ -8,10 +8,13 @@ The CPU the code is tuned for (LLVM ``mcpu``, and the cache sizes the kernels' b
 ``cortex-a76`` unless ``SPARSECC_ARM_CPU`` names another: ``neoverse-n1`` is also accepted. Both
 are Armv8.2-A cores with two 128-bit NEON FMA pipes.
 
-Status: every packed format's kernel builds, runs under qemu and matches the masked-dense
-product; whole-model lowering for this target is not built yet (``builds_models=False``), so
-``sparsecc compile --target arm-neon`` stops with that reason. Qemu timings say nothing about ARM
-speed, so the cost model is a roofline of the named core (:mod:`sparsecc.targets.arm_cost`).
+Whole models compile to a static program (:mod:`sparsecc.targets.static_program`,
+:func:`sparsecc.targets.arm_toolchain.link_model`): ``model.o`` (every kernel, a generated C
+driver with the static memory plan and the weights, and the small runtime, in one object whose
+only global symbols are ``sparsecc_*``) with ``model.h`` declaring its entry, for linking on a
+device; and ``model.elf``, a static executable ``sparsecc run`` / ``sparsecc.load`` run under
+qemu. Qemu timings say nothing about ARM speed, so the cost model is a roofline of the named
+core (:mod:`sparsecc.targets.arm_cost`).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def tvm_target() -> dict[str, Any]:
 ARM_NEON = register(TargetRecord(
     name="arm-neon",
     summary="AArch64 + NEON (4 f32 lanes, 1 thread; cortex-a76, or SPARSECC_ARM_CPU=neoverse-n1); "
-            "kernels run under qemu-user",
+            "models and kernels run under qemu-user",
     patterns=("unstructured", "block16x1", "block8x1", "block4x1", "block4x4", "2:4"),
     default_pattern="block16x1",
     capabilities=capabilities,
@@ -63,9 +66,10 @@ ARM_NEON = register(TargetRecord(
     runner="arm",
     runs_here=arm_toolchain.available(),
     cost_model=cost_model,
-    builds_models=False,
+    link_model=arm_toolchain.link_model,
     notes=(
-        "kernels only: whole-model lowering for this target is not built yet",
+        "whole models build to model.o + model.h (link on a device with -lm) and a static model.elf run "
+        "under qemu; one thread",
         "runs only under qemu-user, whose timings say nothing about ARM speed: the cost model is a roofline "
         "of the named core (targets/arm_cost.py states its numbers)",
         "needs aarch64-linux-gnu-gcc, the AArch64 glibc and qemu-aarch64-static to build and run",

@@ -12,8 +12,12 @@ ndim, 0``, ``int64 shape[ndim]``, ``int64 nbytes`` and the bytes. Stdout: the by
 ``n_outputs`` arguments after the call. A failing kernel exits with status 3 and TVM's message on
 stderr; malformed input exits with status 2.
 
-Tools looked up: ``aarch64-linux-gnu-gcc`` (with the AArch64 glibc) and ``qemu-aarch64-static``
-(or ``qemu-aarch64``). On Debian: ``apt-get install qemu-user-static gcc-aarch64-linux-gnu
+A whole model (:func:`link_model`) is one relocatable ``model.o`` (kernels, generated driver and
+this runtime) with ``model.h``, plus ``model.elf``, the object linked with a generic main that
+reads the inputs' bytes from stdin and writes the outputs' to stdout.
+
+Tools looked up: ``aarch64-linux-gnu-gcc`` (with the AArch64 glibc), its ``objcopy`` (binutils)
+and ``qemu-aarch64-static`` (or ``qemu-aarch64``). On Debian: ``apt-get install qemu-user-static gcc-aarch64-linux-gnu
 libc6-dev-arm64-cross``. qemu translates instructions: its timings say nothing about ARM speed.
 """
 
@@ -28,7 +32,7 @@ from typing import Any
 
 from sparsecc.errors import TargetError
 
-from .kernel_runtime import C_RUNTIME, compiled_object, run_tool, which
+from .kernel_runtime import C_RUNTIME, compiled_object, run_tool, temporary_object, which
 
 
 class ToolchainMissing(TargetError):
@@ -44,8 +48,10 @@ CPUS = ("cortex-a76", "neoverse-n1")
 #: flags of the harness's compile
 HARNESS_FLAGS = ("-O2", "-std=c11", "-Wall")
 
-HARNESS_SOURCE = r"""
-/* Runs one TVM-compiled kernel: arguments from stdin, outputs to stdout (see arm_toolchain.py). */
+#: the C runtime TVM's objects need, on glibc (``aligned_alloc`` as the workspace allocator);
+#: the kernel harness and a whole model's object (:mod:`sparsecc.targets.static_program`) use it
+RUNTIME_SOURCE = r"""
+/* Runtime support for TVM-compiled AArch64 objects on glibc. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,7 +64,10 @@ static void* sc_workspace_alloc(size_t nbytes) {
   return aligned_alloc(ALIGN, (nbytes + ALIGN - 1) / ALIGN * ALIGN + ALIGN);
 }
 static void sc_workspace_free(void* ptr) { free(ptr); }
-""" + C_RUNTIME + r"""
+""" + C_RUNTIME
+
+HARNESS_SOURCE = RUNTIME_SOURCE + r"""
+/* Runs one TVM-compiled kernel: arguments from stdin, outputs to stdout (see arm_toolchain.py). */
 /* the kernel's packed entry, forwarded by a one-line source linked beside it (see build_kernel) */
 int sc_kernel(void* self, const Any* args, int32_t nargs, Any* ret);
 
@@ -113,6 +122,12 @@ def _qemu() -> str | None:
     return which("qemu-aarch64-static", "qemu-aarch64")
 
 
+def binutil(gcc: str, tool: str) -> pathlib.Path:
+    """The cross binutils program ``tool`` (``objcopy``, ``objdump``) of the toolchain whose gcc
+    is ``gcc``: beside it, with its target prefix (Debian: binutils-aarch64-linux-gnu)."""
+    return pathlib.Path(gcc).with_name(pathlib.Path(gcc).name.split("-gcc")[0] + f"-{tool}")
+
+
 @functools.cache
 def _has_static_libc(gcc: str) -> bool:
     # gcc finds its target's libc.a itself; without libc6-dev-arm64-cross it is not there
@@ -128,6 +143,9 @@ def missing() -> list[str]:
         out.append("aarch64-linux-gnu-gcc (Debian: gcc-aarch64-linux-gnu)")
     elif not _has_static_libc(gcc):
         out.append("the AArch64 glibc's libc.a (Debian: libc6-dev-arm64-cross)")
+    if gcc is not None and not binutil(gcc, "objcopy").is_file():
+        # a whole model's object keeps only its entry points global with it
+        out.append(f"{binutil(gcc, 'objcopy').name} (Debian: binutils-aarch64-linux-gnu)")
     if _qemu() is None:
         out.append("qemu-aarch64-static (Debian: qemu-user-static)")
     return out
@@ -199,3 +217,65 @@ def build_kernel(func: Any, out_path: str | os.PathLike[str], target: dict[str, 
 def assembly(path: str | os.PathLike[str]) -> str:
     """The AArch64 assembly TVM generated for the kernel built at ``path``."""
     return pathlib.Path(path).with_suffix(".s").read_text()
+
+
+#: the ``main`` of a whole model's executable: the inputs' raw bytes from stdin, in order; the
+#: outputs' raw bytes to stdout. Exit status 2: wrong input size; 3: a kernel failed (TVM's
+#: message on stderr). The model's own object (``model.o``) is what a device links instead.
+MODEL_MAIN_SOURCE = r"""
+#include <stddef.h>
+#include <stdio.h>
+int sparsecc_num_inputs(void);
+int sparsecc_num_outputs(void);
+void* sparsecc_input(int i);
+size_t sparsecc_input_nbytes(int i);
+const void* sparsecc_output(int i);
+size_t sparsecc_output_nbytes(int i);
+int sparsecc_invoke(void);
+const char* sparsecc_error(void);
+
+int main(void) {
+  for (int i = 0; i < sparsecc_num_inputs(); i++) {
+    size_t n = sparsecc_input_nbytes(i);
+    if (fread(sparsecc_input(i), 1, n, stdin) != n) {
+      fprintf(stderr, "input %d: expected %zu bytes on stdin\n", i, n);
+      return 2;
+    }
+  }
+  if (getc(stdin) != EOF) {
+    fprintf(stderr, "more bytes on stdin than the model's inputs take\n");
+    return 2;
+  }
+  if (sparsecc_invoke() != 0) {
+    fprintf(stderr, "%s\n", sparsecc_error());
+    return 3;
+  }
+  for (int i = 0; i < sparsecc_num_outputs(); i++) fwrite(sparsecc_output(i), 1, sparsecc_output_nbytes(i), stdout);
+  return fflush(stdout) == 0 ? 0 : 2;
+}
+"""
+
+#: files of a built ARM model: the executable qemu runs, the object and header a device links
+MODEL_EXECUTABLE, MODEL_OBJECT, MODEL_HEADER = "model.elf", "model.o", "model.h"
+
+
+def link_model(program: Any, kernels: pathlib.Path, blob: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+    """Link a whole model (a :class:`~sparsecc.targets.static_program.StaticProgram` whose kernels
+    are compiled into ``kernels`` and whose constants are the file ``blob``) into ``folder``:
+    ``model.o`` (kernels, driver and runtime in one relocatable object whose only global symbols
+    are the ``sparsecc_*`` entry points), ``model.h`` declaring them, and the static executable
+    ``model.elf`` that :mod:`sparsecc.targets.runners.arm` runs under qemu."""
+    from .static_program import driver_source, header_source
+
+    tools = find_toolchain()
+    source = RUNTIME_SOURCE + driver_source(program, blob, '.rodata.sparsecc_constants,"a",@progbits')
+    obj = folder / MODEL_OBJECT
+    with temporary_object(source, tools.gcc, HARNESS_FLAGS, folder, "driver") as driver:
+        run_tool([tools.gcc, "-r", "-nostdlib", "-o", str(obj), str(kernels), str(driver)])
+    # Only the entry points stay global, so two models (or a model and TVM's runtime) link together.
+    run_tool([str(binutil(tools.gcc, "objcopy")), "--wildcard", "--keep-global-symbol=sparsecc_*", str(obj)])
+    (folder / MODEL_HEADER).write_text(header_source(program))
+    main = compiled_object("arm", "model-main", MODEL_MAIN_SOURCE, tools.gcc, HARNESS_FLAGS)
+    exe = folder / MODEL_EXECUTABLE
+    run_tool([tools.gcc, "-O2", "-static", "-o", str(exe), str(main), str(obj), "-lm"])
+    return exe

@@ -46,6 +46,10 @@ class TargetRecord:
     # Whether whole models lower and build for this target (``sparsecc compile``); a target whose
     # kernels build and run one at a time, but whose model build is not written yet, says False.
     builds_models: bool = True
+    # How a whole model is linked when the Relax VM cannot run on the target: a function
+    # ``link_model(program, kernels_object, constants_file, folder) -> runnable file`` (see
+    # ``sparsecc.targets.static_program``); None builds a Relax VM library (``model.so``).
+    link_model: Callable[..., Any] | None = None
 
     def supports(self, pattern_name: str) -> bool:
         return pattern_name in self.patterns

@@ -11,12 +11,14 @@ it expects ``<stdint.h>``-style integer types, an ``EXPORT(name)`` macro and the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 from sparsecc.errors import TargetError
@@ -178,3 +180,19 @@ def compiled_object(target: str, stem: str, source: str, compiler: str, flags: t
             run_tool([compiler, *flags, "-c", str(src), "-o", str(out)])
             os.replace(out, obj)  # atomic: a concurrent build sees the old name or the whole object
     return obj
+
+
+@contextlib.contextmanager
+def temporary_object(source: str, compiler: str, flags: tuple[str, ...], folder: pathlib.Path,
+                     stem: str) -> Iterator[pathlib.Path]:
+    """``source`` compiled by ``compiler`` into ``folder/<stem>.o``, for a link inside the
+    ``with`` block; source and object are removed on leaving it (a model's driver is built
+    once, so unlike :func:`compiled_object` nothing is cached)."""
+    src, obj = folder / f"{stem}.c", folder / f"{stem}.o"
+    src.write_text(source)
+    try:
+        run_tool([compiler, *flags, "-c", str(src), "-o", str(obj)])
+        yield obj
+    finally:
+        src.unlink(missing_ok=True)
+        obj.unlink(missing_ok=True)

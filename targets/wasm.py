@@ -5,9 +5,12 @@ Kernels are TVM-built wasm objects linked with a small runtime shim into self-co
 (:mod:`sparsecc.targets.runners.wasm`). One thread: wasm threads need shared memory and a host
 that spawns workers, which a plain module has not.
 
-Status: every packed format's kernel builds and runs here and matches the masked-dense product;
-whole-model lowering for this target is not built yet (``builds_models=False``), so
-``sparsecc compile --target wasm-simd`` stops with that reason, and there is no cost model yet.
+Whole models compile to a static program (:mod:`sparsecc.targets.static_program`): every kernel
+and a generated C driver (static memory plan, weights embedded) linked into one ``model.wasm``
+that imports nothing, plus ``model.js``, a loader for Node and browsers
+(:func:`sparsecc.targets.wasm_toolchain.link_model`). ``sparsecc run`` / ``sparsecc.load`` run
+it in wasmtime. The cost model is the table ``sparsecc tune --target wasm-simd`` measured in
+wasmtime on this host, and a roofline where nothing was measured (:func:`cost_model`).
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def tvm_target() -> dict[str, Any]:
 
 WASM_SIMD = register(TargetRecord(
     name="wasm-simd",
-    summary="WebAssembly wasm32 + simd128 (4 f32 lanes, 1 thread); kernels run under wasmtime",
+    summary="WebAssembly wasm32 + simd128 (4 f32 lanes, 1 thread); model.wasm + model.js, run under wasmtime",
     patterns=("unstructured", "block16x1", "block8x1", "block4x1", "block4x4", "2:4"),
     default_pattern="block16x1",
     capabilities=capabilities,
@@ -81,9 +84,11 @@ WASM_SIMD = register(TargetRecord(
     runner="wasm",
     runs_here=wasm_toolchain.available(),
     cost_model=cost_model,
-    builds_models=False,
+    link_model=wasm_toolchain.link_model,
     notes=(
-        "kernels only: whole-model lowering for this target is not built yet",
+        "whole models build to one self-contained model.wasm (no imports) plus model.js for Node and "
+        "browsers; one thread",
+        "cost model: the table `sparsecc tune --target wasm-simd` measured in wasmtime, a roofline elsewhere",
         "needs clang, wasm-ld (lld), wasi-libc and the wasmtime Python package to build and run",
     ),
 ))

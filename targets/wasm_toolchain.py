@@ -9,6 +9,9 @@ plus helpers the runner calls to lay out DLTensor arguments. ``wasm-ld`` links o
 against wasi-libc's ``libc.a`` (which supplies ``expf``, ``memcpy`` and friends) into a module
 with no imports, which :mod:`sparsecc.targets.runners.wasm` runs under wasmtime.
 
+A whole model (:func:`link_model`) links its kernels, the shim and a generated driver into one
+``model.wasm`` the same way, and gets ``model.js``, a loader for Node and browsers.
+
 Tools looked up: ``clang`` and ``wasm-ld`` (plain or versioned names, e.g. ``clang-14``), wasi-libc
 (``$WASI_SYSROOT/lib/wasm32-wasi`` or ``/usr/lib/wasm32-wasi``) and the ``wasmtime`` Python
 package. On Debian: ``apt-get install clang lld wasi-libc wabt`` and ``pip install wasmtime``.
@@ -26,7 +29,7 @@ from typing import Any
 
 from sparsecc.errors import TargetError
 
-from .kernel_runtime import C_RUNTIME, compiled_object, run_tool, which
+from .kernel_runtime import C_RUNTIME, compiled_object, run_tool, temporary_object, which
 
 
 class ToolchainMissing(TargetError):
@@ -198,3 +201,94 @@ def wat(path: str | os.PathLike[str]) -> str:
     if done.returncode != 0:
         raise TargetError(f"wasm2wat failed: {done.stderr.strip()}")
     return done.stdout
+
+
+#: files of a built wasm model: the module, and the JavaScript loader for Node and browsers
+MODEL_MODULE, MODEL_LOADER = "model.wasm", "model.js"
+
+#: ``model.js``: a UMD script (``require`` in Node, ``<script>`` in a page, global
+#: ``sparseccModel``) whose ``load(source)`` instantiates the module and returns ``run(...inputs)``;
+#: ``__SIGNATURE__`` is replaced by the model's signature (``model.json``).
+LOADER_SOURCE = r"""// A model compiled by sparsecc for wasm-simd: load model.wasm and run it.
+// Node:    const { load } = require("./model.js"); const model = await load();
+// Browser: <script src="model.js"></script> ... const model = await sparseccModel.load("model.wasm");
+// Then:    const [logits] = model.run(new Float32Array(model.signature.inputs[0].size));
+(function (root, factory) {
+  if (typeof module === "object" && module.exports) module.exports = factory();
+  else root.sparseccModel = factory();
+})(typeof self !== "undefined" ? self : this, function () {
+  "use strict";
+  const SIGNATURE = __SIGNATURE__;
+  const ARRAYS = {
+    float32: Float32Array, float64: Float64Array, int32: Int32Array, int16: Int16Array, int8: Int8Array,
+    uint8: Uint8Array, uint16: Uint16Array, uint32: Uint32Array, int64: BigInt64Array, bool: Uint8Array,
+    bfloat16: Uint16Array,
+  };
+  for (const t of SIGNATURE.inputs.concat(SIGNATURE.outputs)) t.size = t.shape.reduce((a, b) => a * b, 1);
+  const isNode = typeof process !== "undefined" && !!(process.versions && process.versions.node);
+
+  async function bytesOf(source) {
+    if (source === undefined) source = isNode ? require("path").join(__dirname, "model.wasm") : "model.wasm";
+    if (typeof source !== "string" && !(typeof URL !== "undefined" && source instanceof URL)) return source;
+    if (isNode && !/^https?:/.test(String(source))) return require("fs").readFileSync(source);
+    const response = await fetch(source);
+    if (!response.ok) throw new Error("sparsecc: could not fetch " + source + ": " + response.status);
+    return response.arrayBuffer();
+  }
+
+  async function load(source) {
+    const { instance } = await WebAssembly.instantiate(await bytesOf(source), {});
+    const ex = instance.exports;
+    function run(...inputs) {
+      if (inputs.length !== SIGNATURE.inputs.length) {
+        throw new Error("sparsecc: the model takes " + SIGNATURE.inputs.length + " inputs, got " + inputs.length);
+      }
+      inputs.forEach((x, i) => {
+        const want = SIGNATURE.inputs[i];
+        // by tag, not instanceof: an array made in another realm (iframe, worker, vm) is as good
+        const kind = ArrayBuffer.isView(x) ? Object.prototype.toString.call(x).slice(8, -1) : typeof x;
+        if (kind !== ARRAYS[want.dtype].name || x.length !== want.size) {
+          throw new Error("sparsecc: input " + i + " must be a " + ARRAYS[want.dtype].name + " of " + want.size +
+                          " elements (shape [" + want.shape + "]), got " +
+                          kind + " of " + (x && x.length !== undefined ? x.length : 0));
+        }
+        new Uint8Array(ex.memory.buffer, ex.sparsecc_input(i), x.byteLength)
+          .set(new Uint8Array(x.buffer, x.byteOffset, x.byteLength));
+      });
+      if (ex.sparsecc_invoke() !== 0) {
+        const at = ex.sparsecc_error();
+        const bytes = new Uint8Array(ex.memory.buffer, at, ex.sc_error_len());
+        throw new Error("sparsecc: the model failed: " + new TextDecoder().decode(bytes));
+      }
+      // Views are made after the call: a kernel's workspace may have grown (and replaced) the memory.
+      return SIGNATURE.outputs.map((t, i) => {
+        const start = ex.sparsecc_output(i), Kind = ARRAYS[t.dtype];
+        return new Kind(ex.memory.buffer.slice(start, start + t.size * Kind.BYTES_PER_ELEMENT));
+      });
+    }
+    return { run, signature: SIGNATURE, instance };
+  }
+  return { load, signature: SIGNATURE };
+});
+"""
+
+
+def link_model(program: Any, kernels: pathlib.Path, blob: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+    """Link a whole model (a :class:`~sparsecc.targets.static_program.StaticProgram` whose kernels
+    are compiled into ``kernels`` and whose constants are the file ``blob``) into ``folder``: the
+    self-contained ``model.wasm`` (no imports; the driver's ``sparsecc_*`` entry points, the shim's
+    helpers and the memory exported) and ``model.js``, its loader."""
+    import json
+
+    from .static_program import driver_source
+
+    tools = find_toolchain()
+    source = SHIM_SOURCE + driver_source(program, blob, '.rodata.sparsecc_constants,"",@')
+    module = folder / MODEL_MODULE
+    with temporary_object(source, tools.clang, SHIM_FLAGS, folder, "driver") as driver:
+        run_tool([tools.wasm_ld, "--no-entry", "--strip-debug", "-o", str(module), str(kernels), str(driver),
+                  f"-L{tools.wasi_lib}", "-lm", "-lc"])
+    signature = {"inputs": [s.to_json() for s in program.inputs],
+                 "outputs": [s.to_json() for s in program.output_specs]}
+    (folder / MODEL_LOADER).write_text(LOADER_SOURCE.replace("__SIGNATURE__", json.dumps(signature)))
+    return module

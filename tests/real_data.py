@@ -49,3 +49,15 @@ def mobilenet_or_skip():
             pytest.fail(f"CI must run the MobileNetV2 checks: {exc}")
         pytest.skip(str(exc))
     return mobilenet
+
+
+def minilm_or_skip():
+    """The ``sparsecc.zoo.minilm`` module, once all-MiniLM-L6-v2 is known installed."""
+    from sparsecc.zoo import minilm
+
+    if not minilm.minilm_available():
+        message = f"all-MiniLM-L6-v2 is not installed: {minilm.INSTALL_COMMAND}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return minilm

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from kernel_check import awkward_rows, check_close, reference
-from sparsecc.errors import ArtifactError, TargetError
+from sparsecc.errors import ArtifactError
 from sparsecc.sparsity import pack_bsr, pack_csr, pack_nm, parse_pattern
 from sparsecc.targets import Capabilities, TargetRecord, all_targets
 from sparsecc.targets.kernels import dense_args, dense_linear, sparse_kernel
@@ -84,8 +84,9 @@ def check_case(build_and_run, folder, case: Case) -> Any:
 
 
 def check_record(target: TargetRecord, triple: str, mattr: str, runner: str) -> None:
-    """What every kernels-only 128-bit target record says: registered, 4 f32 lanes on one
-    thread, an LLVM target dict TVM accepts, its runner, no whole-model build, packed patterns."""
+    """What every 128-bit out-of-process target record says: registered, 4 f32 lanes on one
+    thread, an LLVM target dict TVM accepts, its runner, whole models built as static programs
+    (a ``link_model``), packed patterns."""
     import tvm
 
     assert target in all_targets()
@@ -94,40 +95,29 @@ def check_record(target: TargetRecord, triple: str, mattr: str, runner: str) -> 
     tgt = target.tvm_target()
     assert tgt["kind"] == "llvm" and tgt["mtriple"].startswith(triple) and mattr in tgt["mattr"]
     tvm.target.Target(tgt)  # TVM accepts it
-    assert target.runner == runner and not target.builds_models
+    assert target.runner == runner and target.builds_models and target.link_model is not None
+    target.require_model_build()
     assert target.supports(target.default_pattern)
     for name in target.patterns:
         assert parse_pattern(name).packed_format in ("csr", "bsr", "nm"), name
 
 
-def check_model_build_refused(target: TargetRecord, tmp_path, artifact_message: str) -> None:
-    """Whole models are refused with the reason: by the API, by the command line (exit status 2,
-    before the model is read), by the lowering, and by the runner's ``load``."""
-    import torch
-    from sparsecc import cli
-    from sparsecc.api import compile as compile_model
-    from sparsecc.passes.lower import compile_relax
+def check_missing_model_refused(target: TargetRecord, tmp_path, message: str) -> None:
+    """The runner's ``load`` refuses a model file that is not there, saying so."""
     from sparsecc.targets.runners import load_library
 
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
-    with pytest.raises(TargetError, match="whole-model lowering for this target is not built yet"):
-        compile_model(model, (torch.randn(2, 16),), target=target.name, progress=False)
-    argv = ["compile", str(tmp_path / "absent.pt2"), "--target", target.name, "-o", str(tmp_path / "out")]
-    assert cli.main(argv) == 2
-    with pytest.raises(TargetError, match="not built yet"):
-        compile_relax(None, target)
-    with pytest.raises(ArtifactError, match=artifact_message):
+    with pytest.raises(ArtifactError, match=message):
         load_library(target.runner, tmp_path / "model.bin")
 
 
 def listing_line(target: TargetRecord, capsys) -> str:
-    """The line ``sparsecc targets`` prints for ``target``; it says kernels only and whether the
-    target runs here."""
+    """The line ``sparsecc targets`` prints for ``target``; it does not call the target
+    kernels-only and says whether the target runs here."""
     from sparsecc import cli
 
     assert cli.main(["targets"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(target.name))
-    assert "no whole-model build yet" in line
+    assert "no whole-model build yet" not in line
     assert ("runs here" in line) == target.runs_here
     return line
 

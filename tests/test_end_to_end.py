@@ -63,7 +63,8 @@ def test_artifact_round_trip(mlp_artifact, tmp_path):
     _, example, artifact = mlp_artifact
     out = artifact.save(tmp_path / "art")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["target"] == "x86" and manifest["format_version"] == 1
+    assert manifest["target"] == "x86" and manifest["format_version"] == 2
+    assert manifest["library"] == "model.so" and manifest["model_files"] == []
     assert {"model.so", "pruned.pt2", "packed.pt2", "plan.json", "packed_weights.safetensors"} <= set(manifest["files"])
     assert manifest["versions"]["torch"] == torch.__version__
     again = sparsecc.load(out)
@@ -72,6 +73,12 @@ def test_artifact_round_trip(mlp_artifact, tmp_path):
     assert again.plan.to_json() == artifact.plan.to_json()
     # Saving again over an earlier artifact is allowed.
     artifact.save(out)
+    # A version-1 manifest (before the compiled files were named in it) still loads: model.so.
+    for key in ("library", "model_files"):
+        del manifest[key]
+    manifest["format_version"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    torch.testing.assert_close(sparsecc.load(out)(x), artifact(x), rtol=0, atol=0)
 
 
 def test_damaged_artifacts_are_refused(mlp_artifact, tmp_path):

@@ -24,7 +24,7 @@ from target_cases import (  # noqa: E402
     SIMD_FORMATS,
     FormatTests,
     check_case,
-    check_model_build_refused,
+    check_missing_model_refused,
     check_record,
     folder_fixture,
     listing_line,
@@ -60,8 +60,8 @@ def test_schedules_pick_four_lanes() -> None:
     assert all(s.nr % 4 == 0 for s in dense_schedules(8, (64, 96), CAPS))
 
 
-def test_whole_model_compile_is_refused(tmp_path) -> None:
-    check_model_build_refused(TARGET, tmp_path, "whole-model WebAssembly builds do not exist yet")
+def test_missing_model_is_refused(tmp_path) -> None:
+    check_missing_model_refused(TARGET, tmp_path, "wasm module .*model.bin does not exist")
 
 
 def test_targets_listing_is_truthful(capsys) -> None:

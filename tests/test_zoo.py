@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from real_data import mobilenet_or_skip, smollm_or_skip
+from real_data import minilm_or_skip, mobilenet_or_skip, smollm_or_skip
 from sparsecc.zoo import (
     DigitsCNN,
     accuracy,
@@ -17,8 +17,6 @@ from sparsecc.zoo import (
 )
 from sparsecc.zoo import digits as digits_mod
 from sparsecc.zoo import minilm as minilm_mod
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +148,7 @@ def test_similarity_helpers():
 @pytest.mark.slow
 @pytest.mark.models
 def test_minilm_loads_encodes_and_exports():
-    if not minilm_mod.minilm_available():
-        message = f"all-MiniLM-L6-v2 is not installed: {minilm_mod.INSTALL_COMMAND}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-
+    minilm_or_skip()
     embedder, tokenizer = minilm_mod.load_minilm_embedder()
     assert 22_000_000 < sum(p.numel() for p in embedder.parameters()) < 23_000_000
     sentences = minilm_mod.SENTENCES

@@ -5,8 +5,8 @@ Each call starts one qemu process (a few tenths of a second): this runner checks
 compute on AArch64 + NEON; it does not time them (qemu translates instructions, so its timings
 say nothing about ARM speed).
 
-Whole-model artifacts are not built for ARM yet, so :func:`load` refuses them with a clear error;
-kernels are loaded with :func:`load_kernel`.
+:func:`load` loads a whole model (:class:`ArmModel`, a static executable built by
+:mod:`sparsecc.targets.static_program`); kernels are loaded with :func:`load_kernel`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,34 @@ import numpy as np
 from sparsecc.errors import ArtifactError, TargetError
 
 from ..kernel_runtime import dlpack_code
+from . import static_io
+
+
+def _executable(path: str | os.PathLike[str], remedy: str) -> pathlib.Path:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ARM executable {path} does not exist; {remedy}")
+    return path
+
+
+def _find_qemu() -> str:
+    from ..arm_toolchain import find_toolchain
+
+    return find_toolchain().qemu
+
+
+def _run(qemu: str, path: pathlib.Path, stdin: bytes, timeout_s: float, label: str) -> bytes:
+    """Run ``path`` under qemu with ``stdin``; its stdout, or a :class:`TargetError` with its
+    message (exit status 3: the code failed, with TVM's message on stderr)."""
+    try:
+        done = subprocess.run([qemu, str(path)], input=stdin, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise TargetError(f"{label} ran past {timeout_s:.0f} s under qemu") from None
+    message = done.stderr.decode("utf-8", "replace").strip()
+    if done.returncode != 0:
+        what = "failed" if done.returncode == 3 else f"exited with status {done.returncode}"
+        raise TargetError(f"{label} {what}: {message or 'no message'}")
+    return done.stdout
 
 
 class ArmKernel:
@@ -33,15 +61,8 @@ class ArmKernel:
 
     def __init__(self, path: str | os.PathLike[str], n_outputs: int = 1, qemu: str | None = None,
                  timeout_s: float = 120.0):
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"ARM executable {path} does not exist; build the kernel first")
-        if qemu is None:
-            from ..arm_toolchain import find_toolchain
-
-            qemu = find_toolchain().qemu
-        self.path = path
-        self.qemu = qemu
+        self.path = _executable(path, "build the kernel first")
+        self.qemu = qemu or _find_qemu()
         self.n_outputs = n_outputs
         self.timeout_s = timeout_s
 
@@ -59,17 +80,8 @@ class ArmKernel:
         if not 0 < self.n_outputs <= len(arrays):
             raise TargetError(f"{self.path.name}: {len(arrays)} arguments for {self.n_outputs} outputs")
         arrays = [np.ascontiguousarray(a) for a in arrays]
-        try:
-            done = subprocess.run([self.qemu, str(self.path)], input=self._stdin(arrays), capture_output=True,
-                                  timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            raise TargetError(f"ARM kernel {self.path.name} ran past {self.timeout_s:.0f} s under qemu") from None
-        message = done.stderr.decode("utf-8", "replace").strip()
-        if done.returncode != 0:
-            what = "failed" if done.returncode == 3 else f"exited with status {done.returncode}"
-            raise TargetError(f"ARM kernel {self.path.stem} {what}: {message or 'no message'}")
+        raw = _run(self.qemu, self.path, self._stdin(arrays), self.timeout_s, f"ARM kernel {self.path.stem}")
         outs, offset = [], 0
-        raw = done.stdout
         for a in arrays[len(arrays) - self.n_outputs:]:
             chunk = raw[offset:offset + a.nbytes]
             if len(chunk) != a.nbytes:
@@ -83,7 +95,31 @@ def load_kernel(path: str | os.PathLike[str], n_outputs: int = 1) -> ArmKernel:
     return ArmKernel(path, n_outputs)
 
 
-def load(path: str | os.PathLike[str]) -> Any:
-    """Whole-model libraries are not built for ARM yet: refuse with the reason."""
-    raise ArtifactError(f"{path}: whole-model ARM builds do not exist yet (the arm-neon target builds and runs "
-                        "single kernels only, under qemu); compile the model for x86 instead")
+class ArmModel:
+    """A whole model built by :mod:`sparsecc.targets.static_program` (``model.elf`` beside its
+    ``model.json``): ``model(*inputs)`` runs it once under qemu, the inputs' bytes on stdin and the
+    outputs' on stdout, and returns the outputs as torch tensors."""
+
+    def __init__(self, path: str | os.PathLike[str], qemu: str | None = None, timeout_s: float = 600.0):
+        self.path = _executable(path, "compile the model first")
+        self.signature = static_io.read_signature(self.path)
+        self.qemu = qemu or _find_qemu()
+        self.timeout_s = timeout_s
+        self._out_nbytes = static_io.output_nbytes(self.signature)
+
+    def __call__(self, *inputs: Any) -> list[Any]:
+        stdin = b"".join(static_io.input_bytes(self.signature, inputs))
+        raw = _run(self.qemu, self.path, stdin, self.timeout_s, f"ARM model {self.path.name}")
+        if len(raw) != sum(self._out_nbytes):
+            raise TargetError(f"ARM model {self.path.name} wrote {len(raw)} bytes of output; its "
+                              f"signature says {sum(self._out_nbytes)}")
+        chunks, offset = [], 0
+        for nbytes in self._out_nbytes:
+            chunks.append(raw[offset:offset + nbytes])
+            offset += nbytes
+        return static_io.output_tensors(self.signature, chunks)
+
+
+def load(path: str | os.PathLike[str]) -> ArmModel:
+    """Load a whole model's ``model.elf`` (built for the ``arm-neon`` target)."""
+    return ArmModel(path)

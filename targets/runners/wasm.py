@@ -5,8 +5,8 @@ One :class:`WasmKernel` holds one instance (one linear memory). Buffers are allo
 memory with the shim's ``sc_alloc`` once per distinct argument shape and reused by later calls,
 so repeated calls (and :meth:`WasmKernel.time`) measure the kernel, not allocation.
 
-Whole-model artifacts are not built for WebAssembly yet, so :func:`load` refuses them with a
-clear error; kernels are loaded with :func:`load_kernel`.
+:func:`load` loads a whole model (:class:`WasmModel`, built by
+:mod:`sparsecc.targets.static_program`); kernels are loaded with :func:`load_kernel`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 from sparsecc.errors import ArtifactError, TargetError
 
 from ..kernel_runtime import dlpack_code
+from . import static_io
 
 
 class WasmKernel:
@@ -136,12 +137,6 @@ def load_kernel(path: str | os.PathLike[str], export: str, n_outputs: int = 1) -
     return WasmKernel(path, export, n_outputs)
 
 
-def load(path: str | os.PathLike[str]) -> Any:
-    """Whole-model libraries are not built for WebAssembly yet: refuse with the reason."""
-    raise ArtifactError(f"{path}: whole-model WebAssembly builds do not exist yet (the wasm-simd target "
-                        "builds and runs single kernels only); compile the model for x86 instead")
-
-
 def prepare_kernel(func: Any, inputs: list[np.ndarray], out_shape: tuple[int, ...],
                    tvm_target: Any) -> tuple[Any, Any]:
     """The wasm twin of :func:`sparsecc.targets.runners.host.prepare_kernel`: the kernel built
@@ -158,3 +153,56 @@ def prepare_kernel(func: Any, inputs: list[np.ndarray], out_shape: tuple[int, ..
     output = len(inputs)
     return kernel.call, lambda: kernel.read(output)
 
+
+class WasmModel:
+    """A whole model built by :mod:`sparsecc.targets.static_program` (``model.wasm`` beside its
+    ``model.json``): ``model(*inputs)`` writes the inputs into the module's own input buffers,
+    runs every kernel once (``sparsecc_invoke``) and returns the outputs as torch tensors. One
+    instance, reused by every call."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        import wasmtime
+
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"wasm module {path} does not exist; compile the model first")
+        self.path = path
+        self.signature = static_io.read_signature(path)
+        self.store = wasmtime.Store(wasmtime.Engine())
+        try:
+            module = wasmtime.Module.from_file(self.store.engine, str(path))
+        except wasmtime.WasmtimeError as exc:
+            raise ArtifactError(f"{path} is not a valid WebAssembly module ({exc}); recompile the model") from None
+        if module.imports:
+            names = ", ".join(f"{i.module}.{i.name}" for i in module.imports)
+            raise ArtifactError(f"wasm module {path} imports {names}; a sparsecc model must import nothing")
+        exports = wasmtime.Instance(self.store, module, []).exports(self.store)
+        try:
+            self._memory = exports["memory"]
+            self._fn = {name: exports[name] for name in ("sparsecc_input", "sparsecc_output", "sparsecc_invoke",
+                                                          "sparsecc_num_inputs", "sparsecc_error", "sc_error_len")}
+        except KeyError as exc:
+            raise ArtifactError(f"wasm module {path} has no export {exc}; it is not a sparsecc model") from None
+        if self._fn["sparsecc_num_inputs"](self.store) != len(self.signature["inputs"]):
+            raise ArtifactError(f"{path} does not match its model.json (input count); recompile the model")
+        self._out_nbytes = static_io.output_nbytes(self.signature)
+
+    def __call__(self, *inputs: Any) -> list[Any]:
+        for i, raw in enumerate(static_io.input_bytes(self.signature, inputs)):
+            self._memory.write(self.store, raw, self._fn["sparsecc_input"](self.store, i))
+        rc = self._fn["sparsecc_invoke"](self.store)
+        if rc != 0:
+            start = self._fn["sparsecc_error"](self.store)
+            length = self._fn["sc_error_len"](self.store)
+            text = bytes(self._memory.read(self.store, start, start + length)).decode("utf-8", "replace")
+            raise TargetError(f"wasm model {self.path.name} failed ({rc}): {text or 'no message'}")
+        chunks = []
+        for i, nbytes in enumerate(self._out_nbytes):
+            start = self._fn["sparsecc_output"](self.store, i)
+            chunks.append(bytes(self._memory.read(self.store, start, start + nbytes)))
+        return static_io.output_tensors(self.signature, chunks)
+
+
+def load(path: str | os.PathLike[str]) -> WasmModel:
+    """Load a whole model's ``model.wasm`` (built for the ``wasm-simd`` target)."""
+    return WasmModel(path)
