@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -17,14 +18,10 @@ ONNX_IR_VERSION = 9
 ONNX_OPSET = 17
 
 
-def onnxruntime_dense(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
-                      threads: int = 1, spinning: bool = True) -> Callable[..., list[torch.Tensor]]:
-    """Export ``model`` to ONNX (TorchScript exporter, fixed shapes) and return a function that
-    runs it in ONNX Runtime on the CPU with ``threads`` intra-op threads. ``spinning=False`` makes
-    its idle workers sleep instead of spin-waiting, for timing it interleaved with another
-    runtime whose threads must not find the cores busy."""
+def onnx_model(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
+    """``model`` exported to ONNX (TorchScript exporter, fixed shapes, inputs named ``input0``...)
+    at the opset and IR version ONNX Runtime and onnxruntime-web accept."""
     import onnx
-    import onnxruntime
 
     names = [f"input{i}" for i in range(len(example_inputs))]
     buffer = io.BytesIO()
@@ -34,6 +31,19 @@ def onnxruntime_dense(model: torch.nn.Module, example_inputs: Sequence[torch.Ten
                           input_names=names)
     proto = onnx.load_from_string(buffer.getvalue())
     proto.ir_version = ONNX_IR_VERSION
+    return proto
+
+
+def onnxruntime_dense(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
+                      threads: int = 1, spinning: bool = True) -> Callable[..., list[torch.Tensor]]:
+    """Export ``model`` to ONNX (TorchScript exporter, fixed shapes) and return a function that
+    runs it in ONNX Runtime on the CPU with ``threads`` intra-op threads. ``spinning=False`` makes
+    its idle workers sleep instead of spin-waiting, for timing it interleaved with another
+    runtime whose threads must not find the cores busy."""
+    import onnxruntime
+
+    names = [f"input{i}" for i in range(len(example_inputs))]
+    proto = onnx_model(model, example_inputs)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
