@@ -59,7 +59,7 @@ ARM_NEON = register(TargetRecord(
     name="arm-neon",
     summary="AArch64 + NEON (4 f32 lanes, 1 thread; cortex-a76, or SPARSECC_ARM_CPU=neoverse-n1); "
             "models and kernels run under qemu-user",
-    patterns=("unstructured", "block16x1", "block8x1", "block4x1", "block4x4", "2:4"),
+    patterns=("unstructured", "block16x1", "block8x1", "block4x1", "block2x1", "block4x4", "2:4"),
     default_pattern="block16x1",
     capabilities=capabilities,
     tvm_target=tvm_target,

@@ -77,7 +77,7 @@ def tvm_target() -> dict[str, Any]:
 WASM_SIMD = register(TargetRecord(
     name="wasm-simd",
     summary="WebAssembly wasm32 + simd128 (4 f32 lanes, 1 thread); model.wasm + model.js, run under wasmtime",
-    patterns=("unstructured", "block16x1", "block8x1", "block4x1", "block4x4", "2:4"),
+    patterns=("unstructured", "block16x1", "block8x1", "block4x1", "block2x1", "block4x4", "2:4"),
     default_pattern="block16x1",
     capabilities=capabilities,
     tvm_target=tvm_target,

@@ -133,7 +133,8 @@ def tvm_target() -> dict[str, Any]:
 X86 = register(TargetRecord(
     name="x86",
     summary="this host's x86-64 CPU (AVX2 / AVX-512), run in-process through TVM's Relax VM",
-    patterns=("unstructured", "block16x1", "block8x1", "block4x1", "block32x1", "block16x2", "block8x2", "block4x4",
+    patterns=("unstructured", "block16x1", "block8x1", "block4x1", "block2x1", "block32x1", "block16x2", "block8x2",
+              "block4x4",
               "2:4", "4:8", "1:4", "2:8"),
     default_pattern="block16x1",
     capabilities=capabilities,

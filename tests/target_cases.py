@@ -265,7 +265,7 @@ class FormatTests:
         assert case.schedule.startswith("csr-spmv gather4" if m == 1 else "csr-spmm")
 
     @pytest.mark.parametrize("m", MS)
-    @pytest.mark.parametrize("block", [(16, 1), (8, 1), (4, 1), (4, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
+    @pytest.mark.parametrize("block", [(16, 1), (8, 1), (4, 1), (2, 1), (4, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
     def test_bsr(self, folder, m: int, block: tuple[int, int]) -> None:
         self.check(folder, bsr_case(m, block, self.caps))
 
