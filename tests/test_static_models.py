@@ -445,3 +445,28 @@ def test_a_failing_kernel_reports_tvm_s_message(tmp_path, target):
         done = subprocess.run([node, "-e", script, str(bad.parent / "model.js")], capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 0 and "the model failed: ValueError: Invalid x.shape[1]" in done.stdout
+
+
+def test_arm_board_script_builds_and_times_artifacts(digits, built, tmp_path_factory, capsys):
+    # benchmarks/arm_board.py is for real boards; here it runs through the cross compiler and qemu,
+    # which checks the harness builds against model.o / model.h and times every artifact.
+    import importlib.util
+    import pathlib
+
+    _require("arm-neon")
+    script = pathlib.Path(__file__).parent.parent / "benchmarks" / "arm_board.py"
+    spec = importlib.util.spec_from_file_location("arm_board", script)
+    board = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(board)
+    _, dense = _artifact(digits, built, tmp_path_factory, "arm-neon", 0.0)
+    _, sparse = _artifact(digits, built, tmp_path_factory, "arm-neon", 0.5)
+    gcc = shutil.which("aarch64-linux-gnu-gcc")
+    assert board.main([str(dense), str(sparse), "--rounds", "2", "--block-ms", "5",
+                       "--cc", f"{gcc} -static", "--exec", "qemu-aarch64-static"]) == 0
+    out = capsys.readouterr().out
+    assert "not ARM timings" in out
+    rows = [line for line in out.splitlines() if line.startswith("arm-neon")]
+    assert len(rows) == 2 and "dense" in rows[0] and rows[0].endswith("1.00x") and "block4x1 50%" in rows[1]
+    with pytest.raises(SystemExit, match="not arm-neon"):
+        _, wasm = _artifact(digits, built, tmp_path_factory, "wasm-simd", 0.0)
+        board.main([str(wasm), "--rounds", "1"])
