@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", default=None,
                    help="comma-separated PATTERN@SPARSITY builds for every model (default per model: "
                         + "; ".join(f"{k}: {v}" for k, v in DEFAULT_CONFIGS.items()) + ")")
-    p.add_argument("--method", default="wanda", choices=["wanda", "magnitude"])
+    p.add_argument("--method", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
     p.add_argument("--rounds", type=int, default=9, help="interleaved rounds")
     p.add_argument("--artifacts", help="keep built artifacts here and reuse them in later runs")
     p.add_argument("--out", help="write the measurements to this JSON file")
