@@ -212,12 +212,12 @@ def run_model(name: str, args: argparse.Namespace, modules: Path, store: Path, s
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = (f"{'model':>9} {'config':>14} | {'ort-web':>8} {'sparsecc':>9} ms (Node) | {'xORTweb':>7} {'xDense':>6} | "
+    head = (f"{'model':>9} {'config':>18} | {'ort-web':>8} {'sparsecc':>9} ms (Node) | {'xORTweb':>7} {'xDense':>6} | "
             f"{'wasmtime':>8} ms | {'.wasm MB':>8} {'.onnx MB':>8} | {'cos vs dense':>12}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['model']:>9} {r['config']:>14} | {r['ort_web_ms']:8.2f} {r['node_ms']:9.2f}           | "
+        print(f"{r['model']:>9} {r['config']:>18} | {r['ort_web_ms']:8.2f} {r['node_ms']:9.2f}           | "
               f"{r['vs_ort_web']:7.2f} {r['vs_own_dense']:6.2f} | {r['wasmtime_ms']:8.2f}    | "
               f"{r['wasm_bytes'] / 1e6:8.2f} {r['onnx_bytes'] / 1e6:8.2f} | {r['cos_vs_dense']:12.4f}")
 
