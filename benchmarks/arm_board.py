@@ -89,14 +89,15 @@ def _describe(folder: Path) -> str:
     return f"{'/'.join(patterns)} {mean:.0%} ({len(sparse)} sparse layers)"
 
 
-def build(folder: Path, cc: str, work: Path) -> Path:
-    """Compile the timing harness against ``folder``'s model.o / model.h."""
+def build(folder: Path, cc: str, work: Path, index: int) -> Path:
+    """Compile the timing harness against ``folder``'s model.o / model.h, as executable number
+    ``index`` in ``work`` (folders may share a name: run1/out, run2/out)."""
     for name in ("model.o", "model.h"):
         if not (folder / name).is_file():
             raise SystemExit(f"{folder}: no {name}; compile the model with --target arm-neon")
-    source = work / f"{folder.name}_timing.c"
+    source = work / f"{index}_timing.c"
     source.write_text(HARNESS)
-    exe = work / f"{folder.name}_timing"
+    exe = work / f"{index}_timing"
     cmd = [*shlex.split(cc), "-O2", f"-I{folder}", str(source), str(folder / "model.o"), "-lm", "-o", str(exe)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     plans = {f: _describe(f) for f in folders}  # also refuses folders that are not arm-neon artifacts
     samples: dict[Path, list[float]] = {f: [] for f in folders}
     with tempfile.TemporaryDirectory(prefix="sparsecc-arm-board-") as tmp:
-        exes = {f: build(f, args.cc, Path(tmp)) for f in folders}
+        exes = {f: build(f, args.cc, Path(tmp), i) for i, f in enumerate(folders)}
         for _ in range(args.rounds):
             for f in folders:
                 samples[f].append(run_once(exes[f], prefix, args.block_ms))

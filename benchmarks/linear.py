@@ -242,7 +242,9 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
             if args.bf16_values:
                 # The heuristic schedule with its values stored as bf16; checked against the
                 # bf16-rounded weight, which is what it computes with.
-                schedule = default_schedule(m, packed, caps, weights="bfloat16")
+                tuned_bf16 = (cost_model.schedule(m, packed, (n_out, k), weights="bfloat16")
+                              if cost_model is not None else None)
+                schedule = tuned_bf16 or default_schedule(m, packed, caps, weights="bfloat16")
                 t0 = time.perf_counter()
                 func, arrays = sparse_kernel(m, packed, True, caps, "sparse_bench", schedule=schedule)
                 fns[f"{key}:bf16"], outputs[f"{key}:bf16"] = _tvm_runner(func, [x, *arrays, bias], m, n_out, target)
@@ -250,6 +252,7 @@ def run_group(n_out: int, k: int, m: int, args: argparse.Namespace, caps: Any, t
                 refs[f"{key}:bf16"] = dense_ref(from_bfloat16_bits(to_bfloat16_bits(w)))
                 values = packed.values if isinstance(packed, PackedNM) else packed.data
                 cells.append({**cell, "key": f"{key}:bf16", "values": "bf16", "fp32_key": key,
+                              "tuned": tuned_bf16 is not None,
                               "weight_bytes": packed_nbytes(packed) - 2 * int(values.size),
                               "schedule": str(func.attrs["sparsecc.schedule"])})
 

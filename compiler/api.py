@@ -84,6 +84,9 @@ def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip:
         raise SparseccError(f"unknown mask refinement {refine!r}; choose one of: {', '.join(REFINEMENTS)}")
     if allocation and allocation not in ALLOCATIONS:
         raise SparseccError(f"unknown allocation {allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
+    if pattern == "channel" and convs != "pointwise":
+        raise SparseccError("convs chooses which convolutions get sparse kernels; channel pruning keeps every "
+                            "layer dense: drop --convs or use an unstructured, block or N:M pattern")
     if pattern == "channel" and (refine or (allocation and allocation != "uniform")):
         raise SparseccError("refine and allocation choose weights inside layers; channel pruning removes whole "
                             "channels: drop --refine/--allocation or use an unstructured, block or N:M pattern")
@@ -204,6 +207,9 @@ def compile(  # noqa: A001 - the public name users expect
                       "only; pass calibration=[...] (or --calib) with real samples", stacklevel=2)
     storage = weight_storage(weights)
     if pipeline:
+        if convs != "pointwise":
+            raise SparseccError("convs sets an option of plan-uniform in the default pipeline; with your own "
+                                "pipeline, write it there: plan-uniform{...,convs=all}")
         text = with_weight_storage(pipeline, storage) if storage != "float32" else pipeline
     else:
         text = default_pipeline(sparsity=sparsity, pattern=pattern, method=method, skip=skip,

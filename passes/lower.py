@@ -140,7 +140,7 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
     import tvm_ffi
     from sparsecc.targets.kernels import SCHEDULE_ATTR, dense_args, dense_linear, sparse_kernel
     from sparsecc.targets.kernels.batch_matmul import batch_matmul
-    from sparsecc.targets.kernels.conv import conv2d_panels, conv_geometry, grouped_conv2d, im2col_rows
+    from sparsecc.targets.kernels.conv import conv2d_panels, conv_geometry, grouped_conv2d, im2col_rows_kernel
     from sparsecc.targets.kernels.dense import DenseSchedule, dense_params
     from sparsecc.targets.tuning import default_schedule
     from tvm import relax
@@ -349,7 +349,7 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
         x = importer.env[node.args[0]]
         shape = check_x(x, f"node {node.name} (im2col rows of a sparse convolution)")
         kernel, stride, padding, dilation = (tuple(int(v) for v in a) for a in node.args[1:5])
-        func = im2col_rows(shape, kernel, stride, padding, dilation, caps, "kernel")
+        func = im2col_rows_kernel(shape, kernel, stride, padding, dilation, caps, "kernel")
         out_shape = tuple(int(d) for d in node.meta["val"].shape)
         out, kname, schedule = emit_call(importer, node, func, [x], out_shape, "im2col")
         records.append(KernelRecord(node.name, "im2col", "dense", kname, schedule, shape,

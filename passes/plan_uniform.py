@@ -40,9 +40,10 @@ def dense_reason(layer: Layer, convs: str = "pointwise") -> str | None:
     if convs == "all" or layer.is_pointwise_conv:
         return None
     kh, kw = layer.weight_shape[2:]
+    sh, sw = layer.conv.get("stride", (1, 1))
     what = f"{kh}x{kw} convolution" if (kh, kw) != (1, 1) else "strided or padded 1x1 convolution"
     return (f"{what}: kept dense (its sparse form first copies its input windows into im2col rows, "
-            f"each input about {kh * kw}/stride^2 times, which a one-shot pruned layer rarely repays; "
+            f"each input about {kh * kw / (sh * sw):.3g} times, which a one-shot pruned layer rarely repays; "
             "ask for it with convs=all, --convs all)")
 
 

@@ -42,16 +42,20 @@ def machine() -> dict[str, Any]:
 
 
 def cost_table_path():
-    """``$SPARSECC_WASM_COST_TABLE`` when set, else a file per host CPU under the sparsecc cache
-    (``cost-table-wasm-<cpu>-128b-t1.json``)."""
+    """``$SPARSECC_WASM_COST_TABLE`` when set, else a file per host CPU and wasmtime version under
+    the sparsecc cache (``cost-table-wasm-<cpu>-wasmtime<version>-128b-t1.json``): another engine
+    version compiles other code, so its measurements go to a table of their own."""
     import os
     import pathlib
+    from importlib.metadata import version
 
     from . import x86
     from .tuning import default_table_path
 
     override = os.environ.get("SPARSECC_WASM_COST_TABLE")
-    return pathlib.Path(override) if override else default_table_path(f"wasm-{x86.host_cpu()}", capabilities())
+    if override:
+        return pathlib.Path(override)
+    return default_table_path(f"wasm-{x86.host_cpu()}-wasmtime{version('wasmtime')}", capabilities())
 
 
 def cost_model():

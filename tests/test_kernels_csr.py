@@ -366,3 +366,12 @@ def test_perm_schedules_are_checked() -> None:
                    (CSRSchedule("perm", "uint16", window=32), 1), (CSRSchedule("sell", "uint16", window=32), 1)):
         with pytest.raises(ValueError):
             csr_linear(m, packed, False, CAPS, schedule=bad)
+
+
+def test_perm_refuses_unsorted_rows() -> None:
+    import dataclasses as dc
+
+    packed = pack_csr(np.eye(16, 64, dtype=np.float32) + np.eye(16, 64, 40, dtype=np.float32))
+    shuffled = dc.replace(packed, indices=packed.indices.reshape(16, 2)[:, ::-1].reshape(-1).copy())
+    with pytest.raises(ValueError, match="sorted"):
+        csr_args(shuffled, 1, CAPS, schedule=CSRSchedule("perm", "uint8", window=32))

@@ -73,3 +73,14 @@ def test_default_plan_keeps_kxk_convolutions_dense() -> None:
     layers = {layer.name: layer for layer in artifact.report.layers}
     assert all(layers[name].decision == "dense" for name in ("padded", "strided", "dilated", "strided_1x1"))
     assert "convs=all" in layers["padded"].reason
+
+
+def test_convs_option_is_refused_where_it_cannot_apply() -> None:
+    x = torch.randn(1, 16, 15, 13)
+    with pytest.raises(sparsecc.SparseccError, match="plan-uniform"):
+        sparsecc.compile(WindowNet().eval(), (x,), convs="all", pipeline="plan-uniform{sparsity=0.5},prune-magnitude,"
+                         "pack,lower,build", progress=False)
+    with pytest.raises(sparsecc.SparseccError, match="channel pruning"):
+        sparsecc.compile(WindowNet().eval(), (x,), pattern="channel", convs="all", progress=False)
+    with pytest.raises(sparsecc.SparseccError, match="pointwise"):
+        sparsecc.compile(WindowNet().eval(), (x,), convs="3x3", progress=False)

@@ -467,6 +467,10 @@ def test_arm_board_script_builds_and_times_artifacts(digits, built, tmp_path_fac
     assert "not ARM timings" in out
     rows = [line for line in out.splitlines() if line.startswith("arm-neon")]
     assert len(rows) == 2 and "dense" in rows[0] and rows[0].endswith("1.00x") and "block4x1 50%" in rows[1]
+    # both folders are named "art": each still gets its own executable, built from its own model.o
+    work = tmp_path_factory.mktemp("board")
+    first, second = (board.build(f, f"{gcc} -static", work, i) for i, f in enumerate((dense, sparse)))
+    assert dense.name == sparse.name and first != second and first.read_bytes() != second.read_bytes()
     with pytest.raises(SystemExit, match="not arm-neon"):
         _, wasm = _artifact(digits, built, tmp_path_factory, "wasm-simd", 0.0)
         board.main([str(wasm), "--rounds", "1"])

@@ -145,6 +145,10 @@ def test_wasm_tune_measures_in_wasmtime(tmp_path, monkeypatch) -> None:
     seconds, how = model.predict(4, packed)
     assert how == "measured" and 0 < seconds < 0.1
     assert model.schedule(4, packed) in schedule_space(4, packed, record.capabilities())
+    monkeypatch.delenv("SPARSECC_WASM_COST_TABLE")
+    from importlib.metadata import version
+
+    assert f"wasmtime{version('wasmtime')}" in record.cost_model().table_path.name  # one table per engine
     # the x86 table is another file: wasm measurements never answer for host kernels
     monkeypatch.setenv("SPARSECC_COST_TABLE", str(tmp_path / "x86.json"))
     assert TARGET.cost_model().predict(4, packed)[1] == "roofline"

@@ -14,14 +14,11 @@ parallel task, with the output row vectorized.
 
 from __future__ import annotations
 
+from sparsecc.ops import conv_output_size as conv_out_size
 from sparsecc.targets.base import Capabilities
 
 from ._common import ACC_SCOPE, ceil_div, drop_param, finish, init_panel_tile, lanes
 from .dense import dense_params
-
-
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _pair(value) -> tuple[int, int]:
@@ -198,10 +195,10 @@ def conv2d_panels(x_shape: tuple[int, int, int, int], w_shape: tuple[int, int, i
     return finish(func, name, f"direct-conv-panels mr{mr} nr{nr} channels{cb}/block parallel(images/{chunks})")
 
 
-def im2col_rows(x_shape: tuple[int, int, int, int], kernel: tuple[int, int], stride, padding, dilation,
-                caps: Capabilities, name: str = "im2col_rows"):
-    """Scheduled TIR PrimFunc writing a convolution's input windows as rows (the input of a sparse
-    k x k convolution's sparse linear): x (B, C, H, W) -> (B*OH*OW, C*kh*kw), row
+def im2col_rows_kernel(x_shape: tuple[int, int, int, int], kernel: tuple[int, int], stride, padding, dilation,
+                       caps: Capabilities, name: str = "im2col_rows"):
+    """Scheduled TIR PrimFunc of the op ``sparsecc.im2col_rows``: a convolution's input windows as
+    rows (the input of a sparse k x k convolution's sparse linear): x (B, C, H, W) -> (B*OH*OW, C*kh*kw), row
     ``(b*OH + oh)*OW + ow`` in the weight's (C, kh, kw) order, zeros in the padding. Parameters:
     x, rows.
 

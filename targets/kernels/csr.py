@@ -462,6 +462,8 @@ def _perm_cells(packed: PackedCSR, window: int) -> tuple[np.ndarray, np.ndarray,
     rows = np.repeat(np.arange(n_out, dtype=np.int64), np.diff(packed.indptr))
     win = packed.indices.astype(np.int64) // window
     row_win = rows * nwin + win  # sorted: rows in order, columns sorted within a row
+    if np.any(np.diff(row_win) < 0):
+        raise ValueError("the perm layout needs the columns of every CSR row sorted (pack_csr sorts them)")
     counts = np.bincount(row_win, minlength=n_out * nwin)
     first = np.concatenate([[0], np.cumsum(counts)])[:-1]
     j = np.arange(packed.nnz, dtype=np.int64) - first[row_win]

@@ -23,22 +23,21 @@ RUNNERS = {
 }
 
 
-def load_library(runner: str, path: str | pathlib.Path) -> Callable[..., list[Any]]:
+def _runner_module(runner: str) -> Any:
     try:
-        module = importlib.import_module(RUNNERS[runner])
+        return importlib.import_module(RUNNERS[runner])
     except KeyError:
         raise TargetError(f"unknown runner {runner!r}; known runners: {', '.join(sorted(RUNNERS))}") from None
-    return module.load(pathlib.Path(path))
+
+
+def load_library(runner: str, path: str | pathlib.Path) -> Callable[..., list[Any]]:
+    return _runner_module(runner).load(pathlib.Path(path))
 
 
 def kernel_preparer(runner: str) -> Callable[..., tuple[Callable[[], None], Callable[[], Any]]]:
     """The runner's ``prepare_kernel`` (see the module docstring), or a TargetError saying that
     kernels cannot be timed through it."""
-    try:
-        module = importlib.import_module(RUNNERS[runner])
-    except KeyError:
-        raise TargetError(f"unknown runner {runner!r}; known runners: {', '.join(sorted(RUNNERS))}") from None
-    prepare = getattr(module, "prepare_kernel", None)
+    prepare = getattr(_runner_module(runner), "prepare_kernel", None)
     if prepare is None:
         raise TargetError(f"runner {runner!r} cannot time kernels on this machine")
     return prepare
