@@ -375,3 +375,27 @@ def test_perm_refuses_unsorted_rows() -> None:
     shuffled = dc.replace(packed, indices=packed.indices.reshape(16, 2)[:, ::-1].reshape(-1).copy())
     with pytest.raises(ValueError, match="sorted"):
         csr_args(shuffled, 1, CAPS, schedule=CSRSchedule("perm", "uint8", window=32))
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr16x1"])
+def test_small_m1_kernels_stay_on_one_thread(fmt: str) -> None:
+    # Waking a second, sleeping pool thread cost about 20 us here, more than a small M = 1 kernel
+    # takes alone: below SERIAL_BELOW multiply-adds the row loop is serial, above it parallel.
+    from sparsecc.sparsity import pack_bsr
+    from sparsecc.targets.kernels._common import SERIAL_BELOW
+
+    two = dataclasses.replace(CAPS, threads=2)
+    rng = np.random.default_rng(9)
+    for n_out, k, serial in ((64, 256, True), (1024, 1024, False)):
+        w = rng.standard_normal((n_out, k)).astype(np.float32)
+        w *= np.repeat(rng.random((n_out // 16, k)) < 0.6, 16, axis=0)
+        packed = pack_csr(w) if fmt == "csr" else pack_bsr(w, (16, 1))
+        assert (packed.nnz if fmt == "csr" else w.astype(bool).sum()) < SERIAL_BELOW or not serial
+        func, arrays = sparse_kernel(1, packed, True, two, "serial_check")
+        assert ("T.parallel" in func.script()) is not serial
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        bias = rng.standard_normal(n_out).astype(np.float32)
+        _check(_run(func, [x, *arrays, bias], 1, n_out), x.astype(np.float64) @ w.astype(np.float64).T + bias)
+        if serial:  # one thread has nothing to wake: the loop keeps its parallel form there
+            one = dataclasses.replace(CAPS, threads=1)
+            assert "T.parallel" in sparse_kernel(1, packed, True, one, "serial_check")[0].script()

@@ -267,3 +267,24 @@ def untranspose(m: int, n_out: int, mp: int, has_bias: bool, v: int):
                         y[mm, nb * w + i] = yt[nb * w + i, mm]
 
     return copy_out
+
+
+#: multiply-adds (M x stored weights) under which an M = 1 kernel runs its rows on one thread: with
+#: 2 threads whose pool sleeps between kernels (as the benchmarks and a model's other runtimes
+#: want), waking the second thread cost about 20 us here, more than such a kernel takes alone
+#: (768 x 768 block16x1 at 90 %: 3.2 us on one thread, 23.7 us on two; 4096 x 4096 at 90 %, 1.7 M
+#: multiply-adds: two threads 1.2x faster)
+SERIAL_BELOW = 512 * 1024
+
+
+def runs_serial(m: int, stored: int, caps: Capabilities | None) -> bool:
+    """Whether a kernel of ``m`` rows of x and ``stored`` weights should not fan out to threads."""
+    return caps is not None and caps.threads > 1 and m * stored < SERIAL_BELOW
+
+
+def outer_loop(serial: bool):
+    """The TVMScript loop kind of a kernel's outermost (row) loop: ``T.parallel``, or ``T.serial``
+    for a kernel too small to pay for waking threads (:func:`runs_serial`)."""
+    from tvm.script import tirx as T
+
+    return T.serial if serial else T.parallel

@@ -43,7 +43,9 @@ from ._common import (
     init_chains,
     lanes,
     mvec_tile,
+    outer_loop,
     round_up,
+    runs_serial,
     store_values,
     stored_dtype,
     tile_transpose,
@@ -201,9 +203,11 @@ def bsr_args(packed: PackedBSR, m: int = 1, caps: Capabilities | None = None,
 
 @cached_builder
 def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: bool,
-            s: BSRSchedule):
-    """rowvec and rowvec-xt kernels (see module doc)."""
+            s: BSRSchedule, serial: bool = False):
+    """rowvec and rowvec-xt kernels (see module doc); ``serial``: block rows on one thread."""
     from tvm.script import tirx as T
+
+    rows_loop = outer_loop(serial)
 
     nbr = n_out // r
     nbl = max(nblocks, 1)
@@ -266,11 +270,11 @@ def _rowvec(m: int, n_out: int, k: int, r: int, c: int, nblocks: int, has_bias: 
             # xt[t, col, :] holds x[t*tile : (t+1)*tile, col], zero past row m.
             xt = T.decl_buffer((n_mt, k, tile), "float32")
             to_tiles(x, xt)
-            for br in T.parallel(nbr):
+            for br in rows_loop(nbr):
                 for t in range(n_mt):
                     block_row(x, xt, indptr, indices, data, bias, y, br, t, t * tile, tile)
         else:
-            for br in T.parallel(nbr):
+            for br in rows_loop(nbr):
                 for t in range(full):
                     block_row(x, x, indptr, indices, data, bias, y, br, t, t * tile, tile)
                 if tail > 0:
@@ -438,6 +442,7 @@ def bsr_linear(m: int, packed: PackedBSR, has_bias: bool, caps: Capabilities,
     else:
         if s.family == "rowvec":
             s = dataclasses.replace(s, tile=min(s.tile, m))
-        func = _rowvec(m, n_out, k, r, c, nblocks, has_bias, s)
+        serial = runs_serial(m, nblocks * r * c, caps)
+        func = _rowvec(m, n_out, k, r, c, nblocks, has_bias, s, serial)
     func = func if has_bias else drop_param(func, "bias")
     return finish(func, name, with_detail(s.describe(), f"r{r}c{c}"))

@@ -44,8 +44,10 @@ from ._common import (
     check_weights,
     drop_param,
     finish,
+    outer_loop,
     pow2_at_least,
     round_up,
+    runs_serial,
     store_values,
     stored_dtype,
     weights_marker,
@@ -583,8 +585,11 @@ def _slice_store(n_out: int, has_bias: bool, unroll: int):
 
 
 @cached_builder
-def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str, weights: str = "float32"):
+def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str, weights: str = "float32",
+          serial: bool = False):
     from tvm.script import tirx as T
+
+    slices_loop = outer_loop(serial)
 
     n_sl = ceil_div(n_out, _SLICE)
     w = _SLICE
@@ -595,7 +600,7 @@ def _sell(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype
     def kernel(x: T.Buffer((1, k), "float32"), sptr: T.Buffer((n_sl + 1,), "int32"),
                indices: T.Buffer((total,), idx_dtype), data: T.Buffer((total,), stored),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((1, n_out), "float32")):
-        for sl in T.parallel(n_sl):
+        for sl in slices_loop(n_sl):
             acc = T.decl_buffer((unroll, w), "float32", scope=ACC_SCOPE)
             for u in T.unroll(unroll):
                 acc[u, T.Ramp(0, 1, w)] = T.Broadcast(T.float32(0), w)
@@ -630,8 +635,11 @@ def _permute(xw, idx, window: int):
 
 
 @cached_builder
-def _perm(n_out: int, k: int, total: int, has_bias: bool, unroll: int, window: int, weights: str = "float32"):
+def _perm(n_out: int, k: int, total: int, has_bias: bool, unroll: int, window: int, weights: str = "float32",
+          serial: bool = False):
     from tvm.script import tirx as T
+
+    slices_loop = outer_loop(serial)
 
     n_sl = ceil_div(n_out, _SLICE)
     store_slice = _slice_store(n_out, has_bias, unroll)
@@ -644,7 +652,7 @@ def _perm(n_out: int, k: int, total: int, has_bias: bool, unroll: int, window: i
     def kernel(x: T.Buffer((1, k), "float32"), ptr: T.Buffer((n_sl * nwin + 1,), "int32"),
                offsets: T.Buffer((total,), "uint8"), data: T.Buffer((total,), stored),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((1, n_out), "float32")):
-        for sl in T.parallel(n_sl):
+        for sl in slices_loop(n_sl):
             acc = T.decl_buffer((unroll, w), "float32", scope=ACC_SCOPE)
             for u in T.unroll(unroll):
                 acc[u, T.Ramp(0, 1, w)] = T.Broadcast(T.float32(0), w)
@@ -679,8 +687,10 @@ def _perm(n_out: int, k: int, total: int, has_bias: bool, unroll: int, window: i
 
 @cached_builder
 def _spmv(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype: str, hw_gather: bool,
-          v: int = _GATHER, weights: str = "float32"):
+          v: int = _GATHER, weights: str = "float32", serial: bool = False):
     from tvm.script import tirx as T
+
+    rows_loop = outer_loop(serial)
 
     stored = stored_dtype(weights)
     step = v * unroll
@@ -689,7 +699,7 @@ def _spmv(n_out: int, k: int, total: int, has_bias: bool, unroll: int, idx_dtype
     def kernel(x: T.Buffer((1, k), "float32"), indptr: T.Buffer((n_out + 1,), "int32"),
                indices: T.Buffer((total,), idx_dtype), data: T.Buffer((total,), stored),
                bias: T.Buffer((n_out,), "float32"), y: T.Buffer((1, n_out), "float32")):
-        for n in T.parallel(n_out):
+        for n in rows_loop(n_out):
             acc = T.decl_buffer((unroll, v), "float32", scope=ACC_SCOPE)
             tot = T.decl_buffer((1,), "float32", scope=ACC_SCOPE)
             for u in T.unroll(unroll):
@@ -1009,13 +1019,15 @@ def csr_linear(m: int, packed: PackedCSR, has_bias: bool, caps: Capabilities,
     s = schedule or default_schedule(m, packed, caps)
     _check_schedule(m, k, s, caps)
     total = _stored(packed, s)
+    # M = 1 kernels small enough to lose more to waking threads than they gain keep to one
+    serial = s.family != "spmm" and runs_serial(1, total, caps)
     if s.family == "sell":
-        func = _sell(n_out, k, total, has_bias, s.unroll, s.index, s.weights)
+        func = _sell(n_out, k, total, has_bias, s.unroll, s.index, s.weights, serial)
     elif s.family == "perm":
-        func = _perm(n_out, k, total, has_bias, s.unroll, s.window, s.weights)
+        func = _perm(n_out, k, total, has_bias, s.unroll, s.window, s.weights, serial)
     elif s.family == "spmv":
         func = _spmv(n_out, k, total, has_bias, s.unroll, s.index, _has_gather(caps) and s.lanes == _GATHER,
-                     s.lanes, s.weights)
+                     s.lanes, s.weights, serial)
     else:
         kblock = s.kblock or round_up(k, 16)
         chunk = s.chunk or _default_chunk(n_out, k, s.tile, caps.threads if caps is not None else 1)
