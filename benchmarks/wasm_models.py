@@ -57,14 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _configs(text: str) -> list[tuple[str, float]]:
-    out = []
-    for item in text.split(","):
-        pattern, _, sparsity = item.partition("@")
-        out.append((pattern.strip(), float(sparsity)))
-    return out
-
-
 def _mobilenet() -> Any:
     from models import Workload
     from sparsecc.zoo import mobilenet
@@ -148,7 +140,9 @@ def run_model(name: str, args: argparse.Namespace, modules: Path, store: Path, s
     work = _workload(name)
     with torch.no_grad():
         dense_out = _first(work.model(*work.inputs))
-    configs = [(None, 0.0)] + _configs(args.configs or DEFAULT_CONFIGS[name])
+    import models  # the PATTERN@SPARSITY parser the x86 model benchmark uses
+
+    configs = [(None, 0.0)] + models._configs(args.configs or DEFAULT_CONFIGS[name])
     builds = []
     for pattern, sparsity in configs:
         artifact, seconds = _build(work, pattern, sparsity, args.method, store)
