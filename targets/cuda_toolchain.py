@@ -103,6 +103,17 @@ def compile_cubin(source: str, arch: str, folder: str | os.PathLike[str], name: 
     return Cubin(out, arch, _resources(done.stderr), done.stderr)
 
 
+def cuda_source(funcs: dict[str, object], arch: str) -> str:
+    """The CUDA source TVM generates for scheduled TIR kernels (``{name: PrimFunc}``) for ``arch``;
+    TVM keeps the source and leaves compiling it to :func:`compile_cubin`."""
+    if arch not in ARCHS:
+        raise TargetError(f"CUDA architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+    import tvm
+
+    built = tvm.compile(tvm.IRModule(funcs), target={"kind": "cuda", "arch": arch})
+    return built.mod.imports[0].inspect_source("cuda")
+
+
 def _resources(log: str) -> tuple[KernelResources, ...]:
     """Per-kernel registers and spills from ``ptxas -v``'s report (its lines come in order: the
     kernel's name, its spills, its registers)."""
