@@ -130,7 +130,8 @@ class Artifact:
         if self._session is None:
             record = get_target(self.target)
             if not record.runs_here:
-                raise ArtifactError(f"artifact for target {self.target!r} cannot run on this machine")
+                raise ArtifactError(f"artifact for target {self.target!r} cannot run on this machine"
+                                    + (f": it needs {record.needs}" if record.needs else ""))
             self._session = load_library(record.runner, self.library)
         return self._unflatten(list(self._session(*checked)))
 

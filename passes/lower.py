@@ -136,6 +136,10 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord,
     streams fewer bytes), so bf16 is kept.
     """
     import dataclasses
+    import importlib
+
+    if target.model_lowering is not None:
+        return importlib.import_module(target.model_lowering).lower_to_relax(ep, target, dense_weights, sparse_weights)
 
     import tvm_ffi
     from sparsecc.targets.kernels import SCHEDULE_ATTR, dense_args, dense_linear, sparse_kernel
@@ -664,6 +668,10 @@ def build(mod: Any, target: TargetRecord, out_path: pathlib.Path,
     built into the folder ``out_path`` (its model files and ``model.json``); the runnable file in it
     is returned.
     """
+    if target.model_lowering is not None:
+        import importlib
+
+        return importlib.import_module(target.model_lowering).build(mod, target, pathlib.Path(out_path), records)
     if target.link_model is not None:
         from sparsecc.targets.static_program import build_model
 

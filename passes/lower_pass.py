@@ -85,8 +85,9 @@ class Lower(Pass):
                 diagnostics.append(self.diag("warning", record.note, layer=layer))
         if generic:
             ops = ", ".join(f"{op} x{count}" for op, count in sorted(generic.items()))
+            how = sorted({r.schedule for r in result.records if r.format == "generic" and r.op in generic})
             diagnostics.append(self.diag(
-                "info", f"ops without a sparsecc kernel, legalized by TVM with a generic CPU schedule: {ops}"))
+                "info", f"ops without a sparsecc kernel, legalized by TVM ({'; '.join(how)}): {ops}"))
         return PassResult(new, changed=True, counters={f"kernels_{k}": v for k, v in sorted(formats.items())},
                           diagnostics=diagnostics)
 

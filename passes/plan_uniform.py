@@ -72,6 +72,16 @@ def vocabulary_heads(program: Program) -> set[str]:
             and layer.matrix_shape[0] >= 4 * layer.matrix_shape[1]}
 
 
+def layer_rows(program: Program, layer: Layer) -> int:
+    """Rows the layer's GEMM sees (tokens of a linear, batch x pixels of a convolution): its
+    output's elements over its output channels, from the exported graph's shapes."""
+    node = next((n for n in program.graph.nodes if n.name == layer.node), None)
+    value = None if node is None else node.meta.get("val")
+    if value is None or not hasattr(value, "numel"):
+        return 1
+    return max(1, int(value.numel()) // max(1, layer.matrix_shape[0]))
+
+
 @register_pass
 @dataclass(frozen=True)
 class PlanUniform(Pass):
@@ -104,6 +114,9 @@ class PlanUniform(Pass):
         plan = Plan(target=ctx.target.name, method=self.method)
         diagnostics = []
         heads = vocabulary_heads(program)
+        # a target whose cost model can say that a layer does not pay as sparse (the GPU roofline)
+        cost_model = ctx.target.cost_model() if ctx.target.cost_model is not None else None
+        pays_check = getattr(cost_model, "dense_reason", None)
         for layer in program.layers():
             reason = dense_reason(layer, self.convs)
             if reason is None and layer.node in heads:
@@ -118,6 +131,8 @@ class PlanUniform(Pass):
                 reason = pattern.check_shape(layer.matrix_shape)
                 if reason is not None:
                     reason += "; kept dense"
+            if reason is None and pays_check is not None and self.sparsity > 0:
+                reason = pays_check(layer_rows(program, layer), *layer.matrix_shape)
             if reason is None and layer.matrix_shape[1] < self.min_inputs:
                 reason = (f"only {layer.matrix_shape[1]} inputs per output (< min_inputs={self.min_inputs}): "
                           "too few weights per output to prune and too little work to pay off; kept dense")

@@ -50,6 +50,12 @@ class TargetRecord:
     # ``link_model(program, kernels_object, constants_file, folder) -> runnable file`` (see
     # ``sparsecc.targets.static_program``); None builds a Relax VM library (``model.so``).
     link_model: Callable[..., Any] | None = None
+    # Module (dotted name) that lowers and builds whole models for a target whose kernel library is
+    # not the CPU one (``lower_to_relax(ep, target)`` and ``build(mod, target, out_path, records)``);
+    # None: sparsecc.passes.lower's CPU kernels.
+    model_lowering: str | None = None
+    # What a machine needs to run this target's artifacts, said when this one cannot.
+    needs: str = ""
 
     def supports(self, pattern_name: str) -> bool:
         return pattern_name in self.patterns

@@ -13,6 +13,7 @@ TARGET_MODULES = (
     "sparsecc.targets.x86",
     "sparsecc.targets.wasm",
     "sparsecc.targets.arm",
+    "sparsecc.targets.cuda",
 )
 
 _TARGETS: LazyRegistry[TargetRecord] = LazyRegistry("target", TARGET_MODULES, TargetError, "sparsecc targets")

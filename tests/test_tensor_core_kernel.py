@@ -14,6 +14,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sparsecc.targets import cuda_toolchain as ct
 from sparsecc.targets.kernels import tensor_core as tc
 from sparsecc.targets.tensor_core_2_4 import pack_2_4
@@ -153,3 +155,13 @@ def test_cuda_build_sass_and_resources(tmp_path, arch: str, tokens: int, dtype: 
     assert count % per_step == 0 and per_step <= count <= per_step * (k // sched.block_k)
     assert "LDGSTS" in code  # cp.async global -> shared
     assert not re.search(r"\b(LDL|STL)\b", code)  # no local memory: fragments stay in registers
+
+
+@settings(max_examples=12, deadline=None)
+@given(tokens=st.integers(1, 40), rows=st.sampled_from([32, 64, 96, 128]), k=st.sampled_from([32, 64, 96, 128]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), pick=st.integers(0, 31), bias=st.booleans())
+def test_model_matches_masked_dense_for_random_problems(tokens, rows, k, dtype, pick, bias) -> None:
+    """Any shape on the packing's grid, any candidate schedule that tiles it."""
+    candidates = [s for s in tc.tensor_core_schedules(tokens, rows, k) if rows % s.block_rows == 0]
+    candidates += [tc.TensorCoreSchedule(32, 8, 8, 32, stages) for stages in (1, 2, 3)]
+    check_against_dense(tokens, rows, k, dtype, candidates[pick % len(candidates)], bias)

@@ -12,7 +12,7 @@ import numpy as np
 from sparsecc.sparsity import Packed, PackedBSR, PackedCSR, PackedNM
 from sparsecc.targets.base import Capabilities
 
-from ._common import BF16_MARKER, SCHEDULE_ATTR, WEIGHT_DTYPES
+from ._common import BF16_MARKER, FP16_MARKER, HALF_MARKERS, SCHEDULE_ATTR, WEIGHT_DTYPES
 from .bsr import bsr_args, bsr_linear
 from .csr import csr_args, csr_linear
 from .dense import dense_args, dense_linear
@@ -38,6 +38,6 @@ def sparse_kernel(m: int, packed: Packed, has_bias: bool, caps: Capabilities,
 
 
 __all__ = [
-    "BF16_MARKER", "SCHEDULE_ATTR", "WEIGHT_DTYPES", "bsr_args", "bsr_linear", "csr_args", "csr_linear",
-    "dense_args", "dense_linear", "nm_args", "nm_linear", "sparse_kernel",
+    "BF16_MARKER", "FP16_MARKER", "HALF_MARKERS", "SCHEDULE_ATTR", "WEIGHT_DTYPES", "bsr_args", "bsr_linear",
+    "csr_args", "csr_linear", "dense_args", "dense_linear", "nm_args", "nm_linear", "sparse_kernel",
 ]

@@ -24,6 +24,10 @@ WEIGHT_DTYPES = ("float32", "bfloat16")
 #: marker in a kernel's schedule description when its weight values are stored as bf16 (the
 #: compile driver then allows bf16 rounding in its check against the fp32 program)
 BF16_MARKER = " bf16-weights"
+#: the same for kernels computing from fp16 weights and inputs (the GPU's tensor-core kernel)
+FP16_MARKER = " fp16-weights"
+#: markers of kernels whose results carry 16-bit rounding
+HALF_MARKERS = (BF16_MARKER, FP16_MARKER)
 
 
 def check_weights(weights: str, owner: str) -> None:

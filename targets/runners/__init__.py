@@ -20,6 +20,7 @@ RUNNERS = {
     "host": "sparsecc.targets.runners.host",
     "wasm": "sparsecc.targets.runners.wasm",
     "arm": "sparsecc.targets.runners.arm",
+    "cuda": "sparsecc.targets.runners.cuda",
 }
 
 

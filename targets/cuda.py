@@ -1,0 +1,120 @@
+"""The ``cuda-sm80`` and ``cuda-sm90`` targets: NVIDIA A100 / H100 with 2:4 sparse tensor cores.
+
+The machines that build sparsecc have no GPU, so these targets are built and inspected here and
+run where a GPU is:
+
+* sparse layers are 2:4, packed for the sparse tensor cores
+  (:mod:`sparsecc.targets.tensor_core_2_4`) and computed by sparsecc's ``mma.sp`` kernel
+  (:mod:`sparsecc.targets.kernels.tensor_core`) in fp16, fp32 accumulation; its arithmetic is
+  checked on the CPU by :mod:`sparsecc.targets.tensor_core_model`;
+* every other op goes through TVM's CUDA pipeline (legalization and dlight's GPU schedules, fp32);
+* the model builds to ``model.so`` (host code with the CUDA module embedded, for the Relax VM),
+  and beside it ``model.cu`` (the generated CUDA source) and ``model.<arch>.cubin`` compiled by
+  nvcc, whose ptxas report and SASS (``HMMA.SP``) the build checks
+  (:mod:`sparsecc.passes.lower_cuda`);
+* the cost model is a roofline of the GPU's published numbers (:mod:`sparsecc.targets.gpu_cost`),
+  and a layer it predicts no faster as 2:4 stays dense with that reason in the plan.
+
+``sparsecc run`` / ``sparsecc.load`` run the artifact only where torch sees a CUDA GPU; elsewhere
+they say that a GPU is needed. ``benchmarks/gpu_check.py`` checks and times the kernels on one.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from . import gpu_cost
+from .base import Capabilities, TargetRecord
+from .registry import register
+
+#: the GPU each architecture's cost model describes
+GPU_OF_ARCH = {"sm_80": gpu_cost.GPUS["a100"], "sm_90": gpu_cost.GPUS["h100"]}
+
+
+@functools.cache
+def gpu_present() -> bool:
+    """Whether torch sees a CUDA GPU of compute capability 8.0 or newer."""
+    import torch
+
+    return bool(torch.cuda.is_available()) and torch.cuda.get_device_capability(0)[0] >= 8
+
+
+@functools.cache
+def capabilities() -> Capabilities:
+    # The host side is one thread; vector_bits is the 16-byte load the kernels copy with. Caches:
+    # A100's 40 MiB L2 as the last level (only blocking heuristics read these).
+    return Capabilities(vector_bits=128, threads=1, l2_bytes=40 * 1024 * 1024, llc_bytes=40 * 1024 * 1024,
+                        features=("mma.sp",))
+
+
+class GpuCostModel:
+    """The roofline of :mod:`sparsecc.targets.gpu_cost` for one GPU, with the plan's question:
+    does 2:4 pay for this layer at this many tokens?"""
+
+    def __init__(self, gpu: gpu_cost.Gpu):
+        self.gpu = gpu
+
+    def dense_reason(self, tokens: int, n_out: int, k: int) -> str | None:
+        """Why a (n_out, k) linear over ``tokens`` rows stays dense on this GPU, or None."""
+        if n_out % 32 or k % 32:
+            return (f"{n_out}x{k}: the 2:4 tensor-core packing needs output channels and inputs that are "
+                    "multiples of 32; kept dense")
+        gain = gpu_cost.gain(self.gpu, tokens, n_out, k)
+        if gain < gpu_cost.MIN_GAIN:
+            return (f"2:4 predicted {gain:.2f}x on {self.gpu.name} at {tokens} tokens (below "
+                    f"{gpu_cost.MIN_GAIN}x: at this size the kernel launch, idle SMs and metadata cost what "
+                    "the halved weight saves); kept dense")
+        return None
+
+    # the schedule explorer and the lowering ask these of a cost model; nothing is measured here
+    def schedule(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def predict(self, m: int, packed: Any, shape: tuple[int, int] | None = None,
+                weights: str = "float16") -> tuple[float, str]:
+        n_out, k = packed.shape if packed is not None else shape
+        seconds = gpu_cost.linear_seconds(self.gpu, m, n_out, k, packed is not None)
+        return seconds, f"{self.gpu.name} roofline"
+
+
+def _record(arch: str) -> TargetRecord:
+    gpu = GPU_OF_ARCH[arch]
+
+    def tvm_target() -> dict[str, Any]:
+        return {"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}}
+
+    return TargetRecord(
+        name=f"cuda-{arch.replace('_', '')}",
+        summary=f"NVIDIA {gpu.name.split()[0]} ({arch}): 2:4 layers on sparse tensor cores (mma.sp, fp16 in, "
+                "fp32 accumulate); built and inspected here, runs where a GPU is",
+        patterns=("2:4",),
+        default_pattern="2:4",
+        capabilities=capabilities,
+        tvm_target=tvm_target,
+        runner="cuda",
+        runs_here=gpu_present(),
+        cost_model=lambda: GpuCostModel(gpu),
+        model_lowering="sparsecc.passes.lower_cuda",
+        needs=("an NVIDIA GPU of compute capability 8.0 or newer with its driver (torch sees none here); copy "
+               "the artifact folder to such a machine and run it there, or check it with "
+               "`python benchmarks/gpu_check.py --artifact DIR`"),
+        notes=(
+            "model.so (host code with the CUDA module embedded, Relax VM) plus model.cu and a cubin built "
+            "by nvcc whose SASS is checked for HMMA.SP",
+            f"cost model: roofline of {gpu.name} ({gpu.dense_tflops:g} / {gpu.sparse_tflops:g} TFLOP/s dense / "
+            f"2:4, {gpu.hbm_tbs:g} TB/s); layers it predicts below {gpu_cost.MIN_GAIN}x stay dense",
+            "needs nvcc (CUDA 12 or newer) to build the cubin; nvdisasm (pip install nvidia-cuda-nvdisasm) "
+            "to inspect it",
+        ),
+    )
+
+
+CUDA_SM80 = register(_record("sm_80"))
+CUDA_SM90 = register(_record("sm_90"))
+
+
+def tokens_of(shape: tuple[int, ...]) -> int:
+    """Rows a linear sees for an input of ``shape`` (every axis but the last)."""
+    return math.prod(shape[:-1]) if shape else 1

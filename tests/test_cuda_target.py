@@ -1,0 +1,111 @@
+"""The GPU targets (``cuda-sm80``, ``cuda-sm90``) end to end on a machine without a GPU: the plan
+keeps layers dense where the roofline predicts no gain, 2:4 layers lower to the ``mma.sp`` kernel,
+the artifact holds the host library, the CUDA source and a checked cubin, the kernel's CPU model
+reproduces each sparse layer of the compiled model, and running the artifact says a GPU is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import sparsecc
+import torch
+from sparsecc.cli import main as cli_main
+from sparsecc.errors import ArtifactError
+from sparsecc.targets import cuda_toolchain as ct
+from sparsecc.targets import get_target
+from sparsecc.targets.cuda import GPU_OF_ARCH, GpuCostModel, gpu_present
+from sparsecc.targets.tensor_core_2_4 import pack_2_4
+from sparsecc.targets.tensor_core_model import simulate_linear
+from target_cases import require
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(512, 1024)
+        self.down = torch.nn.Linear(1024, 256)
+        self.head = torch.nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.down(torch.relu(self.up(x)))))
+
+
+def test_records_and_cost_model() -> None:
+    for name, arch in (("cuda-sm80", "sm_80"), ("cuda-sm90", "sm_90")):
+        record = get_target(name)
+        assert record.patterns == ("2:4",) and record.tvm_target()["arch"] == arch
+        assert record.runs_here == gpu_present()
+    model = GpuCostModel(GPU_OF_ARCH["sm_80"])
+    assert model.dense_reason(512, 4096, 4096) is None  # a large layer at a large batch pays
+    assert "predicted" in model.dense_reason(1, 4096, 4096)  # decode: a weight stream, no gain
+    assert "predicted" in model.dense_reason(512, 128, 128)  # small layer: launch and idle SMs
+    assert "multiples of 32" in model.dense_reason(512, 1000, 4096)
+
+
+def test_plan_keeps_layers_that_do_not_pay_dense() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 512)
+    art = sparsecc.compile(Mlp().eval(), (x,), target="cuda-sm80", sparsity=0.5, pattern="2:4", method="magnitude",
+                           calibration=[(x,)])
+    reasons = {name: layer.reason for name, layer in art.plan.layers.items()}
+    assert "predicted" in reasons["up"] and "at 8 tokens" in reasons["up"]
+    assert "multiples of 32" in reasons["head"]
+
+
+@pytest.mark.slow
+def test_compile_artifact_and_kernel_model(tmp_path, capsys) -> None:
+    require(ct.missing(), "the CUDA toolchain (nvcc, nvdisasm)")
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    x = torch.randn(256, 512)
+    art = sparsecc.compile(model, (x,), target="cuda-sm80", sparsity=0.5, pattern="2:4", method="magnitude",
+                           calibration=[(x,)])
+    decisions = {layer.name: layer for layer in art.report.layers}
+    assert decisions["up"].decision == decisions["down"].decision == "sparse"
+    assert "mma.sp m16n8k32" in decisions["up"].kernel and decisions["head"].decision == "dense"
+    out = art.save(tmp_path / "gpu")
+    files = {p.name for p in out.iterdir()}
+    assert {"model.so", "model.cu", "model.sm_80.cubin", "model.resources.json", "manifest.json"} <= files
+    assert "mma.sp::ordered_metadata" in (out / "model.cu").read_text()
+    resources = json.loads((out / "model.resources.json").read_text())
+    sparse = {name: r for name, r in resources.items() if r["hmma_sp"]}
+    assert len(sparse) == 2 and all(r["spill_stores"] == r["spill_loads"] == 0 for r in resources.values())
+    # the kernel's arithmetic on each sparse layer's real pruned weight, through the CPU model
+    state = {k: v.detach() for k, v in art.pruned.state_dict.items()}
+    for layer in ("up", "down"):
+        w = state[f"{layer}.weight"].half()
+        values, metadata = pack_2_4(w)
+        xs = torch.randn(24, w.shape[1]).half()
+        got = simulate_linear(xs, values, metadata, state[f"{layer}.bias"])
+        ref = (xs.double() @ w.double().T + state[f"{layer}.bias"].double()).numpy()
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    if gpu_present():
+        return
+    with pytest.raises(ArtifactError, match="NVIDIA GPU"):
+        sparsecc.load(out)(x)
+    torch.save((x,), tmp_path / "inputs.pt")
+    code = cli_main(["run", str(out), "--inputs", str(tmp_path / "inputs.pt"), "--output", str(tmp_path / "y.pt")])
+    assert code == 2 and "NVIDIA GPU" in capsys.readouterr().err
+
+
+def test_gpu_check_without_a_gpu_builds_checks_and_measures_nothing(capsys, monkeypatch) -> None:
+    """benchmarks/gpu_check.py, the user's one command on a GPU, builds and model-checks the
+    kernels here and exits 2 saying that nothing was measured."""
+    require(ct.missing(), "the CUDA toolchain (nvcc, nvdisasm)")
+    if gpu_present():
+        pytest.skip("a GPU is here: run benchmarks/gpu_check.py itself")
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", script)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look their module up
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.main(["--shapes", "256x512", "--tokens", "1,64", "--arch", "sm_90"]) == 2
+    out = capsys.readouterr()
+    assert "HMMA.SP instructions" in out.out and "agree with the masked-dense layer" in out.out
+    assert "Nothing was measured" in out.err
