@@ -15,7 +15,8 @@ with the overheads that decide small layers, stated here so a user can check the
   layer with fewer tiles than SMs leaves the rest idle.
 * Reached fraction of the peak: dense 0.7 of tensor-core FLOP/s and 0.8 of HBM. 2:4 reaches 0.5
   of its doubled FLOP/s (metadata decode, and the shapes published kernels favour: cuSPARSELt
-  and CUTLASS report about 1.3-1.6x over dense on large GEMMs, not 2x), and 0.45 of HBM: the
+  and CUTLASS report about 1.3-1.6x over dense on large GEMMs, not 2x), and streams its weight at
+  0.45 of HBM (activations move at the dense 0.8, as they do in a dense kernel): the
   published measurements find no gain at batch 1-8, where a layer is a weight stream, and 0.45
   is where the halved stream stops being faster than the dense one (sparse GEMV-like paths are
   less tuned than dense ones). This one number is fitted to those reports, not derived.
@@ -68,9 +69,10 @@ def linear_seconds(gpu: Gpu, tokens: int, n_out: int, k: int, sparse: bool) -> f
     # each wave takes one tile's time on one SM's share of the peak, however few SMs it fills
     compute = waves * 2.0 * TILE * token_tile * k / (peak / gpu.sms)
     weight_bytes = n_out * k * (SPARSE_BYTES_PER_ELEMENT if sparse else 2.0)
-    moved = weight_bytes + 2.0 * tokens * (k + n_out)
-    bandwidth = gpu.hbm_tbs * 1e12 * (SPARSE_BW_EFF if sparse else DENSE_BW_EFF)
-    return LAUNCH_S + max(compute, moved / bandwidth)
+    # the weight streams at the format's reached bandwidth; activations move as a dense kernel's do
+    weight_bw = gpu.hbm_tbs * 1e12 * (SPARSE_BW_EFF if sparse else DENSE_BW_EFF)
+    memory = weight_bytes / weight_bw + 2.0 * tokens * (k + n_out) / (gpu.hbm_tbs * 1e12 * DENSE_BW_EFF)
+    return LAUNCH_S + max(compute, memory)
 
 
 def gain(gpu: Gpu, tokens: int, n_out: int, k: int) -> float:
