@@ -27,6 +27,13 @@ class LayerReport:
     # Bytes of the weight arrays the compiled kernel reads (what the library stores: 16-bit
     # indices, panel padding, bf16); None when the layer has no sparsecc kernel.
     kernel_bytes: int | None = None
+    # The search's view of the layer (``sparsecc search`` / the ``search`` pass), None elsewhere:
+    # predicted seconds of the chosen kernel and of the dense one, the chosen candidate's
+    # reconstruction error on calibration data, and seconds measured in the built model.
+    predicted_s: float | None = None
+    predicted_dense_s: float | None = None
+    error: float | None = None
+    measured_s: float | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -47,6 +54,9 @@ class Report:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     compiled_vs_reference: dict[str, float] = field(default_factory=dict)
     library_bytes: int = 0
+    # What a plan search considered (empty when the plan was uniform): "budget", "plans" (each
+    # {"label", "predicted_speedup", "error", "chosen"}: the speed/accuracy trade-off the solver saw)
+    search: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
