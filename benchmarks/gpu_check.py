@@ -290,6 +290,9 @@ def print_table(cells: list[Cell], all_schedules: bool) -> None:
 
 def run_gpu(args: argparse.Namespace) -> int:
     import tvm
+    from sparsecc.targets.cuda import prepare_cuda_jit
+
+    prepare_cuda_jit()  # TVM compiles the kernels' CUDA source at load: NVRTC or nvcc
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
     print(f"GPU: {torch.cuda.get_device_name()} (compute capability "

@@ -4,7 +4,8 @@ The GPU's kernel library differs from the CPU one: each 2:4 layer (``sparsecc::s
 with 2 of 4) becomes a ``call_tir`` of the ``mma.sp`` kernel
 (:func:`sparsecc.targets.kernels.tensor_core.tensor_core_linear`) on the weight packed for the
 sparse tensor cores in fp16 (:func:`sparsecc.targets.tensor_core_2_4.pack_2_4`; x is cast to fp16
-on the way in, the output is fp32); everything else is imported by TVM's frontend as it is and goes
+on the way in, the output is fp32: an activation beyond fp16's +-65504 becomes inf, so a model with
+such activations should store its 2:4 layers as bf16, ``lower{sparse_weights=bfloat16}``); everything else is imported by TVM's frontend as it is and goes
 through TVM's CUDA pipeline (legalization, dlight GPU schedules) in fp32.
 
 ``build`` compiles the module for the Relax VM (``model.so``, the CUDA module embedded) and writes
@@ -108,13 +109,13 @@ def lower_to_relax(ep: torch.export.ExportedProgram, target: TargetRecord, dense
 
 
 def _const_16bit(values: torch.Tensor, dtype: str) -> Any:
-    """A Relax constant of a float16 / bfloat16 tensor (numpy has no bfloat16: go through DLPack)."""
-    import tvm
+    """A Relax constant of a float16 / bfloat16 tensor (numpy has no bfloat16: ml_dtypes', which
+    TVM reads, stands in for it)."""
+    import ml_dtypes
     from tvm import relax
 
-    if dtype == "float16":
-        return relax.const(values.numpy(), "float16")
-    return relax.const(tvm.runtime.from_dlpack(values.contiguous()))
+    bits = values.detach().cpu().contiguous().view(torch.int16).numpy()
+    return relax.const(bits.view(np.float16 if dtype == "float16" else ml_dtypes.bfloat16))
 
 
 def _modules(module: Any) -> list[Any]:

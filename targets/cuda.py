@@ -8,10 +8,12 @@ run where a GPU is:
   (:mod:`sparsecc.targets.kernels.tensor_core`) in fp16, fp32 accumulation; its arithmetic is
   checked on the CPU by :mod:`sparsecc.targets.tensor_core_model`;
 * every other op goes through TVM's CUDA pipeline (legalization and dlight's GPU schedules, fp32);
-* the model builds to ``model.so`` (host code with the CUDA module embedded, for the Relax VM),
-  and beside it ``model.cu`` (the generated CUDA source) and ``model.<arch>.cubin`` compiled by
-  nvcc, whose ptxas report and SASS (``HMMA.SP``) the build checks
-  (:mod:`sparsecc.passes.lower_cuda`);
+* the model builds to ``model.so`` (host code with the CUDA module embedded, for the Relax VM).
+  TVM 0.27 embeds the CUDA *source*, compiled on the GPU machine when the module loads (NVRTC,
+  or nvcc: :func:`prepare_cuda_jit`). Beside it the build writes ``model.cu`` (that source) and
+  ``model.<arch>.cubin``, the same source compiled here by nvcc, whose ptxas report and SASS
+  (``HMMA.SP``) the build checks (:mod:`sparsecc.passes.lower_cuda`): what the GPU machine's
+  compiler makes of the same source is not checked here;
 * the cost model is a roofline of the GPU's published numbers (:mod:`sparsecc.targets.gpu_cost`),
   and a layer it predicts no faster as 2:4 stays dense with that reason in the plan.
 
@@ -39,6 +41,33 @@ def gpu_present() -> bool:
     import torch
 
     return bool(torch.cuda.is_available()) and torch.cuda.get_device_capability(0)[0] >= 8
+
+
+def prepare_cuda_jit() -> None:
+    """Make sure TVM can compile CUDA source when a GPU module loads: TVM 0.27 ships the generated
+    source in ``model.so`` and compiles it at load time, with NVRTC (the ``cuda-bindings`` package)
+    by default. Where that package is missing and nvcc is installed, nvcc is used instead. The
+    kernels use ``mma.sp::ordered_metadata``, which needs CUDA 12.5 or newer either way."""
+    import importlib.util
+    import os
+    import shutil
+
+    from sparsecc.errors import TargetError
+
+    if os.environ.get("TVM_CUDA_COMPILE_MODE"):
+        return
+    try:
+        nvrtc = importlib.util.find_spec("cuda.bindings") is not None
+    except ModuleNotFoundError:  # no "cuda" namespace package at all
+        nvrtc = False
+    if nvrtc:
+        return
+    if shutil.which("nvcc"):
+        os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
+        return
+    raise TargetError("TVM compiles the model's CUDA source when it loads, with NVRTC (pip install cuda-bindings, "
+                      "or pip install -e '.[gpu]') or nvcc (TVM_CUDA_COMPILE_MODE=nvcc); this machine has neither. "
+                      "Either needs CUDA 12.5 or newer (the kernels use mma.sp::ordered_metadata)")
 
 
 @functools.cache
@@ -97,8 +126,9 @@ def _record(arch: str) -> TargetRecord:
         runs_here=gpu_present(),
         cost_model=lambda: GpuCostModel(gpu),
         model_lowering="sparsecc.passes.lower_cuda",
-        needs=("an NVIDIA GPU of compute capability 8.0 or newer with its driver (torch sees none here); copy "
-               "the artifact folder to such a machine and run it there, or check it with "
+        needs=("an NVIDIA GPU of compute capability 8.0 or newer with its driver (torch sees none here), and "
+               "CUDA 12.5 or newer to compile the shipped kernels at load (NVRTC from pip install cuda-bindings, "
+               "or nvcc); copy the artifact folder to such a machine and run it there, or check it with "
                "`python benchmarks/gpu_check.py --artifact DIR`"),
         notes=(
             "model.so (host code with the CUDA module embedded, Relax VM) plus model.cu and a cubin built "

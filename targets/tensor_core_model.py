@@ -3,11 +3,12 @@ loads, and ``mma.sp`` computed from its per-lane registers the way the PTX ISA d
 
 No GPU runs where sparsecc is built, so the arithmetic of
 :func:`sparsecc.targets.kernels.tensor_core.tensor_core_linear` is checked here. The model runs
-the kernel's program over numpy arrays: every thread block, every pipeline step (copies into the
-stage the kernel writes, before the step that reads it, which is the latest a copy can land), every
-warp with its 32 lanes as a numpy axis. The addresses come from the kernel module's own index
-functions (``value_chunk``, ``swizzle``, ``a_fragment``, ...), so a wrong address in the kernel is
-a wrong result here.
+the kernel's program over numpy arrays: every thread block, every pipeline step, every warp with
+its 32 lanes as a numpy axis. Asynchronous copies follow ``cp.async`` semantics: from issue until a
+``cp.async.wait_group`` retires its commit group, a copy's destination holds garbage (NaN values,
+invalid metadata), so a read the kernel's waits do not cover shows up as NaN or an error. The
+addresses come from the kernel module's own index functions (``value_chunk``, ``swizzle``,
+``a_fragment``, ...), so a wrong address in the kernel is a wrong result here.
 
 What the model does *not* take from the kernel is the meaning of the registers: :func:`mma_sp`
 decodes the A, B, C/D fragments and the metadata of
@@ -110,21 +111,42 @@ def simulate_linear(x: torch.Tensor, values: torch.Tensor, metadata: torch.Tenso
     n_a, n_x, n_e = tc.copy_counts(sched)
     lane = np.arange(32)
 
-    def copy(a_s, x_s, e_s, row0, token0, k_tile, stage):
+    # cp.async as the hardware may run it: a copy's destination holds garbage (NaN values, invalid
+    # metadata) from issue until a wait_group retires its commit group, so a read the kernel's
+    # waits do not cover computes NaN or raises instead of silently seeing the data.
+    poison = np.uint32(0x7E007E00 if dtype == "float16" else 0x7FC07FC0)
+    groups: list[list[tuple[np.ndarray, tuple[int, int, slice], np.ndarray]]] = []
+
+    def issue(a_s, x_s, e_s, row0, token0, k_tile, stage):
+        copies = []
         for chunk in range(n_a):
             row, word = tc.value_chunk(chunk, sched)
             dst = tc.swizzle(row, word, sched.a_words)
             src = k_tile * sched.block_k // 4 + word
-            a_s[stage, row, dst:dst + tc.CHUNK_WORDS] = v_words[row0 + row, src:src + tc.CHUNK_WORDS]
+            copies.append((a_s, (stage, row, slice(dst, dst + tc.CHUNK_WORDS)),
+                           v_words[row0 + row, src:src + tc.CHUNK_WORDS].copy()))
         for chunk in range(n_x):
             tok, word = tc.x_chunk(chunk, sched)
             dst = tc.swizzle(tok, word, sched.x_words)
             src = k_tile * sched.block_k // 2 + word
-            x_s[stage, tok, dst:dst + tc.CHUNK_WORDS] = x_words[min(token0 + tok, tokens - 1), src:src + tc.CHUNK_WORDS]
+            copies.append((x_s, (stage, tok, slice(dst, dst + tc.CHUNK_WORDS)),
+                           x_words[min(token0 + tok, tokens - 1), src:src + tc.CHUNK_WORDS].copy()))
         for chunk in range(n_e):
             step, col = tc.metadata_chunk(chunk, sched)
             src = (k_tile * sched.k_steps + step) * n_out + row0 + col
-            e_s[stage, step, col:col + tc.CHUNK_WORDS] = meta32[src:src + tc.CHUNK_WORDS]
+            copies.append((e_s, (stage, step, slice(col, col + tc.CHUNK_WORDS)),
+                           meta32[src:src + tc.CHUNK_WORDS].copy()))
+        for array, where, _ in copies:
+            array[where] = 0 if array is e_s else poison
+        groups.append(copies)  # issue and commit: the kernel commits right after its copies
+
+    def commit_empty():
+        groups.append([])
+
+    def wait_group(pending: int):
+        while len(groups) > pending:
+            for array, where, data in groups.pop(0):
+                array[where] = data
 
     k_tiles = k // sched.block_k
     n_frag = sched.warp_tokens // tc.MMA_N
@@ -135,11 +157,18 @@ def simulate_linear(x: torch.Tensor, values: torch.Tensor, metadata: torch.Tenso
             x_s = np.zeros((sched.stages, sched.block_tokens, sched.x_words), np.uint32)
             e_s = np.zeros((sched.stages, sched.k_steps, sched.block_rows), np.uint32)
             acc = np.zeros((sched.warps_m * sched.warps_n, 2, n_frag, 32, 4), np.float32)
-            for s in range(min(sched.stages - 1, k_tiles)):
-                copy(a_s, x_s, e_s, row0, token0, s, s)
+            groups.clear()
+            for s in range(sched.stages - 1):
+                if s < k_tiles:
+                    issue(a_s, x_s, e_s, row0, token0, s, s)
+                else:
+                    commit_empty()
             for kt in range(k_tiles):
                 if kt + sched.stages - 1 < k_tiles:
-                    copy(a_s, x_s, e_s, row0, token0, kt + sched.stages - 1, (kt + sched.stages - 1) % sched.stages)
+                    issue(a_s, x_s, e_s, row0, token0, kt + sched.stages - 1, (kt + sched.stages - 1) % sched.stages)
+                else:
+                    commit_empty()
+                wait_group(sched.stages - 1)
                 stage = kt % sched.stages
                 for warp in range(sched.warps_m * sched.warps_n):
                     warp_row0 = warp % sched.warps_m * tc.WARP_ROWS

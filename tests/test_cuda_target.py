@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 import sparsecc
 import torch
 from sparsecc.cli import main as cli_main
-from sparsecc.errors import ArtifactError
+from sparsecc.errors import ArtifactError, SparseccError
 from sparsecc.targets import cuda_toolchain as ct
 from sparsecc.targets import get_target
 from sparsecc.targets.cuda import GPU_OF_ARCH, GpuCostModel, gpu_present
@@ -135,3 +136,37 @@ def test_minilm_for_a100_keeps_attention_projections_dense_and_sparsifies_the_ml
     resources = json.loads((out / "model.resources.json").read_text())
     assert sorted(r["hmma_sp"] > 0 for r in resources.values()).count(True) == 2
     assert all(r["spill_stores"] == r["spill_loads"] == 0 for r in resources.values())
+
+
+def test_cuda_jit_falls_back_to_nvcc_and_says_what_is_missing(monkeypatch, tmp_path) -> None:
+    from sparsecc.errors import TargetError
+    from sparsecc.targets import cuda
+
+    monkeypatch.delenv("TVM_CUDA_COMPILE_MODE", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no cuda-bindings
+    fake_nvcc = tmp_path / "nvcc"
+    fake_nvcc.write_text("#!/bin/sh\n")
+    fake_nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    cuda.prepare_cuda_jit()
+    assert os.environ["TVM_CUDA_COMPILE_MODE"] == "nvcc"
+    monkeypatch.delenv("TVM_CUDA_COMPILE_MODE")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(TargetError, match="cuda-bindings.*nvcc.*12.5"):
+        cuda.prepare_cuda_jit()
+
+
+@pytest.mark.slow
+def test_bf16_two_four_layers_and_refused_bf16_dense(tmp_path) -> None:
+    require(ct.missing(), "the CUDA toolchain (nvcc, nvdisasm)")
+    torch.manual_seed(0)
+    x = torch.randn(256, 512)
+    art = sparsecc.compile(Mlp().eval(), (x,), target="cuda-sm80", calibration=[(x,)],
+                           pipeline="plan-uniform{pattern=2:4},prune-magnitude,pack,lower{sparse_weights=bfloat16},build")
+    up = next(layer for layer in art.report.layers if layer.name == "up")
+    assert up.decision == "sparse" and "bf16-weights" in up.kernel
+    source = (art.save(tmp_path / "bf16") / "model.cu").read_text()
+    assert "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32" in source
+    with pytest.raises(SparseccError, match="fp32 GPU kernels"):
+        sparsecc.compile(Mlp().eval(), (x,), target="cuda-sm80", calibration=[(x,)], sparsity=0.5, pattern="2:4",
+                         method="magnitude", weights="bfloat16")

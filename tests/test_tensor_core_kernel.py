@@ -165,3 +165,36 @@ def test_model_matches_masked_dense_for_random_problems(tokens, rows, k, dtype, 
     candidates = [s for s in tc.tensor_core_schedules(tokens, rows, k) if rows % s.block_rows == 0]
     candidates += [tc.TensorCoreSchedule(32, 8, 8, 32, stages) for stages in (1, 2, 3)]
     check_against_dense(tokens, rows, k, dtype, candidates[pick % len(candidates)], bias)
+
+
+def test_metadata_words_hold_what_each_lane_hands_mma_sp() -> None:
+    """The packed metadata, read as the kernel reads it (32-bit word (step, 32 b + lane) to lane
+    ``lane`` = 4 g + t of the warp on rows 32 b ...), holds in its low half the nibbles of row
+    32 b + 16 (t // 2) + g for inputs 32 step + 16 (t % 2) ... + 15, and in its high half those of
+    the row 8 below: selector t // 2 picks the 16-row half, t % 2 the 16 inputs. This pins the
+    layout to the PTX ISA's metadata description independently of the CPU model."""
+    n, k = 64, 96
+    gen = torch.Generator().manual_seed(7)
+    keep = torch.rand(n, k // 4, 4, generator=gen).argsort(-1)[..., :2].sort(-1).values  # exactly 2 of 4
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True)
+    w = (torch.randn(n, k // 4, 4, generator=gen).abs() + 0.5) * mask
+    _, metadata = pack_2_4(w.reshape(n, k).half())
+    nibble = (keep[..., 0] | (keep[..., 1] << 2)).numpy()  # (row, group): lower position first
+    words = metadata.contiguous().numpy().view(np.uint16).view(np.uint32).reshape(k // 32, n)
+    for step in range(k // 32):
+        for col in range(n):
+            step_, col_ = tc.metadata_word(col % 32, col - col % 32, step)
+            assert (step_, col_) == (step, col)
+            g, t = (col % 32) // 4, col % 4
+            row = col - col % 32 + 16 * (t // 2) + g
+            groups = range(8 * step + 4 * (t % 2), 8 * step + 4 * (t % 2) + 4)
+            want = sum(int(nibble[row, q]) << (4 * i) for i, q in enumerate(groups))
+            want |= sum(int(nibble[row + 8, q]) << (4 * i) for i, q in enumerate(groups)) << 16
+            assert int(words[step, col]) == want, (step, col)
+
+
+def test_schedules_fit_static_shared_memory() -> None:
+    assert all(s.shared_bytes() <= tc.SHARED_LIMIT for t in (1, 8, 64, 512)
+               for s in tc.tensor_core_schedules(t, 4096, 4096))
+    with pytest.raises(ValueError, match="shared memory"):
+        tc.TensorCoreSchedule(128, 64, 32, 64, 3)

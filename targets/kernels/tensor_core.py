@@ -45,6 +45,8 @@ __all__ = ["TensorCoreSchedule", "tensor_core_linear", "tensor_core_schedule", "
 MMA_M, MMA_N, MMA_K = 16, 8, 32
 #: weight rows of one warp (one metadata interleave block, two mma.sp M halves)
 WARP_ROWS = 32
+#: static shared memory a CUDA kernel may declare (48 KiB; more needs a dynamic opt-in)
+SHARED_LIMIT = 48 * 1024
 #: 32-bit words per cp.async (16 bytes)
 CHUNK_WORDS = 4
 #: the instruction, as TVM's T.ptx table spells it (per element type)
@@ -68,6 +70,9 @@ class TensorCoreSchedule:
                              "block_tokens of warp_tokens")
         if self.block_k not in (32, 64) or self.stages < 1:
             raise ValueError(f"{self}: block_k must be 32 or 64 and stages at least 1")
+        if self.shared_bytes() > SHARED_LIMIT:
+            raise ValueError(f"{self.describe()}: {self.shared_bytes()} bytes of shared memory, above the "
+                             f"{SHARED_LIMIT} a kernel may declare statically; use fewer stages or smaller tiles")
 
     @property
     def warps_m(self) -> int:
@@ -300,6 +305,10 @@ def _build(tokens: int, n_out: int, k: int, has_bias: bool, sched: TensorCoreSch
                     for s in T.serial(stages - 1):
                         if s < k_tiles:
                             copy_tiles(x, values, meta32, a_s, x_s, e_s, tid, bx * rows, by * toks, s, s)
+                        else:
+                            # one group per prologue slot, empty or not, so that wait_group(stages - 1)
+                            # in the loop always retires the group of the step about to be read
+                            T.ptx["cp.async.commit_group"]()
                     for kt in T.serial(k_tiles):
                         if kt + stages - 1 < k_tiles:
                             copy_tiles(x, values, meta32, a_s, x_s, e_s, tid, bx * rows, by * toks,

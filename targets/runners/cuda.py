@@ -24,13 +24,14 @@ def _flatten(value: Any) -> list[torch.Tensor]:
 
 def load(path: pathlib.Path) -> Callable[..., list[torch.Tensor]]:
     """``call(*inputs) -> [outputs]`` running ``path``'s ``main`` on CUDA device 0."""
-    from sparsecc.targets.cuda import gpu_present
+    from sparsecc.targets.cuda import gpu_present, prepare_cuda_jit
 
     if not gpu_present():
         raise TargetError(f"{path} is built for an NVIDIA GPU and this machine has none that torch can see "
                           "(compute capability 8.0 or newer is needed); run it on a machine with one")
     if not path.is_file():
         raise ArtifactError(f"compiled library {path} does not exist; build the model first")
+    prepare_cuda_jit()
     import tvm
     from tvm import relax
 
