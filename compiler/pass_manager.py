@@ -112,6 +112,7 @@ _PASSES: LazyRegistry[type[Pass]] = LazyRegistry("pass", (
     "sparsecc.passes.calibrate",
     "sparsecc.passes.plan_uniform",
     "sparsecc.passes.allocate",
+    "sparsecc.passes.search",
     "sparsecc.passes.prune",
     "sparsecc.passes.channels",
     "sparsecc.passes.pack",

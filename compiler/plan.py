@@ -39,6 +39,11 @@ class LayerPlan:
     sparsity: float
     reason: str = ""
     row_sparsity: list[float] | None = None
+    # What a search predicted for the chosen candidate (absent in hand-written and uniform plans):
+    # seconds of its kernel and of the dense one, and its output error on calibration data
+    predicted_s: float | None = None
+    dense_s: float | None = None
+    error: float | None = None
 
     @property
     def is_sparse(self) -> bool:
@@ -66,8 +71,10 @@ class LayerPlan:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.row_sparsity is None:
-            del data["row_sparsity"]  # plans without row-wise ratios read as before
+        # optional fields are written only when set, so plans without them read as before
+        for key in ("row_sparsity", "predicted_s", "dense_s", "error"):
+            if data[key] is None:
+                del data[key]
         return data
 
 
@@ -77,6 +84,8 @@ class Plan:
     method: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     schema_version: int = PLAN_SCHEMA_VERSION
+    # How a search chose the plan (budget, totals, the plans it weighed); empty otherwise
+    search: dict[str, Any] = field(default_factory=dict)
 
     def sparse_layers(self) -> list[LayerPlan]:
         return [lp for lp in self.layers.values() if lp.is_sparse]
@@ -85,12 +94,15 @@ class Plan:
         return [lp for lp in self.layers.values() if not lp.is_sparse]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "schema_version": self.schema_version,
             "target": self.target,
             "method": self.method,
             "layers": [lp.to_json() for lp in self.layers.values()],
         }
+        if self.search:
+            data["search"] = self.search
+        return data
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"
@@ -106,7 +118,8 @@ class Plan:
             layers = {entry["name"]: LayerPlan(**entry) for entry in data["layers"]}
             for lp in layers.values():
                 lp.check()
-            return cls(target=data["target"], method=data["method"], layers=layers)
+            return cls(target=data["target"], method=data["method"], layers=layers,
+                       search=dict(data.get("search") or {}))
         except (KeyError, TypeError) as exc:
             raise PlanError(f"plan is missing or has a malformed field: {exc}") from None
 

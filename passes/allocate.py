@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from sparsecc.errors import WeightError
@@ -140,7 +141,7 @@ class Allocate(Pass):
         counters: dict[str, int | float] = {}
         rows: dict[str, list[float]] = {}
         if self.method in ("search", "neuroal"):
-            alignment = _Alignment(program, ctx, free, self.search_batches, self.measure)
+            alignment = OneShotAlignment(program, ctx, free, self.search_batches, self.measure)
             chosen, counters, note = self._search(program, ctx, free, sizes, target, alignment)
             diagnostics.append(self.diag("info", note))
             if self.method == "neuroal":
@@ -207,7 +208,7 @@ class Allocate(Pass):
         return {n: 1.0 - density(n, hi) for n in sizes}
 
     def _search(self, program: Program, ctx: PassContext, free: list[LayerPlan], sizes: dict[str, int],
-                target: float, error_of: _Alignment) -> tuple[dict[str, float], dict[str, int | float], str]:
+                target: float, error_of: OneShotAlignment) -> tuple[dict[str, float], dict[str, int | float], str]:
         strengths = [float(v) for v in self.strengths.split(";") if v.strip()]
         candidates = [("uniform", 0.0)] + [(m, lam) for m in ("owl", "depth") for lam in strengths]
         best, best_error, best_name, counters = None, float("inf"), "", {}
@@ -223,7 +224,7 @@ class Allocate(Pass):
         return best, counters, note
 
     def _row_search(self, free: list[LayerPlan], allocation: dict[str, float],
-                    error_of: _Alignment) -> tuple[dict[str, list[float]], dict[str, int | float], str]:
+                    error_of: OneShotAlignment) -> tuple[dict[str, list[float]], dict[str, int | float], str]:
         """NeuroAL's row-wise step on top of the block-wise ``allocation`` (see the module docstring)."""
         rowwise = [lp for lp in free if isinstance(parse_pattern(lp.pattern), Unstructured)]
         if not rowwise:
@@ -255,10 +256,11 @@ class Allocate(Pass):
         return {name: [round(float(v), 6) for v in t] for name, t in best_rows.items()}, counters, note
 
 
-class _Alignment:
+class OneShotAlignment:
     """Scores an allocation (per-layer sparsities, optionally per-row ones) by how far a one-shot
     Wanda model's outputs are from the dense model's on the first ``search_batches`` calibration
-    batches (``measure``: KL divergence of the softmaxes, or relative L2): lower is better."""
+    batches (``measure``: KL divergence of the softmaxes, or relative L2): lower is better.
+    ``evaluate`` scores any set of layer plans (the search's finalists)."""
 
     def __init__(self, program: Program, ctx: PassContext, free: list[LayerPlan], search_batches: int,
                  measure: str = "kl"):
@@ -266,23 +268,44 @@ class _Alignment:
         self.what = "KL divergence from dense" if measure == "kl" else "output error relative to dense"
         self.batches = ctx.calibration_batches(program)[: max(1, search_batches)]
         self.free = free
+        self.program = program
+        self.ctx = ctx
         self.scratch = program.clone()
         self.layers = {layer.name: layer for layer in self.scratch.layers()}
-        self.scores = wanda_scores(program, ctx, free)
+        self.scores: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
-        for lp in free:
-            weight = self.scratch.tensor(self.layers[lp.name].weight).detach()
-            self.dense[lp.name] = weight.reshape(weight.shape[0], -1).clone()
+        self._load(free)
         with torch.no_grad():
             self.reference = [self.scratch.run_flat(*b) for b in self.batches]
 
+    def _load(self, plans: list[LayerPlan]) -> None:
+        """Wanda scores and dense weights of the layers not seen yet."""
+        new = [lp for lp in plans if lp.name not in self.dense]
+        if not new:
+            return
+        self.scores.update(wanda_scores(self.program, self.ctx, new))
+        for lp in new:
+            weight = self.scratch.tensor(self.layers[lp.name].weight).detach()
+            self.dense[lp.name] = weight.reshape(weight.shape[0], -1).clone()
+
     def __call__(self, allocation: dict[str, float], rows: dict[str, torch.Tensor] | None = None) -> float:
         rows = rows or {}
+        return self._score({lp.name: (lp.pattern, rows.get(lp.name, allocation[lp.name])) for lp in self.free})
+
+    def evaluate(self, plans: list[LayerPlan]) -> float:
+        """The score of masking each sparse plan's layer with its pattern and sparsity (the rest dense)."""
+        sparse = [lp for lp in plans if lp.is_sparse]
+        self._load(sparse)
+        return self._score({lp.name: (lp.pattern, lp.sparsity) for lp in sparse})
+
+    def _score(self, masks: dict[str, tuple[str, Any]]) -> float:
         with torch.no_grad():
-            for lp in self.free:
-                keep = parse_pattern(lp.pattern).mask(self.scores[lp.name], rows.get(lp.name, allocation[lp.name]))
-                weight = self.scratch.tensor(self.layers[lp.name].weight)
-                weight.copy_((self.dense[lp.name] * keep).reshape(weight.shape))
+            for name, dense in self.dense.items():
+                weight = self.scratch.tensor(self.layers[name].weight)
+                if name in masks:
+                    pattern, sparsity = masks[name]
+                    dense = dense * parse_pattern(pattern).mask(self.scores[name], sparsity)
+                weight.copy_(dense.reshape(weight.shape))
         self.scratch.invalidate()
         total = 0.0
         with torch.no_grad():

@@ -82,6 +82,24 @@ def layer_rows(program: Program, layer: Layer) -> int:
     return max(1, int(value.numel()) // max(1, layer.matrix_shape[0]))
 
 
+def kept_dense_reason(layer: Layer, heads: set[str], skips: list[str], convs: str) -> str | None:
+    """Why a layer stays dense whatever the pattern (no sparse kernel for its op, a language
+    model's output head, a skip pattern), or None. Shared by every planning pass."""
+    reason = dense_reason(layer, convs)
+    if reason is None and layer.node in heads:
+        reason = (f"output head with {layer.matrix_shape[0]} outputs from {layer.matrix_shape[1]} inputs "
+                  "(a vocabulary projection): every prediction depends on it and no later layer "
+                  "corrects its error; kept dense")
+    if reason is None and any(fnmatch.fnmatchcase(layer.name, s) for s in skips):
+        reason = "matches a skip pattern; kept dense"
+    return reason
+
+
+def too_few_inputs(layer: Layer, min_inputs: int) -> str:
+    return (f"only {layer.matrix_shape[1]} inputs per output (< min_inputs={min_inputs}): "
+            "too few weights per output to prune and too little work to pay off; kept dense")
+
+
 @register_pass
 @dataclass(frozen=True)
 class PlanUniform(Pass):
@@ -118,13 +136,7 @@ class PlanUniform(Pass):
         cost_model = ctx.target.cost_model() if ctx.target.cost_model is not None else None
         pays_check = getattr(cost_model, "dense_reason", None)
         for layer in program.layers():
-            reason = dense_reason(layer, self.convs)
-            if reason is None and layer.node in heads:
-                reason = (f"output head with {layer.matrix_shape[0]} outputs from {layer.matrix_shape[1]} inputs "
-                          "(a vocabulary projection): every prediction depends on it and no later layer "
-                          "corrects its error; kept dense")
-            if reason is None and any(fnmatch.fnmatchcase(layer.name, s) for s in skips):
-                reason = "matches a skip pattern; kept dense"
+            reason = kept_dense_reason(layer, heads, skips, self.convs)
             if reason is None and self.sparsity == 0.0:
                 reason = "sparsity 0: dense build"
             if reason is None:
@@ -134,8 +146,7 @@ class PlanUniform(Pass):
             if reason is None and pays_check is not None and self.sparsity > 0:
                 reason = pays_check(layer_rows(program, layer), *layer.matrix_shape)
             if reason is None and layer.matrix_shape[1] < self.min_inputs:
-                reason = (f"only {layer.matrix_shape[1]} inputs per output (< min_inputs={self.min_inputs}): "
-                          "too few weights per output to prune and too little work to pay off; kept dense")
+                reason = too_few_inputs(layer, self.min_inputs)
             if reason is None:
                 plan.layers[layer.name] = LayerPlan(layer.name, layer.kind, list(layer.matrix_shape),
                                                     pattern.name, float(self.sparsity))

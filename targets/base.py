@@ -56,6 +56,8 @@ class TargetRecord:
     model_lowering: str | None = None
     # What a machine needs to run this target's artifacts, said when this one cannot.
     needs: str = ""
+    # Patterns the plan search tries by default (a user may name others); empty: every pattern.
+    search_patterns: tuple[str, ...] = ()
 
     def supports(self, pattern_name: str) -> bool:
         return pattern_name in self.patterns

@@ -83,6 +83,8 @@ WASM_SIMD = register(TargetRecord(
     summary="WebAssembly wasm32 + simd128 (4 f32 lanes, 1 thread); model.wasm + model.js, run under wasmtime",
     patterns=("unstructured", "block16x1", "block8x1", "block4x1", "block2x1", "block4x4", "2:4"),
     default_pattern="block16x1",
+    # the plan search's default set: one of each family, blocks of 16 and 4 rows
+    search_patterns=("unstructured", "block16x1", "block4x1", "2:4"),
     capabilities=capabilities,
     tvm_target=tvm_target,
     runner="wasm",

@@ -137,6 +137,8 @@ X86 = register(TargetRecord(
               "block4x4",
               "2:4", "4:8", "1:4", "2:8"),
     default_pattern="block16x1",
+    # the plan search's default set: one of each family, blocks of 16 and 4 rows
+    search_patterns=("unstructured", "block16x1", "block4x1", "2:4"),
     capabilities=capabilities,
     tvm_target=tvm_target,
     runner="host",
