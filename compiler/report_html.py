@@ -490,7 +490,8 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 def _range(values: list[float]) -> tuple[float, float]:
     low, high = min(values), max(values)
     pad = (high - low) * 0.08 or (abs(high) * 0.1 or 1.0)
-    return low - pad, high + pad
+    # errors and speedups are never negative: an axis reaching below zero would only mislead
+    return (max(low - pad, 0.0) if low >= 0 else low - pad), high + pad
 
 
 def _search_chart(plans: list[dict[str, Any]]) -> str:
