@@ -14,6 +14,7 @@ Layout of an artifact folder::
     packed_weights.safetensors   the packed arrays of every sparse layer
     plan.json               per-layer decisions
     report.json, report.txt what the compile did
+    report.html             the same as a page to open in a browser (graphs, masks, timeline)
     stages/NN-<stage>.txt   the printed program after each pass
 
 Saving never overwrites files sparsecc did not write: a folder is replaced only when it is empty
@@ -187,6 +188,7 @@ class Artifact:
         self.plan.save(folder / "plan.json")
         (folder / "report.json").write_text(json.dumps(self.report.to_json(), indent=2) + "\n")
         (folder / "report.txt").write_text(self.report.summary())
+        (folder / "report.html").write_text(_report_page(self), encoding="utf-8")
         (folder / "stages").mkdir()
         for label, text in self.stages:
             (folder / "stages" / f"{label}.txt").write_text(text)
@@ -205,6 +207,25 @@ class Artifact:
             "files": {str(p.relative_to(folder)): _sha256(p) for p in files},
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _report_page(artifact: Artifact) -> str:
+    """``report.html``; a page that cannot be drawn becomes a plain page with the text report and
+    the error, so drawing never costs the user the artifact (the sections already contain their
+    own failures: this catches what is left, e.g. a report object of the wrong shape)."""
+    import html
+    import warnings
+
+    from .report_html import render_html
+
+    try:
+        return render_html(artifact)
+    except Exception as exc:  # drawing is a convenience; the artifact must still be written
+        message = f"report.html could not be drawn ({type(exc).__name__}: {exc}); it holds the text report instead"
+        warnings.warn(message, stacklevel=3)
+        return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>sparsecc report</title>'
+                f"</head><body><p>{html.escape(message)}</p><pre>{html.escape(artifact.report.summary())}</pre>"
+                "</body></html>\n")
 
 
 def _read_manifest(folder: pathlib.Path) -> dict[str, Any]:

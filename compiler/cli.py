@@ -117,7 +117,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import diff_text, format_dot
     from .program import Program
 
+    if args.output is not None and args.format != "html":
+        raise SparseccError("inspect -o FILE writes the HTML report; add --format html (other formats print)")
     artifact = load(args.artifact)
+    if args.format == "html":
+        from .report_html import render_html
+
+        page = render_html(artifact)
+        if args.output is None:
+            print(page, end="")
+        else:
+            pathlib.Path(args.output).write_text(page, encoding="utf-8")
+            print(f"HTML report written to {args.output}")
+        return 0
     if args.report:
         print(artifact.report.summary(), end="")
         return 0
@@ -263,11 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compiled code, the masked-dense program, or the packed program in torch")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("inspect", help="print an artifact's program at a stage, a diff, DOT, or its report")
+    p = sub.add_parser("inspect",
+                       help="print an artifact's program at a stage, a diff, DOT, or its report (text or HTML)")
     p.add_argument("artifact")
     p.add_argument("--stage", default="packed", choices=["captured", "pruned", "packed"])
     p.add_argument("--diff", action="store_true", help="unified diff from the captured program to --stage")
-    p.add_argument("--format", default="text", choices=["text", "dot"])
+    p.add_argument("--format", default="text", choices=["text", "dot", "html"],
+                   help="html: the whole report as one self-contained page (graphs, masks, timeline)")
+    p.add_argument("-o", "--output", default=None, help="with --format html: write the page here instead of stdout")
     p.add_argument("--report", action="store_true", help="print the compile report")
     p.set_defaults(func=cmd_inspect)
 
