@@ -11,7 +11,7 @@ kernels run fast, rewrite the graph into explicit sparse ops, and lower to TVM-g
 """
 
 from . import ops  # noqa: F401 - registers the sparse ops with torch
-from .api import compile, default_pipeline
+from .api import compile, default_pipeline, search_plan
 from .artifact import Artifact, load
 from .capture import capture, from_exported, load_program
 from .errors import SparseccError
@@ -41,5 +41,5 @@ __all__ = [
     "Artifact", "Diagnostic", "GradualPruner", "Instrument", "LayerPlan", "NumericsInstrument", "Pass", "PassContext",
     "PassManager", "PassResult", "Plan", "Program", "SnapshotInstrument", "SparseccError", "SparsityInfo",
     "TimingInstrument", "VerifyInstrument", "all_passes", "capture", "compile", "default_pipeline",
-    "from_exported", "get_pass", "load", "load_program", "parse_pipeline", "register_pass",
+    "from_exported", "get_pass", "load", "load_program", "parse_pipeline", "register_pass", "search_plan",
 ]

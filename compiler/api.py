@@ -156,6 +156,8 @@ def _layer_reports(plan: Plan, packed: Program, lowering: Any) -> list[LayerRepo
             reason = lp.reason or "not packed (see diagnostics)"
             reports.append(LayerReport(lp.name, lp.kind, lp.shape, "dense", None, 0.0, None, dense_bytes,
                                        None, reason, kernels.get(lp.name), kernel_bytes.get(lp.name)))
+        # what a search predicted for the layer, when one made the plan
+        reports[-1].predicted_s, reports[-1].predicted_dense_s, reports[-1].error = lp.predicted_s, lp.dense_s, lp.error
     return reports
 
 
@@ -176,6 +178,7 @@ def compile(  # noqa: A001 - the public name users expect
     dump_dir: str | pathlib.Path | None = None,
     weights: str = "float32",
     convs: str = "pointwise",
+    plan: Plan | str | pathlib.Path | None = None,
 ) -> Artifact:
     """Capture, calibrate, prune, pack, lower and build ``model_or_program`` for ``target``.
 
@@ -190,8 +193,10 @@ def compile(  # noqa: A001 - the public name users expect
     kernel the cost table measured slower keeps fp32 (a warning in the report names it). With
     ``pipeline`` it overrides the storage options of the pipeline's lower pass. ``convs="all"`` also
     makes k x k, strided and padded convolutions (groups 1) sparse, as im2col rows times a sparse
-    GEMM; by default only 1x1 convolutions are. Returns an Artifact
-    whose ``report`` says what happened per layer.
+    GEMM; by default only 1x1 convolutions are. ``plan`` (a :class:`Plan` or a plan JSON file,
+    e.g. from :func:`search_plan` or ``sparsecc search``) fixes every layer's pattern and sparsity
+    instead of ``sparsity`` / ``pattern``; it is pruned with the plan's own method. Returns an
+    Artifact whose ``report`` says what happened per layer.
     """
     from sparsecc.targets import get_target
     from sparsecc.targets.kernels import HALF_MARKERS
@@ -206,6 +211,23 @@ def compile(  # noqa: A001 - the public name users expect
         warnings.warn("no calibration data given: pruning statistics come from the example inputs "
                       "only; pass calibration=[...] (or --calib) with real samples", stacklevel=2)
     storage = weight_storage(weights)
+    if plan is not None:
+        if pattern or refine or (allocation and allocation != "uniform") or convs != "pointwise":
+            raise SparseccError("a plan fixes every layer's pattern and sparsity: drop pattern, refine, allocation "
+                                "and convs, or search again with the patterns you want")
+        if pipeline:
+            raise SparseccError("plan and pipeline both choose the planning pass; put plan-file{path=...} in your "
+                                "pipeline instead")
+        if isinstance(plan, Plan):
+            plan_path = pathlib.Path(tempfile.mkdtemp(prefix="sparsecc-plan-")) / "plan.json"
+            plan.save(plan_path)
+            method = plan.method
+        else:
+            plan_path = pathlib.Path(plan)
+            method = Plan.load(plan_path).method
+        lower = "lower" if storage == "float32" else f"lower{{dense_weights={storage},sparse_weights={storage}}}"
+        pipeline = f"plan-file{{path={plan_path}}},prune-{method},pack,{lower},build"
+        storage = "float32"  # already in the pipeline
     if pipeline:
         if convs != "pointwise":
             raise SparseccError("convs sets an option of plan-uniform in the default pipeline; with your own "
@@ -231,7 +253,7 @@ def compile(  # noqa: A001 - the public name users expect
     packed = stages.get("packed") or pruned
     plan = final.plan or Plan(target=record.name, method=method)
     report = Report(target=record.name, pipeline=manager.pipeline, method=method,
-                    layers=_layer_reports(plan, packed, final.lowered))
+                    layers=_layer_reports(plan, packed, final.lowered), search=dict(plan.search))
     for (name, res), (_, seconds) in zip(result.results, timing.times, strict=True):
         report.passes.append({"name": name, "seconds": round(seconds, 4), "changed": res.changed,
                               "counters": res.counters})
@@ -262,3 +284,48 @@ def compile(  # noqa: A001 - the public name users expect
                 "message": f"compiled output differs from the masked-dense program by {rel:.3g} (relative); "
                            "this is a kernel bug, please report it with the artifact"})
     return artifact
+
+
+def search_plan(
+    model_or_program: Any,
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
+    *,
+    target: str = "x86",
+    latency: float = 0.0,
+    sparsity: float = 0.0,
+    max_error: float = 0.0,
+    calibration: Sequence[Any] | None = None,
+    patterns: str = "",
+    sparsities: str = "",
+    measure: str = "kl",
+    method: str = "wanda",
+    progress: bool = True,
+) -> Plan:
+    """Search a per-layer plan for ``target`` under one budget, without compiling (see
+    :mod:`sparsecc.passes.search`): ``latency`` (the searched layers' predicted time at most this
+    fraction of dense), ``sparsity`` (at least this fraction of their weights removed) or
+    ``max_error`` (the model's ``measure`` on calibration batches at most this). ``patterns``:
+    ';'-separated patterns to try (default: the target's search set); ``sparsities``: the ladder.
+    The plan is what :func:`compile` takes as ``plan=``; ``plan.save(path)`` writes its JSON."""
+    from sparsecc.passes.search import DEFAULT_LADDER
+    from sparsecc.targets import get_target
+
+    record = get_target(target)
+    program = _as_program(model_or_program, example_inputs)
+    batches = _normalize_calibration(calibration, program)
+    if batches is None:
+        warnings.warn("no calibration data given: the search measures errors on the example inputs only; pass "
+                      "calibration=[...] (or --calib) with real samples", stacklevel=2)
+    if method not in METHODS:
+        raise SparseccError(f"unknown pruning method {method!r}; choose one of: {', '.join(METHODS)}")
+    options = [f"{name}={value:g}" for name, value in (("latency", latency), ("sparsity", sparsity),
+                                                      ("max_error", max_error)) if value]
+    options += [f"method={method}", f"measure={measure}", f"sparsities={sparsities or DEFAULT_LADDER}"]
+    if patterns:
+        options.append(f"patterns={patterns}")
+    manager = PassManager(f"search{{{','.join(options)}}}")
+    result = manager.run(program, PassContext(record, calibration=batches, progress=progress))
+    plan = result.program.plan
+    if plan is None:
+        raise SparseccError("the search produced no plan")
+    return plan

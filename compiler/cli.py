@@ -46,6 +46,85 @@ def _floats(text: str) -> list[float]:
         raise SparseccError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+def _calibration(args: argparse.Namespace, program: Any) -> list[tuple[Any, ...]] | None:
+    """The calibration batches the --calib* options name (None, with a warning, without any)."""
+    if args.calib:
+        raw = _load_tensors(args.calib, "calibration")
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise SparseccError(f"calibration file {args.calib} must hold a non-empty list of input tuples")
+        return [_as_input_tuple(b, f"calibration batch {i}") for i, b in enumerate(raw)]
+    if args.calib_text:
+        from .calibration_data import text_batches
+
+        if not args.tokenizer:
+            raise SparseccError("--calib-text needs --tokenizer TOKENIZER.json (the model's Hugging Face tokenizer)")
+        return text_batches(args.calib_text, args.tokenizer, program.example_inputs, count=args.calib_batches or 32)
+    if args.calib_images:
+        from .calibration_data import image_batches
+
+        return image_batches(args.calib_images, program.example_inputs, mean=_floats(args.image_mean),
+                             std=_floats(args.image_std), count=args.calib_batches or None)
+    print("warning: no --calib given; calibrating on the model's example inputs only", file=sys.stderr)
+    return None
+
+
+def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    calib = p.add_mutually_exclusive_group()
+    calib.add_argument("--calib", default=None, help="CALIB.pt: torch.save'd list of input tuples")
+    calib.add_argument("--calib-text", nargs="+", default=None, metavar="PATH",
+                       help="text files or folders (.txt/.rst/.md) for a language model; needs --tokenizer")
+    calib.add_argument("--calib-images", nargs="+", default=None, metavar="PATH",
+                       help="image files or folders for an image model (resized to the example input)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json for --calib-text")
+    p.add_argument("--calib-batches", type=int, default=0,
+                   help="batches to draw (text: default 32; images: default all)")
+    p.add_argument("--image-mean", default="0.485,0.456,0.406", help="per-channel mean for --calib-images")
+    p.add_argument("--image-std", default="0.229,0.224,0.225", help="per-channel std for --calib-images")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import warnings
+
+    from sparsecc.targets import get_target
+
+    from .api import search_plan
+    from .capture import load_program
+
+    get_target(args.target)
+    program = load_program(args.model)
+    calibration = _calibration(args, program)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = search_plan(program, target=args.target, latency=args.latency or 0.0, sparsity=args.sparsity or 0.0,
+                           max_error=args.max_error or 0.0, calibration=calibration, patterns=args.patterns or "",
+                           sparsities=args.sparsities or "", measure=args.measure, method=args.method,
+                           progress=not args.quiet)
+    plan.save(args.output)
+    print(format_plan(plan), end="")
+    print(f"plan written to {args.output}; compile it with: sparsecc compile {args.model} --target {args.target} "
+          f"--plan {args.output}")
+    return 0
+
+
+def format_plan(plan: Any) -> str:
+    """A searched plan as a table: per layer the decision, predicted times and error, then totals."""
+    lines = [f"{'layer':40s} {'shape':>11s} {'decision':18s} {'predicted':>10s} {'dense':>10s} {'error':>8s}  note"]
+    lines.append("-" * len(lines[0]))
+    for lp in plan.layers.values():
+        decision = f"{lp.pattern} {lp.sparsity:.0%}" if lp.is_sparse else "dense"
+        us = lambda s: "-" if s is None else f"{s * 1e6:.1f}us"  # noqa: E731
+        error = "-" if lp.error is None else f"{lp.error:.4f}"
+        lines.append(f"{lp.name[:40]:40s} {'x'.join(map(str, lp.shape)):>11s} {decision:18s} {us(lp.predicted_s):>10s} "
+                     f"{us(lp.dense_s):>10s} {error:>8s}  {lp.reason}".rstrip())
+    search = plan.search
+    if search:
+        lines.append("")
+        lines.append(f"budget {search['budget']}: predicted {search['predicted_speedup']:.2f}x the dense kernels of "
+                     f"the searched layers, {1 - search['kept_fraction']:.0%} of their weights removed, "
+                     f"{search['measure']} {search['measured_error']:.4g} on calibration data (one-shot masks)")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import warnings
 
@@ -57,33 +136,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     # An unknown target or one without whole-model builds fails before the model is loaded.
     get_target(args.target).require_model_build()
     program = load_program(args.model)
-    calibration = None
-    if args.calib:
-        raw = _load_tensors(args.calib, "calibration")
-        if not isinstance(raw, (list, tuple)) or not raw:
-            raise SparseccError(f"calibration file {args.calib} must hold a non-empty list of input tuples")
-        calibration = [_as_input_tuple(b, f"calibration batch {i}") for i, b in enumerate(raw)]
-    elif args.calib_text:
-        from .calibration_data import text_batches
-
-        if not args.tokenizer:
-            raise SparseccError("--calib-text needs --tokenizer TOKENIZER.json (the model's Hugging Face tokenizer)")
-        calibration = text_batches(args.calib_text, args.tokenizer, program.example_inputs,
-                                   count=args.calib_batches or 32)
-    elif args.calib_images:
-        from .calibration_data import image_batches
-
-        calibration = image_batches(args.calib_images, program.example_inputs, mean=_floats(args.image_mean),
-                                    std=_floats(args.image_std), count=args.calib_batches or None)
-    else:
-        print("warning: no --calib given; calibrating on the model's example inputs only", file=sys.stderr)
+    calibration = _calibration(args, program)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         artifact = compile_model(program, target=args.target, sparsity=args.sparsity, pattern=args.pattern,
                                  method=args.method, refine=args.refine, allocation=args.allocation,
                                  calibration=calibration, skip=args.skip or "",
                                  pipeline=args.pipeline, progress=not args.quiet, dump_dir=args.dump_dir,
-                                 weights=weight_storage(args.weights), convs=args.convs)
+                                 weights=weight_storage(args.weights), convs=args.convs, plan=args.plan)
     out = artifact.save(args.output)
     print(artifact.report.summary(), end="")
     print(f"artifact written to {out}")
@@ -242,17 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS),
                    help="per-layer sparsities at the same total: owl, depth, erk, search (the best of them "
                         "on calibration data), or neuroal (search, then per-row ratios inside each layer)")
-    calib = p.add_mutually_exclusive_group()
-    calib.add_argument("--calib", default=None, help="CALIB.pt: torch.save'd list of input tuples")
-    calib.add_argument("--calib-text", nargs="+", default=None, metavar="PATH",
-                       help="text files or folders (.txt/.rst/.md) for a language model; needs --tokenizer")
-    calib.add_argument("--calib-images", nargs="+", default=None, metavar="PATH",
-                       help="image files or folders for an image model (resized to the example input)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json for --calib-text")
-    p.add_argument("--calib-batches", type=int, default=0,
-                   help="batches to draw (text: default 32; images: default all)")
-    p.add_argument("--image-mean", default="0.485,0.456,0.406", help="per-channel mean for --calib-images")
-    p.add_argument("--image-std", default="0.229,0.224,0.225", help="per-channel std for --calib-images")
+    _add_calibration_options(p)
+    p.add_argument("--plan", default=None, help="PLAN.json from `sparsecc search` (or edited): every layer's pattern "
+                                                 "and sparsity, instead of --sparsity / --pattern")
     p.add_argument("--skip", default=None, help="layers to keep dense: fnmatch globs separated by ';'")
     p.add_argument("--convs", default="pointwise", choices=["pointwise", "all"],
                    help="which convolutions become sparse: pointwise (1x1 only, the default) or all (k x k, strided "
@@ -266,6 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="artifact folder (new, empty or an earlier artifact)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("search", help="choose per layer dense or a pattern and sparsity for a target, under one "
+                                      "budget; write the plan as JSON without compiling")
+    p.add_argument("model", help="MODEL.pt2 written by torch.export.save")
+    p.add_argument("--target", default="x86")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--latency", type=float, help="searched layers' predicted time at most this fraction of dense")
+    budget.add_argument("--sparsity", type=float, help="at least this fraction of the searched layers' weights removed")
+    budget.add_argument("--max-error", type=float, help="model error on calibration data at most this (--measure)")
+    p.add_argument("--patterns", default=None, help="patterns to try, ';'-separated (default: the target's search set)")
+    p.add_argument("--sparsities", default=None, help="sparsity ladder, ';'-separated (default 0.5;0.6;0.7;0.8;0.9)")
+    p.add_argument("--measure", default="kl", choices=["kl", "l2"],
+                   help="model error: kl (softmax KL divergence from dense, for logits) or l2 (relative L2)")
+    p.add_argument("--method", default="wanda", choices=list(METHODS), help="the pruning method the plan is for")
+    _add_calibration_options(p)
+    p.add_argument("-o", "--output", required=True, help="PLAN.json to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("run", help="run an artifact on saved inputs")
     p.add_argument("artifact")

@@ -5,8 +5,9 @@ with 2 of 4) becomes a ``call_tir`` of the ``mma.sp`` kernel
 (:func:`sparsecc.targets.kernels.tensor_core.tensor_core_linear`) on the weight packed for the
 sparse tensor cores in fp16 (:func:`sparsecc.targets.tensor_core_2_4.pack_2_4`; x is cast to fp16
 on the way in, the output is fp32: an activation beyond fp16's +-65504 becomes inf, so a model with
-such activations should store its 2:4 layers as bf16, ``lower{sparse_weights=bfloat16}``); everything else is imported by TVM's frontend as it is and goes
-through TVM's CUDA pipeline (legalization, dlight GPU schedules) in fp32.
+such activations should store its 2:4 layers as bf16, ``lower{sparse_weights=bfloat16}``);
+everything else is imported by TVM's frontend as it is and goes through TVM's CUDA pipeline
+(legalization, dlight GPU schedules) in fp32.
 
 ``build`` compiles the module for the Relax VM (``model.so``, the CUDA module embedded) and writes
 the generated CUDA source beside it (``model.cu``). Where nvcc is installed it also compiles that

@@ -1,0 +1,339 @@
+"""search: choose per layer dense or a pattern and sparsity, for the fastest model the accuracy
+budget allows on the target, or the most accurate one the speed budget allows.
+
+Candidates. Every layer a planning pass may make sparse (the rules of ``plan-uniform``: ops
+without a sparse kernel, a language model's output head, ``skip`` matches and layers with fewer
+than ``min_inputs`` inputs stay dense) offers dense plus each searched pattern at each sparsity of
+the ladder (an N:M pattern at its own ratio) that the layer's shape takes.
+
+Cost. The target's cost model predicts each candidate's kernel time at the layer's real shape and
+M (rows per call, from the exported program's shapes): the measured table where the target has
+one (``sparsecc tune``: x86 natively, wasm-simd in wasmtime), its roofline elsewhere (arm-neon,
+the GPUs). Packed sizes and layouts enter through the packed weight the prediction is made on (a
+synthetic one of the layer's shape: the packed structure of these patterns depends only on the
+shape and the sparsity). A sparse candidate not predicted faster than the layer's dense kernel is
+dropped, so no plan holds a sparse kernel predicted slower than dense.
+
+Error. Cheap proxy first: the layer's output energy the candidate's one-shot Wanda mask removes,
+``sum(pruned (|W_ij| ||X_j||)^2) / sum((|W_ij| ||X_j||)^2)`` from the calibration statistics (the
+diagonal of the layer's reconstruction error over the calibration rows). Layers add up, as OWL
+and NeuroAL spread a model's error over layers by what each can lose. The solver
+(:mod:`sparsecc.search`) then picks the plan for the budget exactly on these numbers, and traces
+the time/error front. Refined for the finalists: the chosen plan and its neighbours on the front
+are applied to the model as one-shot masks and the model's outputs on calibration batches are
+compared with the dense ones (``measure``: KL divergence of the softmax for logits, relative L2
+otherwise); the finalist meeting the budget with the least measured error becomes the plan. For
+``max_error``, whose budget is in the measured units, the front is bisected instead for the
+fastest plan whose measured error is within it.
+
+Budgets, exactly one: ``latency`` F (the searched layers' predicted time at most F x their dense
+time), ``sparsity`` S (at least S of the searched layers' weights removed), ``max_error`` E (the
+measured error of the model at most E, in ``measure``'s units).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from sparsecc.errors import SparseccError, TargetError
+from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
+from sparsecc.plan import LayerPlan, Plan
+from sparsecc.program import Layer, Program
+from sparsecc.search import Candidate, SearchError, lagrangian_front, solve, totals
+from sparsecc.sparsity import NM, parse_pattern
+
+from .allocate import OneShotAlignment
+from .calibrate import calibration_stats
+from .plan_uniform import CONV_CHOICES, kept_dense_reason, layer_rows, too_few_inputs, vocabulary_heads
+
+#: sparsities every non-N:M pattern is tried at, unless ``sparsities`` says otherwise
+DEFAULT_LADDER = "0.5;0.6;0.7;0.8;0.9"
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.replace(",", ";").split(";") if part.strip()]
+
+
+@functools.lru_cache(maxsize=4096)
+def _synthetic_packed(shape: tuple[int, int], pattern: str, sparsity: float) -> Any:
+    """A packed weight of ``shape`` pruned to ``pattern`` at ``sparsity`` (what a prediction reads:
+    nonzeros, blocks, bytes)."""
+    from sparsecc.targets.tuning import synthetic_weight
+
+    return parse_pattern(pattern).pack(synthetic_weight(shape, pattern, sparsity))
+
+
+@register_pass
+@dataclass(frozen=True)
+class Search(Pass):
+    """Per-layer pattern and sparsity from predicted cost and measured error, under one budget."""
+
+    name = "search"
+    summary = "choose per layer dense or a pattern and sparsity from the target's cost model and calibration error"
+    numerics = "exact"
+
+    latency: float = 0.0  # searched layers' predicted time at most this fraction of dense
+    sparsity: float = 0.0  # at least this fraction of the searched layers' weights removed
+    max_error: float = 0.0  # model error on calibration batches at most this (measure's units)
+    patterns: str = ""  # ';'-separated patterns to try; empty: the target's search patterns
+    sparsities: str = DEFAULT_LADDER
+    method: str = "wanda"  # the pruning method the plan is for (recorded in the plan)
+    measure: str = "kl"  # model error: "kl" (logits) or "l2" (relative, any outputs)
+    finalists: int = 6
+    search_batches: int = 2
+    skip: str = ""
+    min_inputs: int = 64
+    convs: str = "pointwise"
+
+    def _budget(self) -> tuple[str, float]:
+        given = [(name, value) for name, value in (("latency", self.latency), ("sparsity", self.sparsity),
+                                                   ("max_error", self.max_error)) if value]
+        if len(given) != 1:
+            raise SparseccError("search needs exactly one budget: latency=F (fraction of the dense time), "
+                                "sparsity=S (fraction of weights removed) or max_error=E")
+        name, value = given[0]
+        if name in ("latency", "sparsity") and not 0.0 < value < 1.0:
+            raise SparseccError(f"search {name}={value:g}: give a fraction between 0 and 1")
+        if value < 0:
+            raise SparseccError(f"search {name}={value:g} must be positive")
+        return given[0]
+
+    def _patterns(self, ctx: PassContext) -> list[str]:
+        names = _split(self.patterns) or list(ctx.target.search_patterns or ctx.target.patterns)
+        for name in names:
+            if not ctx.target.supports(parse_pattern(name).name):
+                raise TargetError(f"target {ctx.target.name!r} has no kernel for pattern {name!r}; "
+                                  f"it supports: {', '.join(ctx.target.patterns)}")
+        return names
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        budget, value = self._budget()
+        if self.measure not in ("kl", "l2"):
+            raise SparseccError(f"search measure={self.measure!r}: choose kl or l2")
+        if self.convs not in CONV_CHOICES:
+            raise SparseccError(f"search convs={self.convs!r}: choose one of {', '.join(CONV_CHOICES)}")
+        if ctx.target.cost_model is None:
+            raise TargetError(f"target {ctx.target.name!r} has no cost model to search with; use plan-uniform")
+        cost_model = ctx.target.cost_model()
+        patterns = self._patterns(ctx)
+        ladder = [float(s) for s in _split(self.sparsities)]
+        skips = _split(self.skip)
+        heads = vocabulary_heads(program)
+        stats = calibration_stats(program, ctx)
+        plan = Plan(target=ctx.target.name, method=self.method)
+        diagnostics = []
+        searched: list[tuple[Layer, list[Candidate]]] = []
+        reasons: dict[str, str] = {}  # layer -> why its cost model says no sparse form pays
+        dropped = 0
+        for layer in program.layers():
+            reason = kept_dense_reason(layer, heads, skips, self.convs)
+            if reason is None and layer.matrix_shape[1] < self.min_inputs:
+                reason = too_few_inputs(layer, self.min_inputs)
+            if reason is not None:
+                plan.layers[layer.name] = LayerPlan(layer.name, layer.kind, list(layer.matrix_shape), None, 0.0, reason)
+                diagnostics.append(self.diag("info", reason, layer.name))
+                continue
+            candidates, slower, not_paying = self._candidates(program, layer, stats.layers[layer.name], cost_model,
+                                                              patterns, ladder)
+            dropped += slower
+            if not_paying is not None:
+                reasons[layer.name] = not_paying
+            searched.append((layer, candidates))
+        if not searched:
+            raise SearchError("no layer of this model can be made sparse on this target; nothing to search")
+        choices = [cands for _, cands in searched]
+        dense_s = sum(c[0].seconds for c in choices)
+        weights = sum(c[0].kept for c in choices)
+        front = lagrangian_front(choices)
+        if budget == "latency":
+            best = solve(choices, "error", "seconds", value * dense_s, tie_break="seconds")
+            meets = lambda picks: totals(choices, picks)["seconds"] <= value * dense_s * (1 + 1e-12)  # noqa: E731
+        elif budget == "sparsity":
+            best = solve(choices, "error", "kept", (1 - value) * weights, tie_break="seconds")
+            meets = lambda picks: totals(choices, picks)["kept"] <= (1 - value) * weights  # noqa: E731
+        else:
+            best, meets = None, None  # judged on the measured error, along the front
+        alignment = OneShotAlignment(program, ctx, [], self.search_batches, self.measure)
+        if budget == "max_error":
+            finalists, measured = self._fastest_within(alignment, searched, front, value)
+            pick = len(finalists) - 1
+        else:
+            finalists = self._finalists(front, best, meets)
+            measured = [self._measure(alignment, searched, picks) for picks in finalists]
+            pick = min(range(len(finalists)), key=lambda i: (measured[i], totals(choices, finalists[i])["seconds"]))
+        chosen = finalists[pick]
+        for (layer, cands), index in zip(searched, chosen, strict=True):
+            cand, dense = cands[index], cands[0]
+            lp = LayerPlan(layer.name, layer.kind, list(layer.matrix_shape), cand.pattern, cand.sparsity,
+                           predicted_s=cand.seconds, dense_s=dense.seconds, error=round(cand.error, 8))
+            if cand.pattern is None:
+                lp.reason = reasons.get(layer.name) or self._dense_reason(cands)
+                diagnostics.append(self.diag("info", lp.reason, layer.name))
+            plan.layers[layer.name] = lp
+        # keep the model's layer order
+        order = [layer.name for layer in program.layers()]
+        plan.layers = {name: plan.layers[name] for name in order if name in plan.layers}
+        chosen_totals = totals(choices, chosen)
+        plan.search = {
+            "budget": {budget: value}, "measure": alignment.what, "patterns": patterns, "sparsities": ladder,
+            "predicted_dense_s": dense_s, "predicted_s": chosen_totals["seconds"],
+            "predicted_speedup": dense_s / chosen_totals["seconds"], "proxy_error": chosen_totals["error"],
+            "measured_error": measured[pick], "kept_fraction": chosen_totals["kept"] / weights,
+            "plans": self._front_points(choices, front, finalists, measured, chosen, dense_s),
+        }
+        new = Program(program.exported, program.example_inputs, stage="planned", plan=plan, sparsity=program.sparsity)
+        sparse = [lp for lp in plan.layers.values() if lp.is_sparse]
+        return PassResult(new, changed=True, diagnostics=diagnostics, counters={
+            "searched_layers": len(searched), "sparse_layers": len(sparse),
+            "candidates": sum(len(c) for c in choices), "dropped_not_faster": dropped,
+            "finalists": len(finalists), "predicted_speedup": round(dense_s / chosen_totals["seconds"], 4),
+            "measured_error": round(measured[pick], 6)})
+
+    def _candidates(self, program: Program, layer: Layer, layer_stats: Any, cost_model: Any, patterns: list[str],
+                    ladder: list[float]) -> tuple[list[Candidate], int, str | None]:
+        """Dense first, then every (pattern, sparsity) the layer takes that is predicted faster; and
+        the cost model's reason when it says no sparse form of this layer pays."""
+        shape = tuple(layer.matrix_shape)
+        rows = layer_rows(program, layer)
+        weight = program.tensor(layer.weight).detach().reshape(shape[0], -1).double()
+        energy = (weight * weight) * (layer_stats.sq_norms[None, :] / max(1, layer_stats.rows))
+        total = float(energy.sum()) or 1.0
+        scores = energy.sqrt()
+        dense_s, _ = cost_model.predict(rows, None, shape)
+        out = [Candidate(None, 0.0, dense_s, 0.0, shape[0] * shape[1])]
+        slower = 0
+        # a cost model that knows a margin below which sparse does not pay (the GPU rooflines' 1.1x)
+        pays_check = getattr(cost_model, "dense_reason", None)
+        if pays_check is not None and (reason := pays_check(rows, *shape)) is not None:
+            return out, 0, reason
+        for name in patterns:
+            pattern = parse_pattern(name)
+            levels = [1 - pattern.n / pattern.m] if isinstance(pattern, NM) else ladder
+            if pattern.check_shape(shape) is not None:
+                continue
+            for sparsity in levels:
+                if pattern.check_sparsity(sparsity) is not None:
+                    continue
+                seconds, _ = cost_model.predict(rows, _synthetic_packed(shape, pattern.name, sparsity), shape)
+                if seconds >= dense_s:
+                    slower += 1
+                    continue
+                keep = pattern.mask(scores, sparsity)
+                error = float(energy[~keep].sum()) / total
+                out.append(Candidate(pattern.name, sparsity, seconds, error, int(keep.sum())))
+        return out, slower, None
+
+    def _finalists(self, front: list[list[int]], best: list[int], meets: Any) -> list[list[int]]:
+        """The solver's plan, then the front's plans meeting the budget nearest to it (the front
+        runs from fastest to most accurate, so those are its last eligible ones), up to
+        ``finalists`` in all."""
+        eligible = [plan for plan in front if meets(plan) and plan != best]
+        return [best] + eligible[::-1][: max(0, self.finalists - 1)]
+
+    def _fastest_within(self, alignment: OneShotAlignment, searched: list[tuple[Layer, list[Candidate]]],
+                        front: list[list[int]], limit: float) -> tuple[list[list[int]], list[float]]:
+        """For ``max_error``: bisect the front (fastest to most accurate; the measured error falls
+        along it) for the fastest plan whose measured error is within ``limit``. Returns the plans
+        measured, the chosen one last, and their errors."""
+        measured: dict[int, float] = {}
+
+        def error_at(i: int) -> float:
+            if i not in measured:
+                measured[i] = self._measure(alignment, searched, front[i])
+            return measured[i]
+
+        lo, hi = 0, len(front) - 1
+        if error_at(hi) > limit:
+            raise SearchError(f"no plan on the time/error front keeps the model's {alignment.what} within {limit:g} "
+                              f"(the most accurate sparse plan measures {error_at(hi):.4g}); raise max_error")
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if error_at(mid) <= limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        order = [i for i in measured if i != lo] + [lo]
+        return [front[i] for i in order], [measured[i] for i in order]
+
+    def _measure(self, alignment: OneShotAlignment, searched: list[tuple[Layer, list[Candidate]]],
+                 picks: list[int]) -> float:
+        """The model's error on calibration batches with one-shot Wanda masks of a plan."""
+        free = [LayerPlan(layer.name, layer.kind, list(layer.matrix_shape), cands[i].pattern, cands[i].sparsity)
+                for (layer, cands), i in zip(searched, picks, strict=True)]
+        return alignment.evaluate(free)
+
+    @staticmethod
+    def _dense_reason(cands: list[Candidate]) -> str:
+        if len(cands) == 1:
+            return ("no pattern and sparsity tried is predicted faster than this layer's dense kernel "
+                    f"({cands[0].seconds * 1e6:.1f} us predicted); kept dense")
+        best = min(cands[1:], key=lambda c: c.seconds)
+        return (f"kept dense by the search: its fastest sparse candidate ({best.label}, {best.seconds * 1e6:.1f} us vs "
+                f"{cands[0].seconds * 1e6:.1f} us dense) costs more error than the budget leaves for it")
+
+    @staticmethod
+    def _front_points(choices: list[list[Candidate]], front: list[list[int]], finalists: list[list[int]],
+                      measured: list[float], chosen: list[int], dense_s: float) -> list[dict[str, Any]]:
+        points = []
+        for plan in front + [p for p in finalists if p not in front]:
+            t = totals(choices, plan)
+            sparse = sum(1 for layer, i in zip(choices, plan, strict=True) if layer[i].pattern)
+            point = {"label": f"{dense_s / t['seconds']:.2f}x predicted, {sparse} sparse layers",
+                     "predicted_speedup": dense_s / t["seconds"], "error": t["error"], "chosen": plan == chosen}
+            if plan in finalists:
+                point["measured_error"] = measured[finalists.index(plan)]
+            points.append(point)
+        return points
+
+
+@register_pass
+@dataclass(frozen=True)
+class PlanFile(Pass):
+    """Plan from a JSON file (``sparsecc search -o plan.json``, or written by hand)."""
+
+    name = "plan-file"
+    summary = "take the per-layer plan from a JSON file (sparsecc search's output, possibly edited)"
+    numerics = "exact"
+
+    path: str = ""
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        from sparsecc.plan import PlanError
+
+        if not self.path:
+            raise PlanError("plan-file needs path=PLAN.json")
+        loaded = Plan.load(self.path)
+        layers = {layer.name: layer for layer in program.layers()}
+        unknown = [name for name in loaded.layers if name not in layers]
+        if unknown:
+            raise PlanError(f"plan {self.path} names layers this model does not have: {', '.join(unknown[:5])}; "
+                            "search this model again or fix the names")
+        diagnostics = []
+        if loaded.target != ctx.target.name:
+            diagnostics.append(self.diag("warning", f"plan {self.path} was made for target {loaded.target!r}; "
+                                                    f"compiling it for {ctx.target.name!r}"))
+        plan = Plan(target=ctx.target.name, method=loaded.method, search=loaded.search)
+        for name, layer in layers.items():
+            lp = loaded.layers.get(name)
+            if lp is None:
+                lp = LayerPlan(name, layer.kind, list(layer.matrix_shape), None, 0.0, "not in the plan; kept dense")
+                diagnostics.append(self.diag("info", lp.reason, name))
+            elif list(lp.shape) != list(layer.matrix_shape):
+                raise PlanError(f"plan {self.path}: layer {name} is {lp.shape} in the plan but "
+                                f"{list(layer.matrix_shape)} in this model; search this model again")
+            elif lp.is_sparse:
+                pattern = parse_pattern(lp.pattern)
+                if not ctx.target.supports(pattern.name):
+                    raise TargetError(f"plan {self.path}: layer {name} asks for {lp.pattern}, which target "
+                                      f"{ctx.target.name!r} has no kernel for ({', '.join(ctx.target.patterns)})")
+                why = pattern.check_shape(tuple(layer.matrix_shape)) or pattern.check_sparsity(lp.sparsity)
+                if why is not None:
+                    raise PlanError(f"plan {self.path}: layer {name}: {why}")
+                lp.check()
+            plan.layers[name] = lp
+        new = Program(program.exported, program.example_inputs, stage="planned", plan=plan, sparsity=program.sparsity)
+        return PassResult(new, changed=True, diagnostics=diagnostics,
+                          counters={"sparse_layers": len(plan.sparse_layers()),
+                                    "dense_layers": len(plan.dense_layers())})

@@ -1,0 +1,165 @@
+"""The search pass and plans: budgets respected, no sparse kernel predicted slower than dense,
+plans that round-trip through JSON and compile, clear refusals of plans that do not fit, and
+different plans for different targets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sparsecc
+import torch
+from sparsecc.cli import main as cli_main
+from sparsecc.errors import SparseccError, TargetError
+from sparsecc.plan import Plan, PlanError
+from sparsecc.search import SearchError
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(256, 512)
+        self.mid = torch.nn.Linear(512, 512)
+        self.down = torch.nn.Linear(512, 256)
+        self.head = torch.nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.down(torch.relu(self.mid(torch.relu(self.up(x)))))))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 256, generator=gen),) for _ in range(3)]
+    return model, batches
+
+
+def search(problem, **budget) -> Plan:
+    model, batches = problem
+    return sparsecc.search_plan(model, batches[0], target="x86", calibration=batches, progress=False, **budget)
+
+
+def searched(plan: Plan):
+    return [lp for lp in plan.layers.values() if lp.dense_s is not None]
+
+
+def test_latency_budget_holds_and_no_sparse_kernel_is_predicted_slower(problem) -> None:
+    plan = search(problem, latency=0.6)
+    layers = searched(plan)
+    assert sum(lp.predicted_s for lp in layers) <= 0.6 * sum(lp.dense_s for lp in layers) * (1 + 1e-9)
+    assert plan.search["predicted_speedup"] >= 1 / 0.6 - 1e-9
+    assert any(lp.is_sparse for lp in layers)
+    assert all(lp.predicted_s < lp.dense_s for lp in layers if lp.is_sparse)
+    # a tighter budget costs at least as much error on the same candidates
+    tighter = search(problem, latency=0.4)
+    assert tighter.search["proxy_error"] >= plan.search["proxy_error"] - 1e-12
+
+
+def test_sparsity_budget_removes_at_least_that_share(problem) -> None:
+    plan = search(problem, sparsity=0.7)
+    layers = searched(plan)
+    total = sum(lp.shape[0] * lp.shape[1] for lp in layers)
+    removed = sum(lp.shape[0] * lp.shape[1] * lp.sparsity for lp in layers if lp.is_sparse)
+    assert removed >= 0.7 * total * (1 - 1e-9) and plan.search["kept_fraction"] <= 0.3 + 1e-9
+
+
+def test_max_error_budget_is_met_as_measured(problem) -> None:
+    loose, tight = search(problem, max_error=0.5), search(problem, max_error=0.02)
+    assert loose.search["measured_error"] <= 0.5 and tight.search["measured_error"] <= 0.02
+    assert loose.search["predicted_speedup"] >= tight.search["predicted_speedup"]
+    chosen = [p for p in loose.search["plans"] if p["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["measured_error"] == loose.search["measured_error"]
+
+
+def test_budget_refusals(problem) -> None:
+    with pytest.raises(SparseccError, match="exactly one budget"):
+        search(problem)
+    with pytest.raises(SparseccError, match="exactly one budget"):
+        search(problem, latency=0.5, sparsity=0.5)
+    with pytest.raises(SparseccError, match="between 0 and 1"):
+        search(problem, latency=1.5)
+    with pytest.raises(SearchError, match="no plan meets the budget"):
+        search(problem, latency=0.01)
+    with pytest.raises(TargetError, match="no kernel for pattern"):
+        search(problem, latency=0.5, patterns="unstructured;3:8")
+
+
+def test_plan_round_trips_and_compiles(problem, tmp_path) -> None:
+    model, batches = problem
+    plan = search(problem, latency=0.6)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    again = Plan.load(path)
+    assert again.to_json() == plan.to_json() and json.loads(path.read_text())["search"]["budget"] == {"latency": 0.6}
+    art = sparsecc.compile(model, batches[0], target="x86", plan=path, calibration=batches, progress=False)
+    by_name = {layer.name: layer for layer in art.report.layers}
+    for lp in plan.layers.values():
+        assert by_name[lp.name].decision == ("sparse" if lp.is_sparse else "dense")
+        assert by_name[lp.name].predicted_s == lp.predicted_s
+    assert art.report.search["predicted_speedup"] == plan.search["predicted_speedup"]
+    with pytest.raises(SparseccError, match="a plan fixes"):
+        sparsecc.compile(model, batches[0], target="x86", plan=path, pattern="2:4", calibration=batches)
+
+
+def test_edited_plans_are_checked(problem, tmp_path) -> None:
+    model, batches = problem
+    plan = search(problem, latency=0.6).to_json()
+
+    def compile_with(data) -> None:
+        path = tmp_path / "edited.json"
+        path.write_text(json.dumps(data))
+        sparsecc.compile(model, batches[0], target="x86", plan=path, calibration=batches, progress=False)
+
+    renamed = json.loads(json.dumps(plan))
+    renamed["layers"][0]["name"] = "nope"
+    with pytest.raises(PlanError, match="does not have: nope"):
+        compile_with(renamed)
+    reshaped = json.loads(json.dumps(plan))
+    reshaped["layers"][0]["shape"] = [1, 2]
+    with pytest.raises(PlanError, match="in the plan but"):
+        compile_with(reshaped)
+    untileable = json.loads(json.dumps(plan))
+    untileable["layers"][-1].update(pattern="block16x1", sparsity=0.5)  # the head has 10 outputs
+    with pytest.raises(PlanError, match="head"):
+        compile_with(untileable)
+    with pytest.raises(TargetError, match="no kernel"):
+        sparsecc.compile(model, batches[0], target="cuda-sm80", plan=_saved(tmp_path, plan), calibration=batches,
+                         progress=False)
+
+
+def _saved(tmp_path, data) -> str:
+    path = tmp_path / "as_searched.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_targets_get_different_plans(problem) -> None:
+    """The GPU roofline finds nothing in this small model worth 2:4 (launch and idle SMs), the x86
+    cost model does."""
+    model, batches = problem
+    x86 = search(problem, sparsity=0.5)
+    gpu = sparsecc.search_plan(model, batches[0], target="cuda-sm80", calibration=batches, progress=False,
+                               max_error=1.0)
+    assert any(lp.is_sparse for lp in x86.layers.values())
+    assert not any(lp.is_sparse for lp in gpu.layers.values())
+    reasons = {lp.name: lp.reason for lp in gpu.layers.values()}
+    assert all("predicted 1.0" in reasons[name] for name in ("up", "mid", "down"))
+    assert "multiples of 32" in reasons["head"]
+
+
+@pytest.mark.slow
+def test_cli_search_then_compile(problem, tmp_path, capsys) -> None:
+    model, batches = problem
+    program = torch.export.export(model, batches[0])
+    torch.export.save(program, tmp_path / "mlp.pt2")
+    torch.save(batches, tmp_path / "calib.pt")
+    assert cli_main(["search", str(tmp_path / "mlp.pt2"), "--target", "x86", "--latency", "0.6", "--calib",
+                     str(tmp_path / "calib.pt"), "-o", str(tmp_path / "plan.json"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "budget {'latency': 0.6}" in out and "plan written to" in out
+    assert cli_main(["compile", str(tmp_path / "mlp.pt2"), "--target", "x86", "--plan", str(tmp_path / "plan.json"),
+                     "--calib", str(tmp_path / "calib.pt"), "-o", str(tmp_path / "art"), "-q"]) == 0
+    saved = Plan.load(tmp_path / "art" / "plan.json")
+    assert saved.search["budget"] == {"latency": 0.6}
