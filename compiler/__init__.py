@@ -14,6 +14,7 @@ from . import ops  # noqa: F401 - registers the sparse ops with torch
 from .api import compile, default_pipeline, search_plan
 from .artifact import Artifact, load
 from .capture import capture, from_exported, load_program
+from .cost_check import check_cost_model
 from .errors import SparseccError
 from .gradual import GradualPruner
 from .pass_manager import (
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Artifact", "Diagnostic", "GradualPruner", "Instrument", "LayerPlan", "NumericsInstrument", "Pass", "PassContext",
     "PassManager", "PassResult", "Plan", "Program", "SnapshotInstrument", "SparseccError", "SparsityInfo",
-    "TimingInstrument", "VerifyInstrument", "all_passes", "capture", "compile", "default_pipeline",
-    "from_exported", "get_pass", "load", "load_program", "parse_pipeline", "register_pass", "search_plan",
+    "TimingInstrument", "VerifyInstrument", "all_passes", "capture", "check_cost_model", "compile",
+    "default_pipeline", "from_exported", "get_pass", "load", "load_program", "parse_pipeline", "register_pass",
+    "search_plan",
 ]

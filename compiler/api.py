@@ -179,6 +179,7 @@ def compile(  # noqa: A001 - the public name users expect
     weights: str = "float32",
     convs: str = "pointwise",
     plan: Plan | str | pathlib.Path | None = None,
+    measure_layers: bool = False,
 ) -> Artifact:
     """Capture, calibrate, prune, pack, lower and build ``model_or_program`` for ``target``.
 
@@ -195,8 +196,10 @@ def compile(  # noqa: A001 - the public name users expect
     makes k x k, strided and padded convolutions (groups 1) sparse, as im2col rows times a sparse
     GEMM; by default only 1x1 convolutions are. ``plan`` (a :class:`Plan` or a plan JSON file,
     e.g. from :func:`search_plan` or ``sparsecc search``) fixes every layer's pattern and sparsity
-    instead of ``sparsity`` / ``pattern``; it is pruned with the plan's own method. Returns an
-    Artifact whose ``report`` says what happened per layer.
+    instead of ``sparsity`` / ``pattern``; it is pruned with the plan's own method.
+    ``measure_layers=True`` then times every layer's kernel and the whole model on this machine and
+    records them against the cost model's predictions (``report.cost_model``, see
+    :mod:`sparsecc.cost_check`). Returns an Artifact whose ``report`` says what happened per layer.
     """
     from sparsecc.targets import get_target
     from sparsecc.targets.kernels import HALF_MARKERS
@@ -283,6 +286,14 @@ def compile(  # noqa: A001 - the public name users expect
                 "severity": "error", "pass_name": "build", "layer": None,
                 "message": f"compiled output differs from the masked-dense program by {rel:.3g} (relative); "
                            "this is a kernel bug, please report it with the artifact"})
+    if measure_layers:
+        from .cost_check import check_cost_model
+        from .timing import median_latency
+
+        if not record.runs_here:
+            raise SparseccError(f"measure_layers: target {record.name!r} does not run on this machine")
+        latency = median_latency({"model": lambda: artifact(*program.example_inputs)}, rounds=7)["model"]
+        check_cost_model(artifact, model_latency=latency)
     return artifact
 
 

@@ -143,7 +143,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                  method=args.method, refine=args.refine, allocation=args.allocation,
                                  calibration=calibration, skip=args.skip or "",
                                  pipeline=args.pipeline, progress=not args.quiet, dump_dir=args.dump_dir,
-                                 weights=weight_storage(args.weights), convs=args.convs, plan=args.plan)
+                                 weights=weight_storage(args.weights), convs=args.convs, plan=args.plan,
+                                 measure_layers=args.measure_layers)
     out = artifact.save(args.output)
     print(artifact.report.summary(), end="")
     print(f"artifact written to {out}")
@@ -305,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_options(p)
     p.add_argument("--plan", default=None, help="PLAN.json from `sparsecc search` (or edited): every layer's pattern "
                                                  "and sparsity, instead of --sparsity / --pattern")
+    p.add_argument("--measure-layers", action="store_true",
+                   help="after the build, time every layer's kernel and the model here and report them against the "
+                        "cost model's predictions (x86, wasm-simd)")
     p.add_argument("--skip", default=None, help="layers to keep dense: fnmatch globs separated by ';'")
     p.add_argument("--convs", default="pointwise", choices=["pointwise", "all"],
                    help="which convolutions become sparse: pointwise (1x1 only, the default) or all (k x k, strided "

@@ -57,6 +57,9 @@ class Report:
     # What a plan search considered (empty when the plan was uniform): "budget", "plans" (each
     # {"label", "predicted_speedup", "error", "chosen"}: the speed/accuracy trade-off the solver saw)
     search: dict[str, Any] = field(default_factory=dict)
+    # Predicted against measured kernel times (``sparsecc.cost_check.check_cost_model``): per layer
+    # rows, Spearman rank correlation, median relative error, sums, the whole model's latency
+    cost_model: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +97,13 @@ class Report:
             lines.append("compiled vs masked-dense reference: relative error "
                          f"{self.compiled_vs_reference.get('rel', float('nan')):.3g}, max abs "
                          f"{self.compiled_vs_reference.get('max_abs', float('nan')):.3g}")
+        if self.cost_model:
+            cm = self.cost_model
+            lines.append(f"cost model vs this machine over {len(cm['layers'])} layer kernels: Spearman "
+                         f"{cm['spearman']:.2f}, median |predicted/measured - 1| {cm['median_relative_error']:.0%}, "
+                         f"sums {cm['predicted_sum_s'] * 1e3:.3f} ms predicted / {cm['measured_sum_s'] * 1e3:.3f} ms "
+                         "measured" + (f" (whole model {cm['model_latency_s'] * 1e3:.3f} ms)"
+                                       if cm.get("model_latency_s") else ""))
         if self.passes:
             lines += ["", "passes:"]
             for entry in self.passes:

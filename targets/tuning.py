@@ -393,3 +393,25 @@ def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], pattern
                             f"({gain:.2f}x the heuristic's, {len(entry['candidates'])} candidates)")
                     table.save()
     return table
+
+
+def time_layer_kernel(target_name: str, m: int, weight: np.ndarray, packed: Packed | None,
+                      rounds: int = 5) -> float:
+    """Median seconds of the kernel ``compile`` builds for one layer problem on ``target_name``
+    (the cost table's measured-best schedule where there is one, else the heuristic's), timed where
+    the target's kernels run (:func:`sparsecc.targets.runners.kernel_preparer`: in this process for
+    x86, in wasmtime for wasm-simd); a target whose kernels cannot be timed here raises."""
+    from .registry import get_target
+    from .runners import kernel_preparer
+
+    record = get_target(target_name)
+    kernel_preparer(record.runner)  # refuses a runner that cannot time (arm-neon, the GPUs)
+    model = record.cost_model() if record.cost_model is not None else None
+    caps = record.capabilities()
+    shape = tuple(weight.shape)
+    schedule = model.schedule(m, packed, shape) if model is not None else None
+    if schedule is None:
+        schedule = default_schedule(m, packed, caps, shape)
+    results = explore(m, weight, packed, caps, record.tvm_target(), rounds=rounds, candidates=[schedule],
+                      runner=record.runner)
+    return results[0][1]

@@ -1,0 +1,97 @@
+"""How honest a target's cost model is on a compiled model: every layer's predicted kernel time
+against its kernel timed on this machine, and the sum over layers against the whole model.
+
+For each layer of the artifact's plan that the kernels compute as a matrix product (linears and
+the convolutions planned as GEMMs), the layer's weight as compiled (the pruned weight, packed in
+its planned pattern, or dense) is given to the target's cost model (measured table or roofline,
+as the search sees it) and to the kernel that ``compile`` builds for that problem, timed where
+the target's kernels run (x86 in-process, wasm-simd in wasmtime). Results: per layer predicted
+and measured seconds (the report's ``predicted_s`` / ``measured_s``), the Spearman rank
+correlation over layers (does the model order layers right, which is what a search needs) and
+the median of |predicted / measured - 1| (how far its numbers are off), and the sums.
+
+A 1x1 convolution is timed as the linear of its GEMM shape (rows = batch x pixels), which is the
+problem the cost model predicts; the model's own convolution kernel lays its operands out
+differently, so for convolutions the comparison is of the model, not of that kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .artifact import Artifact
+from .errors import SparseccError
+from .sparsity import parse_pattern
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    # ties share their mean rank
+    for value in set(values):
+        where = [i for i, v in enumerate(values) if v == value]
+        if len(where) > 1:
+            ranks[where] = ranks[where].mean()
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (nan for fewer than two values)."""
+    if len(a) < 2:
+        return math.nan
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def check_cost_model(artifact: Artifact, rounds: int = 5, model_latency: float | None = None) -> dict[str, Any]:
+    """Time every planned layer's kernel on this machine, fill the report's per-layer
+    ``predicted_s`` / ``measured_s`` and ``report.cost_model``, and return that summary.
+    ``model_latency`` (seconds of one call of the whole compiled model, when measured) is set
+    beside the sums."""
+    from sparsecc.passes.plan_uniform import layer_rows
+    from sparsecc.program import Program
+    from sparsecc.targets import get_target
+    from sparsecc.targets.tuning import time_layer_kernel
+
+    record = get_target(artifact.target)
+    if record.cost_model is None:
+        raise SparseccError(f"target {artifact.target!r} has no cost model to check")
+    model = record.cost_model()
+    program = Program(artifact.pruned, artifact.example_inputs)
+    layers = {layer.name: layer for layer in program.layers()}
+    by_name = {lr.name: lr for lr in artifact.report.layers}
+    rows = []
+    for lp in artifact.plan.layers.values():
+        layer = layers.get(lp.name)
+        if layer is None or (layer.kind != "linear" and not layer.is_pointwise_conv):
+            continue
+        weight = program.tensor(layer.weight).detach().reshape(layer.matrix_shape).float().numpy()
+        report = by_name.get(lp.name)
+        sparse = report is not None and report.decision == "sparse"
+        packed = parse_pattern(report.pattern).pack(weight) if sparse else None
+        m = layer_rows(program, layer)
+        predicted, how = model.predict(m, packed, tuple(layer.matrix_shape))
+        measured = time_layer_kernel(artifact.target, m, weight, packed, rounds=rounds)
+        rows.append({"layer": lp.name, "m": m, "decision": "sparse" if sparse else "dense",
+                     "predicted_s": predicted, "measured_s": measured, "source": how})
+        if report is not None:
+            report.predicted_s, report.measured_s = predicted, measured
+    if not rows:
+        raise SparseccError("the artifact has no layer whose kernel can be timed alone")
+    predicted = [r["predicted_s"] for r in rows]
+    measured = [r["measured_s"] for r in rows]
+    summary = {
+        "layers": rows,
+        "spearman": spearman(predicted, measured),
+        "median_relative_error": float(np.median([abs(p / m - 1) for p, m in zip(predicted, measured, strict=True)])),
+        "predicted_sum_s": sum(predicted), "measured_sum_s": sum(measured),
+        "model_latency_s": model_latency,
+    }
+    artifact.report.cost_model = summary
+    return summary
