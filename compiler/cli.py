@@ -125,6 +125,24 @@ def format_plan(plan: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .plan import Plan
+    from .plan_compare import format_html, format_text
+
+    plans: dict[str, Plan] = {}
+    for path in args.plans:
+        plan = Plan.load(path)
+        label = plan.target if plan.target not in plans else f"{plan.target} ({path})"
+        plans[label] = plan
+    text = format_html(plans) if args.format == "html" else format_text(plans)
+    if args.output:
+        pathlib.Path(args.output).write_text(text)
+        print(f"comparison written to {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import warnings
 
@@ -340,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="PLAN.json to write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("compare", help="plans of one model for several targets side by side, with why each differing "
+                                       "layer differs")
+    p.add_argument("plans", nargs="+", help="PLAN.json files from `sparsecc search` (two or more)")
+    p.add_argument("--format", default="text", choices=["text", "html"])
+    p.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("run", help="run an artifact on saved inputs")
     p.add_argument("artifact")

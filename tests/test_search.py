@@ -163,3 +163,23 @@ def test_cli_search_then_compile(problem, tmp_path, capsys) -> None:
                      "--calib", str(tmp_path / "calib.pt"), "-o", str(tmp_path / "art"), "-q"]) == 0
     saved = Plan.load(tmp_path / "art" / "plan.json")
     assert saved.search["budget"] == {"latency": 0.6}
+
+
+def test_plans_for_four_targets_differ_and_the_comparison_says_why(problem, tmp_path, capsys) -> None:
+    model, batches = problem
+    paths = []
+    for target, budget in (("x86", {"sparsity": 0.6}), ("arm-neon", {"sparsity": 0.6}),
+                           ("wasm-simd", {"sparsity": 0.6}), ("cuda-sm80", {"max_error": 1.0})):
+        plan = sparsecc.search_plan(model, batches[0], target=target, calibration=batches, progress=False, **budget)
+        paths.append(tmp_path / f"{target}.json")
+        plan.save(paths[-1])
+    assert cli_main(["compare", *map(str, paths)]) == 0
+    text = capsys.readouterr().out
+    assert "layers differ (*); why:" in text and "cuda-sm80: dense: 2:4 predicted" in text
+    assert "arm-neon: unstructured at" in text or "arm-neon: block" in text
+    x86, arm = Plan.load(paths[0]), Plan.load(paths[1])
+    assert any(x86.layers[n].sparsity != arm.layers[n].sparsity or x86.layers[n].pattern != arm.layers[n].pattern
+               for n in x86.layers)
+    assert cli_main(["compare", *map(str, paths), "--format", "html", "-o", str(tmp_path / "cmp.html")]) == 0
+    page = (tmp_path / "cmp.html").read_text()
+    assert "<table id='plans'>" in page and "http" not in page and page.count('class="differs"') >= 3
