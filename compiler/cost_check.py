@@ -8,7 +8,9 @@ as the search sees it) and to the kernel that ``compile`` builds for that proble
 the target's kernels run (x86 in-process, wasm-simd in wasmtime). Results: per layer predicted
 and measured seconds (the report's ``predicted_s`` / ``measured_s``), the Spearman rank
 correlation over layers (does the model order layers right, which is what a search needs) and
-the median of |predicted / measured - 1| (how far its numbers are off), and the sums.
+the median of |predicted / measured - 1| (how far its numbers are off), and the sums. Every sparse
+layer's dense kernel is timed too, and layers whose sparse kernel measures no faster than it are
+listed (``slower_than_dense``): the search promises none.
 
 A 1x1 convolution is timed as the linear of its GEMM shape (rows = batch x pixels), which is the
 problem the cost model predicts; the model's own convolution kernel lays its operands out
@@ -78,8 +80,12 @@ def check_cost_model(artifact: Artifact, rounds: int = 5, model_latency: float |
         m = layer_rows(program, layer)
         predicted, how = model.predict(m, packed, tuple(layer.matrix_shape))
         measured = time_layer_kernel(artifact.target, m, weight, packed, rounds=rounds)
-        rows.append({"layer": lp.name, "m": m, "decision": "sparse" if sparse else "dense",
-                     "predicted_s": predicted, "measured_s": measured, "source": how})
+        row = {"layer": lp.name, "m": m, "decision": "sparse" if sparse else "dense",
+               "predicted_s": predicted, "measured_s": measured, "source": how}
+        if sparse:
+            # the promise: no sparse kernel slower than the layer's dense one, measured here
+            row["measured_dense_s"] = time_layer_kernel(artifact.target, m, weight, None, rounds=rounds)
+        rows.append(row)
         if report is not None:
             report.predicted_s, report.measured_s = predicted, measured
     if not rows:
@@ -92,6 +98,7 @@ def check_cost_model(artifact: Artifact, rounds: int = 5, model_latency: float |
         "median_relative_error": float(np.median([abs(p / m - 1) for p, m in zip(predicted, measured, strict=True)])),
         "predicted_sum_s": sum(predicted), "measured_sum_s": sum(measured),
         "model_latency_s": model_latency,
+        "slower_than_dense": [r["layer"] for r in rows if r.get("measured_dense_s", math.inf) <= r["measured_s"]],
     }
     artifact.report.cost_model = summary
     return summary

@@ -104,6 +104,9 @@ class Report:
                          f"sums {cm['predicted_sum_s'] * 1e3:.3f} ms predicted / {cm['measured_sum_s'] * 1e3:.3f} ms "
                          "measured" + (f" (whole model {cm['model_latency_s'] * 1e3:.3f} ms)"
                                        if cm.get("model_latency_s") else ""))
+            slower = cm.get("slower_than_dense") or []
+            lines.append("sparse kernels measured no faster than their dense kernel: "
+                         + (", ".join(slower) if slower else "none"))
         if self.passes:
             lines += ["", "passes:"]
             for entry in self.passes:

@@ -50,6 +50,11 @@ def test_every_layer_gets_a_measured_time(target) -> None:
     assert -1.0 <= summary["spearman"] <= 1.0 and summary["median_relative_error"] >= 0
     assert (summary["model_latency_s"] or 0) >= (0 if target != "x86" else 1e-7)
     assert "cost model vs this machine over 3 layer kernels" in art.report.summary()
+    sparse = [row for row in summary["layers"] if row["decision"] == "sparse"]
+    assert sparse and all(row["measured_dense_s"] > 0 for row in sparse)
+    assert summary["slower_than_dense"] == [row["layer"] for row in sparse
+                                            if row["measured_dense_s"] <= row["measured_s"]]
+    assert "measured no faster than their dense kernel" in art.report.summary()
 
 
 def test_targets_whose_kernels_cannot_be_timed_here_say_so() -> None:
