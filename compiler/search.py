@@ -57,20 +57,17 @@ def solve(choices: Sequence[Sequence[Candidate]], minimize: str, bound: str, lim
     even the smallest bound exceeds ``limit``.
 
     The bound is measured on a grid of ``resolution`` cells, each layer's use rounded to the
-    nearest cell; a plan whose real sum then exceeds ``limit`` is solved again under a limit
-    lowered by the excess, so the returned plan always respects the real budget."""
-    target = limit
-    for _ in range(16):
-        picks = _solve_grid(choices, minimize, bound, target, resolution, tie_break)
-        excess = totals(choices, picks)[bound] - limit
-        if excess <= abs(limit) * 1e-12:
-            return picks
-        target -= excess
-    raise SearchError(f"the grid search could not meet the budget on {bound}; raise the resolution")
+    nearest cell (exact for uses that sum to the limit); if the plan's real sum then exceeds
+    ``limit``, it is solved again with every use rounded up, which cannot exceed it. Uses below
+    1e-12 of the bound's largest value count as nothing, so "respects" is up to that."""
+    picks = _solve_grid(choices, minimize, bound, limit, resolution, tie_break, round_up=False)
+    if totals(choices, picks)[bound] - limit <= _tolerance(choices, bound, limit):
+        return picks
+    return _solve_grid(choices, minimize, bound, limit, resolution, tie_break, round_up=True)
 
 
 def _solve_grid(choices: Sequence[Sequence[Candidate]], minimize: str, bound: str, limit: float,
-                resolution: int, tie_break: str | None) -> list[int]:
+                resolution: int, tie_break: str | None, round_up: bool) -> list[int]:
     if not choices or any(not c for c in choices):
         raise SearchError("every layer needs at least one candidate")
     floor = sum(min(_value(c, bound) for c in layer) for layer in choices)
@@ -80,8 +77,10 @@ def _solve_grid(choices: Sequence[Sequence[Candidate]], minimize: str, bound: st
     # Only what the bound leaves above its floor needs a grid: shift each layer by its cheapest.
     slack = limit - floor
     lows = [min(_value(c, bound) for c in layer) for layer in choices]
-    cell = slack / resolution if slack > 0 else 0.0
-    cells = resolution if slack > 0 else 0
+    # uses within rounding of nothing are nothing (a sum the float limit cannot tell apart)
+    tolerance = _tolerance(choices, bound, limit)
+    cell = slack / resolution if slack > tolerance else 0.0
+    cells = resolution if slack > tolerance else 0
     inf = math.inf
     # best[b] = least objective using at most b cells of slack; choice[layer][b] = candidate index
     best = np.zeros(cells + 1)
@@ -92,7 +91,7 @@ def _solve_grid(choices: Sequence[Sequence[Candidate]], minimize: str, bound: st
         new_second = np.full(cells + 1, inf)
         pick = np.full(cells + 1, -1, dtype=np.int64)
         for index, cand in enumerate(layer):
-            used = _cells(_value(cand, bound) - low, cell, cells)
+            used = _cells(_value(cand, bound) - low, cell, cells, tolerance, round_up)
             if used > cells:
                 continue
             objective = np.full(cells + 1, inf)
@@ -113,17 +112,24 @@ def _solve_grid(choices: Sequence[Sequence[Candidate]], minimize: str, bound: st
     for layer, low, pick in zip(reversed(choices), reversed(lows), reversed(picks), strict=True):
         index = int(pick[b])
         chosen.append(index)
-        b -= _cells(_value(layer[index], bound) - low, cell, cells)
+        b -= _cells(_value(layer[index], bound) - low, cell, cells, tolerance, round_up)
     chosen.reverse()
     return chosen
 
 
-def _cells(extra: float, cell: float, cells: int) -> int:
-    """Grid cells a layer's bound above its cheapest candidate takes (nearest cell; more than the
-    grid when there is no slack at all)."""
-    if extra <= 0:
+def _tolerance(choices: Sequence[Sequence[Candidate]], bound: str, limit: float) -> float:
+    """What a sum of ``bound`` cannot tell from nothing: 1e-12 of its largest value."""
+    return 1e-12 * max(abs(limit), max(abs(_value(c, bound)) for layer in choices for c in layer))
+
+
+def _cells(extra: float, cell: float, cells: int, tolerance: float, round_up: bool) -> int:
+    """Grid cells a layer's bound above its cheapest candidate takes (the nearest cell, or the
+    next one up; more than the grid when there is no slack at all)."""
+    if extra <= tolerance:
         return 0
-    return int(round(extra / cell)) if cell > 0 else cells + 1
+    if cell <= 0 or extra > cell * (cells + 1):
+        return cells + 1
+    return math.ceil(extra / cell - 1e-9) if round_up else int(round(extra / cell))
 
 
 def totals(choices: Sequence[Sequence[Candidate]], picks: Sequence[int]) -> dict[str, float]:

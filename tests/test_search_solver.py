@@ -17,10 +17,12 @@ def table(rows: list[list[tuple[float, float, int]]]) -> list[list[Candidate]]:
 
 
 def brute_force(choices, minimize, bound, limit, tie_break=None):
+    # the solver counts sums within 1e-12 of the bound's scale as meeting it; so does this
+    slack = 1e-12 * max(abs(limit), max(abs(getattr(c, bound)) for layer in choices for c in layer))
     best = None
     for picks in itertools.product(*(range(len(layer)) for layer in choices)):
         t = totals(choices, picks)
-        if t[bound] > limit * (1 + 1e-12):
+        if t[bound] > limit + slack:
             continue
         key = (round(t[minimize], 12), round(t[tie_break], 12) if tie_break else 0)
         if best is None or key < best[0]:
@@ -67,7 +69,8 @@ def test_matches_brute_force(rows, objective_bound, fraction) -> None:
     limit = low + fraction * (high - low)
     picks = solve(choices, minimize, bound, limit, resolution=4000)
     got = totals(choices, picks)
-    assert got[bound] <= limit * (1 + 1e-9)  # the real budget holds, not only the grid's
+    scale = max(abs(getattr(c, bound)) for layer in choices for c in layer)
+    assert got[bound] <= limit + 1e-9 * max(limit, scale)  # the real budget holds, not only the grid's
     expected = brute_force(choices, minimize, bound, limit)[0][0]
     # exact up to the grid: rounding each layer's bound up by at most one cell can only exclude
     # plans within len(rows) cells of the limit; check against brute force with that margin
@@ -75,6 +78,12 @@ def test_matches_brute_force(rows, objective_bound, fraction) -> None:
     strict = brute_force(choices, minimize, bound, limit - margin)
     assert got[minimize] <= (strict[0][0] if strict else got[minimize]) + 1e-9
     assert got[minimize] >= expected - 1e-9
+
+
+def test_uses_below_float_resolution_count_as_nothing() -> None:
+    # the second layer's cheaper candidate adds 1e-38 error: 1.0 + 1e-38 is 1.0, within a limit of 1.0
+    choices = table([[(1.0, 1.0, 1)], [(2.0, 0.0, 1), (1.0, 1.175494351e-38, 1)]])
+    assert solve(choices, "seconds", "error", 1.0) == [0, 1]
 
 
 def test_lagrangian_front_runs_from_fastest_to_most_accurate() -> None:
