@@ -68,6 +68,24 @@ DEFAULT_LATENCY = "0.7,0.5,0.35"
 BAR = 1.25  # the speed ratio searched / uniform at equal accuracy the issue asks for
 
 
+@dataclass(frozen=True)
+class Metric:
+    """An accuracy metric the front and the verdict are judged on."""
+
+    key: str
+    name: str
+    higher_is_better: bool
+
+    def at_least_as_good(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return a[self.key] >= b[self.key] if self.higher_is_better else a[self.key] <= b[self.key]
+
+
+#: per model, the metrics judged on: the first is the primary one; MobileNetV2's top-1 agreement
+#: saturates at 0 once one-shot pruning breaks the model, so its KL divergence is judged too
+METRICS = {"mobilenet": [Metric("top1", "top-1 agreement", True), Metric("kl", "KL(dense || build)", False)],
+           "smollm": [Metric("ppl", "perplexity", False)]}
+
+
 @dataclass
 class Workload:
     """One model: its timed input, calibration batches, held-out scoring and what the score means."""
@@ -78,13 +96,7 @@ class Workload:
     calibration: list[tuple[Any, ...]]
     described: str
     score: Callable[[Callable[..., Any]], dict[str, float]]  # call -> metrics
-    primary: str  # the metric the front and the verdict use
-    higher_is_better: bool
     skip: str = ""
-
-    def better_or_equal(self, a: dict[str, float], b: dict[str, float]) -> bool:
-        """Is ``a``'s primary metric at least as good as ``b``'s?"""
-        return a[self.primary] >= b[self.primary] if self.higher_is_better else a[self.primary] <= b[self.primary]
 
 
 def _mobilenet(args: argparse.Namespace) -> Workload:
@@ -105,7 +117,7 @@ def _mobilenet(args: argparse.Namespace) -> Workload:
     described = (f"MobileNetV2 (batch 1, 224x224); calibration {args.calib} augmented crops (seed 0), accuracy vs "
                  f"the dense torch model over {args.eval} other crops (seed 1000) of scikit-learn's two photos")
     return Workload("mobilenet", model, (calib[:1],), [(calib[i:i + 1],) for i in range(len(calib))], described,
-                    score, "top1", True)
+                    score)
 
 
 def _smollm(args: argparse.Namespace) -> Workload:
@@ -126,7 +138,7 @@ def _smollm(args: argparse.Namespace) -> Workload:
     layers = f", first {args.layers} decoder layers only" if args.layers else ""
     described = (f"SmolLM2-135M{layers} (one {args.seq}-token forward); calibration {args.calib} x {args.seq} tokens "
                  f"of library/ (seed 0), perplexity over {args.eval} windows of tutorial/")
-    return Workload("smollm", model, (windows[0],), calibration, described, score, "ppl", False, skip="lm_head")
+    return Workload("smollm", model, (windows[0],), calibration, described, score, skip="lm_head")
 
 
 WORKLOADS = {"mobilenet": _mobilenet, "smollm": _smollm}
@@ -159,6 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default="x86", choices=["x86", "wasm-simd"])
     p.add_argument("--uniform", default=DEFAULT_UNIFORM, help="comma-separated PATTERN@SPARSITY uniform builds")
     p.add_argument("--latency", default=DEFAULT_LATENCY, help="comma-separated latency budgets for the search")
+    p.add_argument("--ladder", default="", help="';'-separated sparsities the search tries (default: the pass's)")
     p.add_argument("--method", default="wanda", choices=["wanda", "magnitude", "sparsegpt"])
     p.add_argument("--calib", type=int, default=None, help="calibration samples (mobilenet 32 crops, smollm 16)")
     p.add_argument("--eval", type=int, default=None, help="held-out samples (mobilenet 256 crops, smollm 16 windows)")
@@ -172,6 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-ort", action="store_true", help="x86: leave ONNX Runtime dense out of the timing")
     p.add_argument("--artifacts", help="keep the builds (and searched plans) here and reuse them in later runs")
     p.add_argument("--out", help="write the rows to this JSON file")
+    p.add_argument("--rescore", metavar="ROWS_JSON", help="only print the tables of an earlier --out file again")
     args = p.parse_args(argv)
     defaults = {"mobilenet": (32, 256), "smollm": (16, 16)}[args.model]
     args.calib = args.calib or defaults[0]
@@ -253,7 +267,8 @@ def build_all(work: Workload, args: argparse.Namespace) -> list[Build]:
         print(f"  {label}: {_seconds(seconds)}", flush=True)
     for budget in (float(b) for b in args.latency.split(",") if b.strip()):
         label = f"searched latency={budget:g}"
-        key = f"{tag}-search-l{round(budget * 100)}-{args.method}"
+        ladder = "-" + args.ladder.replace(";", "_") if args.ladder else ""
+        key = f"{tag}-search-l{round(budget * 100)}{ladder}-{args.method}"
         plan_file = store / f"{key}.plan.json"
         search_s = -1.0
         if plan_file.is_file():
@@ -263,7 +278,7 @@ def build_all(work: Workload, args: argparse.Namespace) -> list[Build]:
             try:
                 plan = sparsecc.search_plan(work.model, work.inputs, target=args.target, latency=budget,
                                             measure="kl", method=args.method, calibration=work.calibration,
-                                            progress=False)
+                                            sparsities=args.ladder, progress=False)
             except sparsecc.SparseccError as exc:
                 print(f"  {label}: the search failed: {type(exc).__name__}: {exc}", flush=True)
                 continue
@@ -330,7 +345,7 @@ def measure(work: Workload, builds: list[Build], args: argparse.Namespace) -> di
     return {"times": times, "load_before": load_before, "load_after": load_after}
 
 
-def rows_of(work: Workload, builds: list[Build], timing: dict[str, Any]) -> list[dict[str, Any]]:
+def rows_of(builds: list[Build], timing: dict[str, Any]) -> list[dict[str, Any]]:
     times = timing["times"]
     dense_s = times["sparsecc dense"]["median"]
     ort_s = times["ONNX Runtime dense"]["median"] if "ONNX Runtime dense" in times else None
@@ -347,81 +362,105 @@ def rows_of(work: Workload, builds: list[Build], timing: dict[str, Any]) -> list
         if b.kind == "searched":
             row["search_s"] = b.search_s
         rows.append(row)
-    # Pareto front over (measured speed, primary metric), among the sparsecc builds
-    ours = [r for r in rows if r["kind"] != "baseline"]
-    for r in ours:
-        r["pareto"] = not any(_dominates(work, o, r) for o in ours if o is not r)
     rows.sort(key=lambda r: r["median_s"])
     return rows
 
 
-def _dominates(work: Workload, a: dict[str, Any], b: dict[str, Any]) -> bool:
-    faster = a["median_s"] <= b["median_s"]
-    better = work.better_or_equal(a, b)
-    strictly = a["median_s"] < b["median_s"] or a[work.primary] != b[work.primary]
-    return faster and better and strictly
+def pareto(rows: list[dict[str, Any]], metric: Metric) -> set[str]:
+    """The sparsecc builds no other build beats on both measured speed and ``metric``."""
+    ours = [r for r in rows if r["kind"] != "baseline"]
+
+    def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        strictly = a["median_s"] < b["median_s"] or a[metric.key] != b[metric.key]
+        return a["median_s"] <= b["median_s"] and metric.at_least_as_good(a, b) and strictly
+
+    return {r["config"] for r in ours if not any(dominates(o, r) for o in ours if o is not r)}
 
 
-def print_table(work: Workload, rows: list[dict[str, Any]]) -> None:
-    if work.name == "mobilenet":
+def print_table(model: str, rows: list[dict[str, Any]]) -> None:
+    metrics = METRICS[model]
+    fronts = {m.key: pareto(rows, m) for m in metrics}
+    if model == "mobilenet":
         heads, cells = ["top-1 agr.", "top-5 agr.", "KL"], lambda r: [f"{r['top1']:.3f}", f"{r['top5']:.3f}",
                                                                       f"{r['kl']:.4f}"]
     else:
         heads, cells = ["perplexity"], lambda r: [f"{r['ppl']:.2f}"]
+    front_head = "Pareto front (" + ", ".join(m.name for m in metrics) + ")"
     print("| config | median ms (q1-q3) | x sparsecc dense | x ORT dense | " + " | ".join(heads)
-          + " | search: predicted x, KL on calib | sparse layers | Pareto |")
+          + f" | search: predicted x, KL on calib | sparse layers | {front_head} |")
     print("|---|---|---|---|" + "---|" * len(heads) + "---|---|---|")
     for r in rows:
         ms = f"{r['median_s'] * 1e3:.2f} ({r['q1_s'] * 1e3:.2f}-{r['q3_s'] * 1e3:.2f})"
         vs_ort = f"{r['vs_ort']:.2f}x" if r.get("vs_ort") else "-"
-        metric = cells(r) if work.primary in r else ["-"] * len(heads)
+        metric = cells(r) if metrics[0].key in r else ["-"] * len(heads)
         searched = f"{r['predicted_speedup']:.2f}x, {r['search_kl']:.4g}" if r["kind"] == "searched" else "-"
         layers = r.get("mix", "-") if r["kind"] == "searched" else "-"
-        front = "yes" if r.get("pareto") else ("" if r["kind"] != "baseline" else "-")
+        if r["kind"] == "baseline":
+            front = "-"
+        else:
+            front = ", ".join(f"yes ({m.key})" if r["config"] in fronts[m.key] else "no" for m in metrics)
         print(f"| {r['config']} | {ms} | {r['vs_dense']:.2f}x | {vs_ort} | " + " | ".join(metric)
               + f" | {searched} | {layers} | {front} |")
 
 
-def verdict(work: Workload, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per searched plan: the fastest uniform plan at least as accurate (speed ratio vs the bar), and
-    the slowest uniform plan at least as fast (error difference)."""
+def verdict(rows: list[dict[str, Any]], metric: Metric) -> list[dict[str, Any]]:
+    """Per searched plan: the fastest uniform plan at least as accurate on ``metric`` (speed ratio
+    vs the bar), and the slowest uniform plan at least as fast (the metric's difference)."""
     uniform = [r for r in rows if r["kind"] == "uniform"]
     out = []
-    name = {"top1": "top-1 agreement", "ppl": "perplexity"}[work.primary]
-    print(f"\nVerdict (accuracy = {name}; bar: searched >= {BAR:.2f}x the speed of a uniform plan at least "
-          "as accurate)\n")
+    print(f"\nVerdict on {metric.name} ({'higher' if metric.higher_is_better else 'lower'} is better; bar: a searched "
+          f"plan >= {BAR:.2f}x the speed of the fastest uniform plan at least as accurate)\n")
     print("| searched | its x dense | its accuracy | fastest uniform at least as accurate | that uniform's x dense "
-          "| its accuracy | speed searched/uniform | bar met | uniform at least as fast (slowest) | accuracy there "
-          "| accuracy difference (searched - uniform) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| its accuracy | speed searched/uniform | bar met | uniform at least as fast (slowest) | its x dense "
+          "| accuracy there | difference (searched - uniform) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    key = metric.key
     for s in (r for r in rows if r["kind"] == "searched"):
-        as_good = [u for u in uniform if work.better_or_equal(u, s)]
+        as_good = [u for u in uniform if metric.at_least_as_good(u, s)]
         best = min(as_good, key=lambda u: u["median_s"]) if as_good else None
         as_fast = [u for u in uniform if u["median_s"] <= s["median_s"]]
         near = max(as_fast, key=lambda u: u["median_s"]) if as_fast else None
         ratio = best["median_s"] / s["median_s"] if best else None
-        entry = {"searched": s["config"], "uniform_as_accurate": best["config"] if best else None,
+        entry = {"metric": key, "searched": s["config"], "uniform_as_accurate": best["config"] if best else None,
                  "speed_ratio": ratio, "bar_met": bool(ratio is not None and ratio >= BAR),
                  "uniform_as_fast": near["config"] if near else None,
-                 "accuracy_difference": s[work.primary] - near[work.primary] if near else None}
+                 "difference": s[key] - near[key] if near else None}
         out.append(entry)
-        acc = f"{s[work.primary]:.4g}"
         if best:
-            cols = [best["config"], f"{best['vs_dense']:.2f}x", f"{best[work.primary]:.4g}", f"{ratio:.2f}x",
+            cols = [best["config"], f"{best['vs_dense']:.2f}x", f"{best[key]:.4g}", f"{ratio:.2f}x",
                     "yes" if entry["bar_met"] else "no"]
         else:
-            cols = ["none (every uniform plan is less accurate)", "-", "-", "-",
-                    "n/a (searched is more accurate than all)"]
+            cols = ["none (every uniform plan is less accurate)", "-", "-", "-", "n/a"]
         if near:
-            cols += [near["config"], f"{near[work.primary]:.4g}", f"{entry['accuracy_difference']:+.4g}"]
+            cols += [near["config"], f"{near['vs_dense']:.2f}x", f"{near[key]:.4g}", f"{entry['difference']:+.4g}"]
         else:
-            cols += ["none (searched is faster than every uniform plan)", "-", "-"]
-        print(f"| {s['config']} | {s['vs_dense']:.2f}x | {acc} | " + " | ".join(cols) + " |")
+            cols += ["none (faster than every uniform plan)", "-", "-", "-"]
+        print(f"| {s['config']} | {s['vs_dense']:.2f}x | {s[key]:.4g} | " + " | ".join(cols) + " |")
     return out
+
+
+def report(model: str, target: str, threads: int, rounds: Any, timing: dict[str, Any],
+           rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    print(f"\n{model} on {target}, {threads} thread(s), medians of {rounds} interleaved rounds; load average "
+          f"{' '.join(f'{v:.2f}' for v in timing['load_before'])} -> "
+          f"{' '.join(f'{v:.2f}' for v in timing['load_after'])}\n")
+    print_table(model, rows)
+    return [entry for metric in METRICS[model] for entry in verdict(rows, metric)]
+
+
+def rescore(path: str) -> int:
+    """Print the tables of a saved ``--out`` file again (no building, no timing)."""
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    print(f"from {path}: {saved['command']}\n{saved['described']}")
+    report(saved["model"], saved["target"], saved["threads"], saved.get("rounds", "?"), saved, saved["rows"])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.rescore:
+        return rescore(args.rescore)
     _harness.pin_threads(args.threads)
     _harness.configure_torch(args.threads)
     import torch
@@ -436,20 +475,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     builds = build_all(work, args)
     timing = measure(work, builds, args)
-    rows = rows_of(work, builds, timing)
-    print()
-    print(f"{work.name} on {args.target}, {args.threads} thread(s), medians of {args.rounds} interleaved rounds; "
-          f"load average {' '.join(f'{v:.2f}' for v in timing['load_before'])} -> "
-          f"{' '.join(f'{v:.2f}' for v in timing['load_after'])}\n")
-    print_table(work, rows)
-    verdicts = verdict(work, rows)
+    rows = rows_of(builds, timing)
+    verdicts = report(args.model, args.target, args.threads, args.rounds, timing, rows)
     print(f"\nwhole run {time.perf_counter() - start:.0f} s; load average after: "
           f"{' '.join(f'{v:.2f}' for v in _harness.load())}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"command": _harness.command_line(), "described": work.described, "target": args.target,
-                       "threads": args.threads, "engine": args.engine, "load_before": timing["load_before"],
-                       "load_after": timing["load_after"], "rows": rows, "verdict": verdicts}, f, indent=1)
+            json.dump({"command": _harness.command_line(), "described": work.described, "model": args.model,
+                       "target": args.target, "threads": args.threads, "rounds": args.rounds, "engine": args.engine,
+                       "load_before": timing["load_before"], "load_after": timing["load_after"], "rows": rows,
+                       "verdict": verdicts}, f, indent=1)
     return 0
 
 
