@@ -31,14 +31,19 @@ the artifact's masked-dense torch program instead (identical numerics up to floa
 compiled output is still checked against it on one input), which is faster for wasm and SmolLM2.
 
 Output: a markdown table sorted by speed (speedup vs sparsecc dense and vs ONNX Runtime dense,
-accuracy, the search's own prediction, Pareto front membership over measured speed and the
-primary metric: top-1 agreement or perplexity), then the verdict: for each searched plan, the
-fastest uniform plan at least as accurate and the speed ratio searched / uniform (the bar is
-1.25x), and the uniform plan nearest in speed that is at least as fast, with the error
-difference. Load averages are printed with the results.
+accuracy, the search's own prediction: its speedup on the searched layers, and the whole-model
+speedup that prediction implies when its saving is taken off the measured dense time; its KL on
+calibration data; Pareto front membership over measured speed and each metric: top-1 agreement
+and KL for MobileNetV2, perplexity for SmolLM2), then the verdict per metric: for each searched
+plan, the fastest uniform plan at least as accurate and the speed ratio searched / uniform (the
+bar is 1.25x), and the slowest uniform plan at least as fast, with the metric's difference. Load
+averages are printed with the results. ``--rescore ROWS.json`` prints a saved run's tables again.
 
     python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --out rows.json
-    python benchmarks/search_pareto.py --model mobilenet --target wasm-simd --threads 1 --engine reference
+    python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --latency 0.95,0.9,0.8 \
+        --ladder '0.1;0.2;0.3;0.4;0.5;0.6;0.7;0.8;0.9' \
+        --uniform unstructured@0.2,unstructured@0.3,block4x1@0.2,block4x1@0.3,block16x1@0.2,block16x1@0.3
+    python benchmarks/search_pareto.py --model mobilenet --target wasm-simd --threads 1
     python benchmarks/search_pareto.py --model smollm --target x86 --threads 1 --seq 128 --eval 8
     python benchmarks/search_pareto.py --model smollm --layers 2 --seq 32 --calib 2 --eval 2 \\
         --uniform unstructured@0.5 --latency 0.6 --rounds 3   # smoke test
@@ -307,6 +312,8 @@ def _plan_summary(plan: Any) -> dict[str, Any]:
     return {"sparse_layers": len(sparse), "layers": len(plan.layers),
             "mix": f"{len(sparse)}/{len(plan.layers)} sparse: " + ", ".join(f"{k} x{v}" for k, v in mix.most_common()),
             "predicted_speedup": float(search.get("predicted_speedup", float("nan"))),
+            "predicted_dense_s": float(search.get("predicted_dense_s", float("nan"))),
+            "predicted_s": float(search.get("predicted_s", float("nan"))),
             "search_kl": float(search.get("measured_error", float("nan"))),
             "kept_fraction": float(search.get("kept_fraction", float("nan"))),
             "front_points": len(search.get("plans", []))}
@@ -361,6 +368,9 @@ def rows_of(builds: list[Build], timing: dict[str, Any]) -> list[dict[str, Any]]
                "build_s": b.build_s, **b.metrics, **b.extra}
         if b.kind == "searched":
             row["search_s"] = b.search_s
+            # the search's predicted saving on its layers, taken off the measured dense model
+            saved = row["predicted_dense_s"] - row["predicted_s"]
+            row["predicted_model_speedup"] = dense_s / (dense_s - saved)
         rows.append(row)
     rows.sort(key=lambda r: r["median_s"])
     return rows
@@ -387,13 +397,16 @@ def print_table(model: str, rows: list[dict[str, Any]]) -> None:
         heads, cells = ["perplexity"], lambda r: [f"{r['ppl']:.2f}"]
     front_head = "Pareto front (" + ", ".join(m.name for m in metrics) + ")"
     print("| config | median ms (q1-q3) | x sparsecc dense | x ORT dense | " + " | ".join(heads)
-          + f" | search: predicted x, KL on calib | sparse layers | {front_head} |")
+          + f" | search: predicted x (its layers, whole model), KL on calib | sparse layers | {front_head} |")
     print("|---|---|---|---|" + "---|" * len(heads) + "---|---|---|")
     for r in rows:
         ms = f"{r['median_s'] * 1e3:.2f} ({r['q1_s'] * 1e3:.2f}-{r['q3_s'] * 1e3:.2f})"
         vs_ort = f"{r['vs_ort']:.2f}x" if r.get("vs_ort") else "-"
         metric = cells(r) if metrics[0].key in r else ["-"] * len(heads)
-        searched = f"{r['predicted_speedup']:.2f}x, {r['search_kl']:.4g}" if r["kind"] == "searched" else "-"
+        searched = "-"
+        if r["kind"] == "searched":
+            whole = f"{r['predicted_model_speedup']:.2f}x" if "predicted_model_speedup" in r else "?"
+            searched = f"{r['predicted_speedup']:.2f}x, {whole}, {r['search_kl']:.4g}"
         layers = r.get("mix", "-") if r["kind"] == "searched" else "-"
         if r["kind"] == "baseline":
             front = "-"
