@@ -310,12 +310,14 @@ def search_plan(
     sparsities: str = "",
     measure: str = "kl",
     method: str = "wanda",
+    search_batches: int = 4,
     progress: bool = True,
 ) -> Plan:
     """Search a per-layer plan for ``target`` under one budget, without compiling (see
     :mod:`sparsecc.passes.search`): ``latency`` (the searched layers' predicted time at most this
     fraction of dense), ``sparsity`` (at least this fraction of their weights removed) or
-    ``max_error`` (the model's ``measure`` on calibration batches at most this). ``patterns``:
+    ``max_error`` (the model's ``measure`` on the first ``search_batches`` calibration batches at
+    most this; those batches also measure each layer's sensitivity and the finalists). ``patterns``:
     ';'-separated patterns to try (default: the target's search set); ``sparsities``: the ladder.
     The plan is what :func:`compile` takes as ``plan=``; ``plan.save(path)`` writes its JSON."""
     from sparsecc.passes.search import DEFAULT_LADDER
@@ -331,7 +333,8 @@ def search_plan(
         raise SparseccError(f"unknown pruning method {method!r}; choose one of: {', '.join(METHODS)}")
     options = [f"{name}={value:g}" for name, value in (("latency", latency), ("sparsity", sparsity),
                                                       ("max_error", max_error)) if value]
-    options += [f"method={method}", f"measure={measure}", f"sparsities={sparsities or DEFAULT_LADDER}"]
+    options += [f"method={method}", f"measure={measure}", f"sparsities={sparsities or DEFAULT_LADDER}",
+                f"search_batches={search_batches}"]
     if patterns:
         options.append(f"patterns={patterns}")
     manager = PassManager(f"search{{{','.join(options)}}}")

@@ -16,8 +16,12 @@ dropped, so no plan holds a sparse kernel predicted slower than dense.
 
 Error. Cheap proxy first: the layer's output energy the candidate's one-shot Wanda mask removes,
 ``sum(pruned (|W_ij| ||X_j||)^2) / sum((|W_ij| ||X_j||)^2)`` from the calibration statistics (the
-diagonal of the layer's reconstruction error over the calibration rows). Layers add up, as OWL
-and NeuroAL spread a model's error over layers by what each can lose. The solver
+diagonal of the layer's reconstruction error over the calibration rows). It ranks one layer's
+candidates but says nothing of how much the model minds a layer (an early convolution of a
+MobileNet against a late projection), so with ``sensitivity`` (default) each layer's proxies are
+scaled by one measurement: the model's error with only that layer pruned, at its median-proxy
+candidate, in ``measure``'s units. Layers then add up as the model's error does to first order,
+the way OWL and NeuroAL weigh layers by what each can lose. The solver
 (:mod:`sparsecc.search`) then picks the plan for the budget exactly on these numbers, and traces
 the time/error front. Refined for the finalists: the chosen plan and its neighbours on the front
 are applied to the model as one-shot masks and the model's outputs on calibration batches are
@@ -33,6 +37,7 @@ measured error of the model at most E, in ``measure``'s units).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +87,8 @@ class Search(Pass):
     method: str = "wanda"  # the pruning method the plan is for (recorded in the plan)
     measure: str = "kl"  # model error: "kl" (logits) or "l2" (relative, any outputs)
     finalists: int = 6
-    search_batches: int = 2
+    search_batches: int = 4
+    sensitivity: bool = True  # scale each layer's proxy errors by its measured effect on the model
     skip: str = ""
     min_inputs: int = 64
     convs: str = "pointwise"
@@ -143,6 +149,9 @@ class Search(Pass):
             searched.append((layer, candidates))
         if not searched:
             raise SearchError("no layer of this model can be made sparse on this target; nothing to search")
+        alignment = OneShotAlignment(program, ctx, [], self.search_batches, self.measure)
+        if self.sensitivity:
+            searched = [(layer, self._calibrated(alignment, layer, cands)) for layer, cands in searched]
         choices = [cands for _, cands in searched]
         dense_s = sum(c[0].seconds for c in choices)
         weights = sum(c[0].kept for c in choices)
@@ -155,7 +164,6 @@ class Search(Pass):
             meets = lambda picks: totals(choices, picks)["kept"] <= (1 - value) * weights  # noqa: E731
         else:
             best, meets = None, None  # judged on the measured error, along the front
-        alignment = OneShotAlignment(program, ctx, [], self.search_batches, self.measure)
         if budget == "max_error":
             finalists, measured = self._fastest_within(alignment, searched, front, value)
             pick = len(finalists) - 1
@@ -224,6 +232,22 @@ class Search(Pass):
                 error = float(energy[~keep].sum()) / total
                 out.append(Candidate(pattern.name, sparsity, seconds, error, int(keep.sum())))
         return out, slower, None
+
+    @staticmethod
+    def _calibrated(alignment: OneShotAlignment, layer: Layer, cands: list[Candidate]) -> list[Candidate]:
+        """The layer's candidates with errors in the model's units: the proxy (output energy the
+        layer loses) says how a layer's candidates rank, not how much the model minds; one
+        measurement of the model with only this layer pruned, at its median-proxy candidate, sets
+        the scale. Layers then add up as the model's error does (to first order), so the solver
+        weighs an early convolution and a late projection on one scale."""
+        sparse = sorted((c for c in cands[1:] if c.error > 0), key=lambda c: c.error)
+        if not sparse:
+            return cands
+        reference = sparse[len(sparse) // 2]
+        measured = alignment.evaluate([LayerPlan(layer.name, layer.kind, list(layer.matrix_shape), reference.pattern,
+                                                 reference.sparsity)])
+        scale = max(measured, 0.0) / reference.error
+        return [dataclasses.replace(c, error=c.error * scale) for c in cands]
 
     def _finalists(self, front: list[list[int]], best: list[int], meets: Any) -> list[list[int]]:
         """The solver's plan, then the front's plans meeting the budget nearest to it (the front

@@ -183,3 +183,28 @@ def test_plans_for_four_targets_differ_and_the_comparison_says_why(problem, tmp_
     assert cli_main(["compare", *map(str, paths), "--format", "html", "-o", str(tmp_path / "cmp.html")]) == 0
     page = (tmp_path / "cmp.html").read_text()
     assert "<table id='plans'>" in page and "http" not in page and page.count('class="differs"') >= 3
+
+
+def test_sensitivity_puts_each_layers_errors_on_the_models_scale() -> None:
+    """One measurement (the model with only this layer pruned at its median-proxy candidate) sets
+    the scale of all the layer's proxies; dense stays 0 and the ranking within the layer holds."""
+    from sparsecc.passes.search import Search
+    from sparsecc.program import Layer
+    from sparsecc.search import Candidate
+
+    class Measured:
+        def __init__(self) -> None:
+            self.asked = []
+
+        def evaluate(self, plans):
+            self.asked.append([(p.name, p.pattern, p.sparsity) for p in plans])
+            return 0.9
+
+    layer = Layer("fc", "linear", "linear", "fc.weight", None, (8, 8))
+    cands = [Candidate(None, 0.0, 1.0, 0.0, 64), Candidate("unstructured", 0.5, 0.6, 0.1, 32),
+             Candidate("unstructured", 0.7, 0.5, 0.3, 20), Candidate("unstructured", 0.9, 0.4, 0.6, 7)]
+    measured = Measured()
+    scaled = Search._calibrated(measured, layer, cands)
+    assert measured.asked == [[("fc", "unstructured", 0.7)]]  # the median proxy, alone
+    assert [c.error for c in scaled] == pytest.approx([0.0, 0.3, 0.9, 1.8])
+    assert [c.seconds for c in scaled] == [c.seconds for c in cands]
