@@ -110,9 +110,11 @@ def format_plan(plan: Any) -> str:
     """A searched plan as a table: per layer the decision, predicted times and error, then totals."""
     lines = [f"{'layer':40s} {'shape':>11s} {'decision':18s} {'predicted':>10s} {'dense':>10s} {'error':>8s}  note"]
     lines.append("-" * len(lines[0]))
+    def us(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{seconds * 1e6:.1f}us"
+
     for lp in plan.layers.values():
         decision = f"{lp.pattern} {lp.sparsity:.0%}" if lp.is_sparse else "dense"
-        us = lambda s: "-" if s is None else f"{s * 1e6:.1f}us"  # noqa: E731
         error = "-" if lp.error is None else f"{lp.error:.4f}"
         lines.append(f"{lp.name[:40]:40s} {'x'.join(map(str, lp.shape)):>11s} {decision:18s} {us(lp.predicted_s):>10s} "
                      f"{us(lp.dense_s):>10s} {error:>8s}  {lp.reason}".rstrip())

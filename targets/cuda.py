@@ -24,7 +24,6 @@ they say that a GPU is needed. ``benchmarks/gpu_check.py`` checks and times the 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 from . import gpu_cost
@@ -97,10 +96,7 @@ class GpuCostModel:
                     "the halved weight saves); kept dense")
         return None
 
-    # the schedule explorer and the lowering ask these of a cost model; nothing is measured here
-    def schedule(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
-
+    # the search and the cost check ask this of a cost model; nothing is measured here
     def predict(self, m: int, packed: Any, shape: tuple[int, int] | None = None,
                 weights: str = "float16") -> tuple[float, str]:
         n_out, k = packed.shape if packed is not None else shape
@@ -144,7 +140,3 @@ def _record(arch: str) -> TargetRecord:
 CUDA_SM80 = register(_record("sm_80"))
 CUDA_SM90 = register(_record("sm_90"))
 
-
-def tokens_of(shape: tuple[int, ...]) -> int:
-    """Rows a linear sees for an input of ``shape`` (every axis but the last)."""
-    return math.prod(shape[:-1]) if shape else 1

@@ -301,11 +301,15 @@ def test_report_loads_in_headless_chromium(saved, tmp_path):
     assert dom.svgs >= 3  # timeline, graph before, graph after
 
 
+def probed_page(path, script: str):
+    """A page with the report's error probe and ready marker around one body ``script``."""
+    path.write_text('<!DOCTYPE html>\n<html data-errors="0"><head>' + report_html.ERROR_PROBE_SCRIPT
+                    + f"</head><body><script>{script}</script>" + report_html.READY_SCRIPT + "</body></html>\n")
+    return path
+
+
 def test_browser_check_catches_a_throwing_script(tmp_path):
-    bad = tmp_path / "bad.html"
-    bad.write_text('<!DOCTYPE html>\n<html data-errors="0"><head>' + report_html.ERROR_PROBE_SCRIPT
-                   + '</head><body><script>throw new Error("boom")</script>'
-                   + report_html.READY_SCRIPT + "</body></html>\n")
+    bad = probed_page(tmp_path / "bad.html", 'throw new Error("boom")')
     dom, log = open_in_browser(bad, tmp_path / "profile")
     assert dom.root.get("data-ready") == "1"
     assert dom.root.get("data-errors") == "1"
@@ -313,9 +317,6 @@ def test_browser_check_catches_a_throwing_script(tmp_path):
 
 
 def test_browser_check_catches_console_errors(tmp_path):
-    bad = tmp_path / "console.html"
-    bad.write_text('<!DOCTYPE html>\n<html data-errors="0"><head>' + report_html.ERROR_PROBE_SCRIPT
-                   + '</head><body><script>console.error("bad state")</script>'
-                   + report_html.READY_SCRIPT + "</body></html>\n")
+    bad = probed_page(tmp_path / "console.html", 'console.error("bad state")')
     dom, _ = open_in_browser(bad, tmp_path / "profile")
     assert dom.root.get("data-errors") == "1"
