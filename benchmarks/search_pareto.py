@@ -188,6 +188,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds")
     p.add_argument("--block-seconds", type=float, default=0.1, help="length of one timing block per build")
     p.add_argument("--no-ort", action="store_true", help="x86: leave ONNX Runtime dense out of the timing")
+    p.add_argument("--tune", action="store_true",
+                   help="search{tune=true}: measure the model's layer kernels into the target's cost table first")
+    p.add_argument("--check-layers", action="store_true",
+                   help="time every searched plan's layer kernels beside their dense ones (sparsecc.check_cost_model)")
     p.add_argument("--artifacts", help="keep the builds (and searched plans) here and reuse them in later runs")
     p.add_argument("--out", help="write the rows to this JSON file")
     p.add_argument("--rescore", metavar="ROWS_JSON", help="only print the tables of an earlier --out file again")
@@ -261,19 +265,14 @@ def build_all(work: Workload, args: argparse.Namespace) -> list[Build]:
         artifact = sparsecc.compile(work.model, work.inputs, **common, **options)
         return _keep(store, key, artifact), time.perf_counter() - start
 
-    artifact, seconds = compile_kept(f"{tag}-dense", sparsity=0.0, method=args.method)
-    builds.append(Build("sparsecc dense", "dense", artifact, seconds))
-    print(f"  dense build: {_seconds(seconds)}", flush=True)
-    for pattern, sparsity in _uniform_configs(args.uniform, args.target):
-        label = f"uniform {pattern}@{sparsity:g}"
-        key = f"{tag}-{pattern.replace(':', 'of')}-{round(sparsity * 100)}-{args.method}"
-        artifact, seconds = compile_kept(key, sparsity=sparsity, pattern=pattern, method=args.method, skip=work.skip)
-        builds.append(Build(label, "uniform", artifact, seconds))
-        print(f"  {label}: {_seconds(seconds)}", flush=True)
+    # The searches come first: with --tune the first one measures the model's layer kernels into the
+    # target's cost table, and then every build below (dense and uniform too) picks its schedules
+    # from the same measurements.
+    plans = []
     for budget in (float(b) for b in args.latency.split(",") if b.strip()):
         label = f"searched latency={budget:g}"
         ladder = "-" + args.ladder.replace(";", "_") if args.ladder else ""
-        key = f"{tag}-search-l{round(budget * 100)}{ladder}-{args.method}"
+        key = f"{tag}-search-l{round(budget * 100)}{ladder}-{args.method}{'-tuned' if args.tune else ''}"
         plan_file = store / f"{key}.plan.json"
         search_s = -1.0
         if plan_file.is_file():
@@ -283,15 +282,32 @@ def build_all(work: Workload, args: argparse.Namespace) -> list[Build]:
             try:
                 plan = sparsecc.search_plan(work.model, work.inputs, target=args.target, latency=budget,
                                             measure="kl", method=args.method, calibration=work.calibration,
-                                            sparsities=args.ladder, progress=False)
+                                            sparsities=args.ladder, tune=args.tune, progress=args.tune)
             except sparsecc.SparseccError as exc:
                 print(f"  {label}: the search failed: {type(exc).__name__}: {exc}", flush=True)
                 continue
             search_s = time.perf_counter() - start
             plan.save(plan_file)
+        plans.append((label, key, plan, search_s))
+    artifact, seconds = compile_kept(f"{tag}-dense", sparsity=0.0, method=args.method)
+    builds.append(Build("sparsecc dense", "dense", artifact, seconds))
+    print(f"  dense build: {_seconds(seconds)}", flush=True)
+    for pattern, sparsity in _uniform_configs(args.uniform, args.target):
+        label = f"uniform {pattern}@{sparsity:g}"
+        key = f"{tag}-{pattern.replace(':', 'of')}-{round(sparsity * 100)}-{args.method}"
+        artifact, seconds = compile_kept(key, sparsity=sparsity, pattern=pattern, method=args.method, skip=work.skip)
+        builds.append(Build(label, "uniform", artifact, seconds))
+        print(f"  {label}: {_seconds(seconds)}", flush=True)
+    for label, key, plan, search_s in plans:
         artifact, seconds = compile_kept(key, plan=plan)
         build = Build(label, "searched", artifact, seconds, plan=plan, search_s=search_s)
         build.extra = _plan_summary(plan)
+        if args.check_layers:
+            summary = sparsecc.check_cost_model(artifact)
+            build.extra["slower_than_dense"] = summary["slower_than_dense"]
+            print(f"  {label}: layers measured: Spearman {summary['spearman']:.2f}, median |pred/meas - 1| "
+                  f"{summary['median_relative_error']:.0%}, sparse layers measured no faster than dense: "
+                  f"{', '.join(summary['slower_than_dense']) or 'none'}", flush=True)
         builds.append(build)
         print(f"  {label}: search {_seconds(search_s)}, build {_seconds(seconds)}; {build.extra['mix']}; "
               f"predicted {build.extra['predicted_speedup']:.2f}x, measured KL on calibration "

@@ -311,6 +311,7 @@ def search_plan(
     measure: str = "kl",
     method: str = "wanda",
     search_batches: int = 4,
+    tune: bool = False,
     progress: bool = True,
 ) -> Plan:
     """Search a per-layer plan for ``target`` under one budget, without compiling (see
@@ -319,6 +320,8 @@ def search_plan(
     ``max_error`` (the model's ``measure`` on the first ``search_batches`` calibration batches at
     most this; those batches also measure each layer's sensitivity and the finalists). ``patterns``:
     ';'-separated patterns to try (default: the target's search set); ``sparsities``: the ladder.
+    ``tune``: first measure the model's layer kernels on this machine into the target's cost
+    table (targets that run here), so the search plans from measured times, not the roofline.
     The plan is what :func:`compile` takes as ``plan=``; ``plan.save(path)`` writes its JSON."""
     from sparsecc.passes.search import DEFAULT_LADDER
     from sparsecc.targets import get_target
@@ -337,6 +340,8 @@ def search_plan(
                 f"search_batches={search_batches}"]
     if patterns:
         options.append(f"patterns={patterns}")
+    if tune:
+        options.append("tune=true")
     manager = PassManager(f"search{{{','.join(options)}}}")
     result = manager.run(program, PassContext(record, calibration=batches, progress=progress))
     plan = result.program.plan

@@ -98,7 +98,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         plan = search_plan(program, target=args.target, latency=args.latency or 0.0, sparsity=args.sparsity or 0.0,
                            max_error=args.max_error or 0.0, calibration=calibration, patterns=args.patterns or "",
                            sparsities=args.sparsities or "", measure=args.measure, method=args.method,
-                           progress=not args.quiet)
+                           tune=args.tune, progress=not args.quiet)
     plan.save(args.output)
     print(format_plan(plan), end="")
     print(f"plan written to {args.output}; compile it with: sparsecc compile {args.model} --target {args.target} "
@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", default="kl", choices=["kl", "l2"],
                    help="model error: kl (softmax KL divergence from dense, for logits) or l2 (relative L2)")
     p.add_argument("--method", default="wanda", choices=list(METHODS), help="the pruning method the plan is for")
+    p.add_argument("--tune", action="store_true",
+                   help="first time this model's layer kernels on this machine (x86, wasm-simd) into the target's "
+                        "cost table, so the search plans from measured times (slow the first time, cached after)")
     _add_calibration_options(p)
     p.add_argument("-o", "--output", required=True, help="PLAN.json to write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,10 @@ from .plan_uniform import CONV_CHOICES, kept_dense_reason, layer_rows, too_few_i
 
 #: sparsities every non-N:M pattern is tried at, unless ``sparsities`` says otherwise
 DEFAULT_LADDER = "0.5;0.6;0.7;0.8;0.9"
+
+
+def _stderr_log(line: str) -> None:
+    print(f"  tune: {line}", file=sys.stderr, flush=True)
 
 
 def _split(text: str) -> list[str]:
@@ -92,6 +97,11 @@ class Search(Pass):
     skip: str = ""
     min_inputs: int = 64
     convs: str = "pointwise"
+    # measure the searched layers' kernels on this machine first (x86, wasm-simd), at these
+    # sparsities of the ladder (empty: every other step and the last; the cost model interpolates
+    # between measured densities), keeping what the target's cost table already has
+    tune: bool = False
+    tune_sparsities: str = ""
 
     def _budget(self) -> tuple[str, float]:
         given = [(name, value) for name, value in (("latency", self.latency), ("sparsity", self.sparsity),
@@ -133,6 +143,7 @@ class Search(Pass):
         searched: list[tuple[Layer, list[Candidate]]] = []
         reasons: dict[str, str] = {}  # layer -> why its cost model says no sparse form pays
         dropped = 0
+        searchable = []
         for layer in program.layers():
             reason = kept_dense_reason(layer, heads, skips, self.convs)
             if reason is None and layer.matrix_shape[1] < self.min_inputs:
@@ -140,7 +151,13 @@ class Search(Pass):
             if reason is not None:
                 plan.layers[layer.name] = LayerPlan(layer.name, layer.kind, list(layer.matrix_shape), None, 0.0, reason)
                 diagnostics.append(self.diag("info", reason, layer.name))
-                continue
+            else:
+                searchable.append(layer)
+        tuned = 0
+        if self.tune and searchable:
+            tuned = self._tune(program, searchable, ctx, patterns, ladder)
+            cost_model = ctx.target.cost_model()  # read again: it now holds the new measurements
+        for layer in searchable:
             candidates, slower, not_paying = self._candidates(program, layer, stats.layers[layer.name], cost_model,
                                                               patterns, ladder)
             dropped += slower
@@ -197,7 +214,31 @@ class Search(Pass):
             "searched_layers": len(searched), "sparse_layers": len(sparse),
             "candidates": sum(len(c) for c in choices), "dropped_not_faster": dropped,
             "finalists": len(finalists), "predicted_speedup": round(dense_s / chosen_totals["seconds"], 4),
-            "measured_error": round(measured[pick], 6)})
+            "measured_error": round(measured[pick], 6), "kernels_measured": tuned})
+
+    def _tune_points(self, ladder: list[float]) -> list[float]:
+        if self.tune_sparsities:
+            return [float(v) for v in _split(self.tune_sparsities)]
+        ordered = sorted(set(ladder))
+        return sorted(set(ordered[::2] + ordered[-1:]))
+
+    def _tune(self, program: Program, layers: list[Layer], ctx: PassContext, patterns: list[str],
+              ladder: list[float]) -> int:
+        """Measure the kernels the search will weigh (each distinct layer shape and M, dense and
+        every pattern at the tune points) on this machine into the target's cost table, skipping
+        what it already holds; returns how many problems the table gained."""
+        from sparsecc.targets.tuning import tune_problems
+
+        model = ctx.target.cost_model()
+        if not ctx.target.runs_here or model.table_path is None:
+            raise TargetError(f"search tune=true: target {ctx.target.name!r}'s kernels cannot be timed on this "
+                              "machine (its cost model is a roofline); search without tune")
+        problems = list(dict.fromkeys((tuple(layer.matrix_shape), layer_rows(program, layer)) for layer in layers))
+        before = len(model.table.entries) if model.table is not None else 0
+        log = _stderr_log if ctx.progress else (lambda line: None)
+        table = tune_problems(ctx.target.name, problems, [*patterns, "dense"], self._tune_points(ladder),
+                              log=log, skip_measured=True)
+        return len(table.entries) - before
 
     def _candidates(self, program: Program, layer: Layer, layer_stats: Any, cost_model: Any, patterns: list[str],
                     ladder: list[float]) -> tuple[list[Candidate], int, str | None]:

@@ -90,6 +90,21 @@ class Problem:
         suffix = BF16_KEY_SUFFIX if self.weights == "bfloat16" else ""
         return f"{self.fmt}{detail} {self.shape[0]}x{self.shape[1]} m{self.m} d{self.density:.2f}{suffix}"
 
+    def family(self) -> str:
+        """The key without its density: problems that differ only in how many weights they keep."""
+        return _family_of(self.key())[0]
+
+
+def _family_of(key: str) -> tuple[str, float]:
+    """(the key with its density field blanked, the density) of a table key."""
+    fields = key.split(" ")
+    density = next((i for i, f in enumerate(fields) if f.startswith("d") and f[1:].replace(".", "").isdigit()), None)
+    if density is None:
+        return key, float("nan")
+    value = float(fields[density][1:])
+    fields[density] = "d*"
+    return " ".join(fields), value
+
 
 def schedule_space(m: int, packed: Packed | None, caps: Capabilities,
                    shape: tuple[int, int] | None = None, weights: str = "float32") -> list[Any]:
@@ -205,6 +220,45 @@ class CostTable:
         entry = self.entries.get(problem.key())
         return None if entry is None else float(entry["seconds"])
 
+    def _measured_densities(self, problem: Problem) -> list[tuple[float, str]]:
+        """(density, key) of every measured entry of ``problem``'s family, by density."""
+        family = problem.family()
+        found = []
+        for key in self.entries:
+            fam, density = _family_of(key)
+            if fam == family:
+                found.append((density, key))
+        return sorted(found)
+
+    def interpolated_seconds(self, problem: Problem) -> float | None:
+        """Time of an unmeasured density of a measured family, linear in density between the
+        nearest measured densities below and above it (a kernel's work is affine in its stored
+        weights); None unless measurements bracket it (no extrapolation)."""
+        exact = self.seconds(problem)
+        if exact is not None:
+            return exact
+        points = self._measured_densities(problem)
+        below = [(d, k) for d, k in points if d < problem.density]
+        above = [(d, k) for d, k in points if d > problem.density]
+        if not below or not above:
+            return None
+        (d0, k0), (d1, k1) = below[-1], above[0]
+        t0, t1 = float(self.entries[k0]["seconds"]), float(self.entries[k1]["seconds"])
+        return t0 + (t1 - t0) * (problem.density - d0) / (d1 - d0)
+
+    def nearest_best(self, problem: Problem) -> Any | None:
+        """The fastest schedule measured for ``problem``, or for the nearest measured density of its
+        family (the best schedule changes with density only gradually); None when none was."""
+        exact = self.best(problem)
+        if exact is not None:
+            return exact
+        points = self._measured_densities(problem)
+        if not points:
+            return None
+        _, key = min(points, key=lambda point: abs(point[0] - problem.density))
+        entry = self.entries[key]
+        return dataclasses.replace(schedule_from_dict(entry["fmt"], entry["schedule"]), weights=problem.weights)
+
 
 def synthetic_weight(shape: tuple[int, int], pattern: str, sparsity: float, seed: int = 0) -> np.ndarray:
     """A random weight pruned to ``pattern`` at ``sparsity`` by magnitude (what the explorer times)."""
@@ -307,17 +361,22 @@ class CostModel:
         None (use the kernel's heuristic)."""
         if self.table is None:
             return None
-        return self.table.best(Problem.of(m, packed, shape, weights))
+        return self.table.nearest_best(Problem.of(m, packed, shape, weights))
 
     def predict(self, m: int, packed: Packed | None, shape: tuple[int, int] | None = None,
                 weights: str = "float32") -> tuple[float, str]:
-        """(seconds, "measured" or "roofline") for one call of the kernel with its weight values
-        stored as ``weights`` (the roofline streams 2 bytes per value for bf16, 4 for fp32)."""
+        """(seconds, how) for one call of the kernel with its weight values stored as ``weights``:
+        ``"measured"`` (the table has this problem), ``"interpolated"`` (between two measured
+        densities of the same kernel, shape and M) or ``"roofline"`` (which streams 2 bytes per
+        value for bf16, 4 for fp32)."""
         problem = Problem.of(m, packed, shape, weights)
         if self.table is not None:
             seconds = self.table.seconds(problem)
             if seconds is not None:
                 return seconds, "measured"
+            seconds = self.table.interpolated_seconds(problem)
+            if seconds is not None:
+                return seconds, "interpolated"
         n, k = problem.shape
         value_bytes = 2 if weights == "bfloat16" else 4
         if packed is None:
@@ -336,16 +395,26 @@ class CostModel:
 
 def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], patterns: list[str],
          sparsities: list[float], table_path: str | os.PathLike[str] | None = None, rounds: int = 7,
-         log: Any = print, weights: tuple[str, ...] = ("float32",)) -> CostTable:
+         log: Any = print, weights: tuple[str, ...] = ("float32",), skip_measured: bool = False) -> CostTable:
     """Explore every (shape, M, pattern, sparsity) problem on this machine and store the results.
 
     ``patterns`` may include ``"dense"`` (the dense kernel; sparsities do not apply). An N:M
-    pattern has one sparsity, 1 - N/M. ``weights`` lists the value storages to measure
-    (``"float32"``, ``"bfloat16"``); with both, the fp32 and bf16 candidates of a problem are timed
-    side by side in one interleaved run and recorded as two entries (the bf16 key ends in
-    `` bf16``). The table is saved after every problem, so an interrupted run keeps what it
-    measured.
+    pattern has one sparsity, 1 - N/M; a pattern a shape cannot take is skipped with a line in the
+    log. ``weights`` lists the value storages to measure (``"float32"``, ``"bfloat16"``); with
+    both, the fp32 and bf16 candidates of a problem are timed side by side in one interleaved run
+    and recorded as two entries (the bf16 key ends in `` bf16``). ``skip_measured`` leaves problems
+    the table already has alone. The table is saved after every problem, so an interrupted run
+    keeps what it measured.
     """
+    return tune_problems(target_name, [(tuple(shape), m) for shape in shapes for m in ms], patterns, sparsities,
+                         table_path=table_path, rounds=rounds, log=log, weights=weights, skip_measured=skip_measured)
+
+
+def tune_problems(target_name: str, problems: list[tuple[tuple[int, int], int]], patterns: list[str],
+                  sparsities: list[float], table_path: str | os.PathLike[str] | None = None, rounds: int = 7,
+                  log: Any = print, weights: tuple[str, ...] = ("float32",),
+                  skip_measured: bool = False) -> CostTable:
+    """:func:`tune` over a list of ``(shape, M)`` problems (a model's layers: ``search{tune=true}``)."""
     weights = tuple(dict.fromkeys(weights))
     bad = [w for w in weights if w not in WEIGHT_DTYPES]
     if bad or not weights:
@@ -369,29 +438,36 @@ def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], pattern
     else:
         table = CostTable.load(pathlib.Path(table_path) if table_path else model.table_path, model.machine)
     tvm_target = record.tvm_target()
-    for shape in shapes:
-        for m in ms:
-            for pattern in patterns:
-                if pattern == "dense":
-                    cells = [(None, 0.0)]
-                else:
-                    parsed = parse_pattern(pattern)
-                    cells = [(parsed, 1 - parsed.n / parsed.m)] if isinstance(parsed, NM) else \
-                        [(parsed, s) for s in sparsities]
-                for parsed, sparsity in cells:
-                    weight = synthetic_weight(shape, pattern if parsed else "unstructured", sparsity)
-                    packed = parsed.pack(weight) if parsed is not None else None
-                    candidates = [s for w in weights for s in schedule_space(m, packed, caps, shape, w)]
-                    results = explore(m, weight, packed, caps, tvm_target, rounds=rounds, candidates=candidates,
-                                      runner=record.runner)
-                    for w in weights:
-                        problem = Problem.of(m, packed, shape, w)
-                        entry = table.record(problem, [(s, t) for s, t in results if s.weights == w])
-                        gain = entry["default_seconds"] / entry["seconds"]
-                        best = entry["candidates"][0][0]
-                        log(f"{problem.key():39s} best {best}  {entry['seconds'] * 1e6:9.1f} us  "
-                            f"({gain:.2f}x the heuristic's, {len(entry['candidates'])} candidates)")
-                    table.save()
+    for shape, m in dict.fromkeys((tuple(shape), int(m)) for shape, m in problems):
+        for pattern in patterns:
+            if pattern == "dense":
+                cells = [(None, 0.0)]
+            else:
+                parsed = parse_pattern(pattern)
+                why = parsed.check_shape(shape)
+                if why is not None:
+                    log(f"{pattern} {shape[0]}x{shape[1]}: skipped ({why})")
+                    continue
+                cells = [(parsed, 1 - parsed.n / parsed.m)] if isinstance(parsed, NM) else \
+                    [(parsed, s) for s in sparsities]
+            for parsed, sparsity in cells:
+                weight = synthetic_weight(shape, pattern if parsed else "unstructured", sparsity)
+                packed = parsed.pack(weight) if parsed is not None else None
+                todo = [w for w in weights
+                        if not (skip_measured and table.seconds(Problem.of(m, packed, shape, w)) is not None)]
+                if not todo:
+                    continue
+                candidates = [s for w in todo for s in schedule_space(m, packed, caps, shape, w)]
+                results = explore(m, weight, packed, caps, tvm_target, rounds=rounds, candidates=candidates,
+                                  runner=record.runner)
+                for w in todo:
+                    problem = Problem.of(m, packed, shape, w)
+                    entry = table.record(problem, [(s, t) for s, t in results if s.weights == w])
+                    gain = entry["default_seconds"] / entry["seconds"]
+                    best = entry["candidates"][0][0]
+                    log(f"{problem.key():39s} best {best}  {entry['seconds'] * 1e6:9.1f} us  "
+                        f"({gain:.2f}x the heuristic's, {len(entry['candidates'])} candidates)")
+                table.save()
     return table
 
 

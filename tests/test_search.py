@@ -13,6 +13,7 @@ from sparsecc.cli import main as cli_main
 from sparsecc.errors import SparseccError, TargetError
 from sparsecc.plan import Plan, PlanError
 from sparsecc.search import SearchError
+from sparsecc.sparsity import parse_pattern
 
 
 class Mlp(torch.nn.Module):
@@ -208,3 +209,51 @@ def test_sensitivity_puts_each_layers_errors_on_the_models_scale() -> None:
     assert measured.asked == [[("fc", "unstructured", 0.7)]]  # the median proxy, alone
     assert [c.error for c in scaled] == pytest.approx([0.0, 0.3, 0.9, 1.8])
     assert [c.seconds for c in scaled] == [c.seconds for c in cands]
+
+
+class Twin(torch.nn.Module):
+    """Two layers of one shape: one kernel problem to measure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(128, 128)
+        self.second = torch.nn.Linear(128, 128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_tune_measures_the_layers_kernels_then_plans_from_them(tmp_path, monkeypatch) -> None:
+    """``tune=true`` times each searched layer's kernels into the cost table first (once: a second
+    search finds them there), and every searched layer is then predicted from measurements."""
+    from sparsecc.targets import get_target
+    from sparsecc.targets.tuning import Problem, synthetic_weight
+
+    monkeypatch.setenv("SPARSECC_COST_TABLE", str(tmp_path / "x86.json"))
+    torch.manual_seed(0)
+    model = Twin().eval()
+    batches = [(torch.randn(16, 128, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+
+    def run(**options):
+        return sparsecc.search_plan(model, batches[0], target="x86", calibration=batches, progress=False,
+                                    latency=0.8, patterns="unstructured", sparsities="0.5;0.7;0.9", measure="l2",
+                                    search_batches=1, **options)
+
+    plan = run(tune=True)
+    table = json.loads((tmp_path / "x86.json").read_text())["entries"]
+    # dense, 0.5 and 0.9 (every other step of the ladder and the last) at the layers' 16 rows
+    assert sorted(table) == ["csr 128x128 m16 d0.10", "csr 128x128 m16 d0.50", "dense 128x128 m16 d1.00"]
+    cost_model = get_target("x86").cost_model()
+    for lp in searched(plan):
+        assert lp.dense_s == table["dense 128x128 m16 d1.00"]["seconds"]
+        if lp.is_sparse:
+            packed = parse_pattern(lp.pattern).pack(synthetic_weight(tuple(lp.shape), lp.pattern, lp.sparsity))
+            assert cost_model.predict(16, packed)[1] == ("measured" if Problem.of(16, packed).density in (0.5, 0.1)
+                                                         else "interpolated")
+            assert lp.predicted_s < lp.dense_s
+    again = run(tune=True)
+    assert len(json.loads((tmp_path / "x86.json").read_text())["entries"]) == 3
+    assert again.to_json()["layers"] == plan.to_json()["layers"]
+    with pytest.raises(TargetError, match="cannot be timed on this machine"):
+        sparsecc.search_plan(model, batches[0], target="arm-neon", calibration=batches, progress=False, tune=True,
+                             latency=0.7)

@@ -161,3 +161,50 @@ def test_arm_kernels_are_never_timed_here() -> None:
         kernel_preparer("arm")
     with pytest.raises(SparseccError, match="no measured cost table|cannot be measured"):
         tune("arm-neon", [(64, 96)], [4], ["block16x1"], [0.7], rounds=1)
+
+
+def test_cost_model_interpolates_between_measured_densities(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "x86.json"
+    monkeypatch.setenv("SPARSECC_COST_TABLE", str(path))
+    shape = (64, 64)
+    packed = {s: pack_csr(synthetic_weight(shape, "unstructured", s)) for s in (0.5, 0.6, 0.7, 0.8, 0.9)}
+    space = {s: schedule_space(8, p, CAPS) for s, p in packed.items()}
+    table = CostTable.load(path, x86_mod.machine())
+    table.record(Problem.of(8, packed[0.5]), [(space[0.5][0], 10e-6)])
+    # the 0.9 entry's fastest schedule is not the heuristic's: the nearest-density lookup must return it
+    table.record(Problem.of(8, packed[0.9]), [(space[0.9][0], 3e-6), (space[0.9][-1], 2e-6)])
+    table.save()
+    model = TARGET.cost_model()
+    assert model.predict(8, packed[0.5]) == (10e-6, "measured")
+    seconds, source = model.predict(8, packed[0.7])  # density 0.30, between 0.50 and 0.10
+    assert source == "interpolated" and seconds == pytest.approx(6e-6)
+    seconds, source = model.predict(8, packed[0.6])
+    assert source == "interpolated" and seconds == pytest.approx(8e-6)
+    # never extrapolated: a density outside the measured ones, another M, another shape, bf16 storage
+    assert model.predict(8, pack_csr(synthetic_weight(shape, "unstructured", 0.3)))[1] == "roofline"
+    assert model.predict(16, packed[0.7])[1] == "roofline"
+    assert model.predict(8, pack_csr(synthetic_weight((64, 128), "unstructured", 0.7)))[1] == "roofline"
+    assert model.predict(8, packed[0.7], weights="bfloat16")[1] == "roofline"
+    assert model.predict(8, pack_bsr(synthetic_weight(shape, "block16x1", 0.7), (16, 1)))[1] == "roofline"
+    # schedules: the measured one where there is one, else the nearest measured density's best
+    assert model.schedule(8, packed[0.8]) == space[0.9][-1]
+    assert model.schedule(8, packed[0.6]) == space[0.5][0]
+    assert model.schedule(8, pack_bsr(synthetic_weight(shape, "block16x1", 0.7), (16, 1))) is None
+
+
+def test_tune_skips_what_the_table_has_and_shapes_a_pattern_cannot_take(tmp_path) -> None:
+    from sparsecc.targets.tuning import tune_problems
+
+    path = tmp_path / "t.json"
+    lines: list[str] = []
+    table = tune_problems("x86", [((24, 64), 4)], ["block16x1", "unstructured"], [0.5], table_path=path,
+                          rounds=1, log=lines.append)
+    assert list(table.entries) == ["csr 24x64 m4 d0.50"]
+    assert any("block16x1 24x64: skipped" in line and "N % 16" in line for line in lines)
+    measured = table.entries["csr 24x64 m4 d0.50"]["measured"]
+    lines.clear()
+    again = tune_problems("x86", [((24, 64), 4), ((24, 64), 4)], ["unstructured", "dense"], [0.5], table_path=path,
+                          rounds=1, log=lines.append, skip_measured=True)
+    assert sorted(again.entries) == ["csr 24x64 m4 d0.50", "dense 24x64 m4 d1.00"]
+    assert again.entries["csr 24x64 m4 d0.50"]["measured"] == measured
+    assert len([line for line in lines if line.startswith("dense")]) == 1  # the repeated problem once
