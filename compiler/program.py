@@ -114,6 +114,7 @@ class Program:
         self.lowered: Any = None
         self.compiled: Any = None
         self._module: torch.nn.Module | None = None
+        self._nodes: dict[str, torch.fx.Node] = {}
         self.attach_meta()
 
     # -- graph access --------------------------------------------------------------------------
@@ -125,6 +126,15 @@ class Program:
     @property
     def state(self) -> dict[str, torch.Tensor]:
         return self.exported.state_dict
+
+    def node(self, name: str) -> torch.fx.Node | None:
+        """The graph's node called ``name`` (a map built once and rebuilt when the graph changed
+        under it: asking per layer stays linear in the graph)."""
+        found = self._nodes.get(name)
+        if found is None or found.graph is not self.graph or getattr(found, "_erased", False):
+            self._nodes = {n.name: n for n in self.graph.nodes}
+            found = self._nodes.get(name)
+        return found
 
     def placeholder_targets(self) -> dict[str, str]:
         """Placeholder node name -> parameter/buffer/constant FQN."""

@@ -75,7 +75,7 @@ def vocabulary_heads(program: Program) -> set[str]:
 def layer_rows(program: Program, layer: Layer) -> int:
     """Rows the layer's GEMM sees (tokens of a linear, batch x pixels of a convolution): its
     output's elements over its output channels, from the exported graph's shapes."""
-    node = next((n for n in program.graph.nodes if n.name == layer.node), None)
+    node = program.node(layer.node)
     value = None if node is None else node.meta.get("val")
     if value is None or not hasattr(value, "numel"):
         return 1

@@ -102,6 +102,7 @@ class Search(Pass):
     # between measured densities), keeping what the target's cost table already has
     tune: bool = False
     tune_sparsities: str = ""
+    tune_candidates: int = 4  # schedules explored per kernel (the heuristic's first); 0: all, as `sparsecc tune`
 
     def _budget(self) -> tuple[str, float]:
         given = [(name, value) for name, value in (("latency", self.latency), ("sparsity", self.sparsity),
@@ -237,7 +238,7 @@ class Search(Pass):
         before = len(model.table.entries) if model.table is not None else 0
         log = _stderr_log if ctx.progress else (lambda line: None)
         table = tune_problems(ctx.target.name, problems, [*patterns, "dense"], self._tune_points(ladder),
-                              log=log, skip_measured=True)
+                              log=log, skip_measured=True, max_candidates=self.tune_candidates)
         return len(table.entries) - before
 
     def _candidates(self, program: Program, layer: Layer, layer_stats: Any, cost_model: Any, patterns: list[str],

@@ -413,8 +413,10 @@ def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], pattern
 def tune_problems(target_name: str, problems: list[tuple[tuple[int, int], int]], patterns: list[str],
                   sparsities: list[float], table_path: str | os.PathLike[str] | None = None, rounds: int = 7,
                   log: Any = print, weights: tuple[str, ...] = ("float32",),
-                  skip_measured: bool = False) -> CostTable:
-    """:func:`tune` over a list of ``(shape, M)`` problems (a model's layers: ``search{tune=true}``)."""
+                  skip_measured: bool = False, max_candidates: int = 0) -> CostTable:
+    """:func:`tune` over a list of ``(shape, M)`` problems (a model's layers: ``search{tune=true}``);
+    ``max_candidates`` > 0 explores only that many of each kernel's schedules (the heuristic's
+    first), trading the best schedule for time."""
     weights = tuple(dict.fromkeys(weights))
     bad = [w for w in weights if w not in WEIGHT_DTYPES]
     if bad or not weights:
@@ -457,7 +459,8 @@ def tune_problems(target_name: str, problems: list[tuple[tuple[int, int], int]],
                         if not (skip_measured and table.seconds(Problem.of(m, packed, shape, w)) is not None)]
                 if not todo:
                     continue
-                candidates = [s for w in todo for s in schedule_space(m, packed, caps, shape, w)]
+                candidates = [s for w in todo
+                              for s in schedule_space(m, packed, caps, shape, w)[:max_candidates or None]]
                 results = explore(m, weight, packed, caps, tvm_target, rounds=rounds, candidates=candidates,
                                   runner=record.runner)
                 for w in todo:
