@@ -177,6 +177,23 @@ def test_dense(m: int, shape: tuple[int, int]) -> None:
     _check(got, _reference(x, w, bias))
 
 
+@pytest.mark.parametrize("shape", [(24, 96), (40, 300), (1000, 64)], ids=["1.5-vectors", "2.5-vectors", "head"])
+def test_dense_tail_panel_padded_to_whole_vectors(shape: tuple[int, int]) -> None:
+    """The last, partial panel computes whole vectors (1, 2 or 4) on its zero-padded weights and
+    stores only its real outputs, for every candidate schedule."""
+    from sparsecc.targets.kernels.dense import dense_schedules
+
+    rng = np.random.default_rng(shape[0])
+    n_out, k = shape
+    w = rng.standard_normal((n_out, k)).astype(np.float32)
+    for m in (1, 9):
+        x, bias = _case(rng, m, n_out, True, k)
+        for schedule in dense_schedules(m, shape, CAPS):
+            func = dense_linear(m, shape, True, CAPS, "dense_tail", schedule=schedule)
+            got = _run(func, [x, *dense_args(w, m, CAPS, schedule=schedule), bias], m, n_out)
+            _check(got, _reference(x, w, bias))
+
+
 @pytest.mark.parametrize("m", [3, 8, 45])
 @pytest.mark.parametrize("shape", [(10, 70), (70, 45)], ids=["one-panel", "panel-and-tail"])
 def test_dense_split_over_m(m: int, shape: tuple[int, int]) -> None:
