@@ -190,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-ort", action="store_true", help="x86: leave ONNX Runtime dense out of the timing")
     p.add_argument("--tune", action="store_true",
                    help="search{tune=true}: measure the model's layer kernels into the target's cost table first")
+    p.add_argument("--tune-candidates", type=int, default=4,
+                   help="schedules explored per kernel with --tune (0: all; 1: the heuristic's only)")
     p.add_argument("--check-layers", action="store_true",
                    help="time every searched plan's layer kernels beside their dense ones (sparsecc.check_cost_model)")
     p.add_argument("--artifacts", help="keep the builds (and searched plans) here and reuse them in later runs")
@@ -282,7 +284,8 @@ def build_all(work: Workload, args: argparse.Namespace) -> list[Build]:
             try:
                 plan = sparsecc.search_plan(work.model, work.inputs, target=args.target, latency=budget,
                                             measure="kl", method=args.method, calibration=work.calibration,
-                                            sparsities=args.ladder, tune=args.tune, progress=args.tune)
+                                            sparsities=args.ladder, tune=args.tune,
+                                            tune_candidates=args.tune_candidates, progress=args.tune)
             except sparsecc.SparseccError as exc:
                 print(f"  {label}: the search failed: {type(exc).__name__}: {exc}", flush=True)
                 continue

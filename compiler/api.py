@@ -312,6 +312,7 @@ def search_plan(
     method: str = "wanda",
     search_batches: int = 4,
     tune: bool = False,
+    tune_candidates: int = 4,
     progress: bool = True,
 ) -> Plan:
     """Search a per-layer plan for ``target`` under one budget, without compiling (see
@@ -321,7 +322,8 @@ def search_plan(
     most this; those batches also measure each layer's sensitivity and the finalists). ``patterns``:
     ';'-separated patterns to try (default: the target's search set); ``sparsities``: the ladder.
     ``tune``: first measure the model's layer kernels on this machine into the target's cost
-    table (targets that run here), so the search plans from measured times, not the roofline.
+    table (targets that run here), so the search plans from measured times, not the roofline;
+    ``tune_candidates`` schedules of each kernel are explored (0: all, as ``sparsecc tune``).
     The plan is what :func:`compile` takes as ``plan=``; ``plan.save(path)`` writes its JSON."""
     from sparsecc.passes.search import DEFAULT_LADDER
     from sparsecc.targets import get_target
@@ -341,7 +343,7 @@ def search_plan(
     if patterns:
         options.append(f"patterns={patterns}")
     if tune:
-        options.append("tune=true")
+        options += ["tune=true", f"tune_candidates={tune_candidates}"]
     manager = PassManager(f"search{{{','.join(options)}}}")
     result = manager.run(program, PassContext(record, calibration=batches, progress=progress))
     plan = result.program.plan

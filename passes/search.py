@@ -11,8 +11,9 @@ M (rows per call, from the exported program's shapes): the measured table where 
 one (``sparsecc tune``: x86 natively, wasm-simd in wasmtime), its roofline elsewhere (arm-neon,
 the GPUs). Packed sizes and layouts enter through the packed weight the prediction is made on (a
 synthetic one of the layer's shape: the packed structure of these patterns depends only on the
-shape and the sparsity). A sparse candidate not predicted faster than the layer's dense kernel is
-dropped, so no plan holds a sparse kernel predicted slower than dense.
+shape and the sparsity). A sparse candidate not predicted at least ``min_gain`` times faster than
+the layer's dense kernel is dropped, so no plan holds a sparse kernel predicted slower than dense,
+nor one whose gain is within what the real weight's nonzero layout and timing noise can undo.
 
 Error. Cheap proxy first: the layer's output energy the candidate's one-shot Wanda mask removes,
 ``sum(pruned (|W_ij| ||X_j||)^2) / sum((|W_ij| ||X_j||)^2)`` from the calibration statistics (the
@@ -94,6 +95,10 @@ class Search(Pass):
     finalists: int = 6
     search_batches: int = 4
     sensitivity: bool = True  # scale each layer's proxy errors by its measured effect on the model
+    # measurements per layer: 1 (its median-proxy candidate: one scale for all its candidates) or
+    # 2 (also its highest-proxy one: piecewise linear, so a layer whose damage grows faster than
+    # its proxy at high sparsity is not underrated there)
+    sensitivity_points: int = 2
     skip: str = ""
     min_inputs: int = 64
     convs: str = "pointwise"
@@ -103,6 +108,9 @@ class Search(Pass):
     tune: bool = False
     tune_sparsities: str = ""
     tune_candidates: int = 4  # schedules explored per kernel (the heuristic's first); 0: all, as `sparsecc tune`
+    # a sparse candidate must be predicted this many times faster than the layer's dense kernel: a
+    # synthetic weight's time is not the real one's to the last percent, nor is one timing run
+    min_gain: float = 1.1
 
     def _budget(self) -> tuple[str, float]:
         given = [(name, value) for name, value in (("latency", self.latency), ("sparsity", self.sparsity),
@@ -127,8 +135,13 @@ class Search(Pass):
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         budget, value = self._budget()
+        if self.min_gain < 1.0:
+            raise SparseccError(f"search min_gain={self.min_gain:g}: a sparse kernel must be predicted at least as "
+                                "fast as dense (min_gain >= 1)")
         if self.measure not in ("kl", "l2"):
             raise SparseccError(f"search measure={self.measure!r}: choose kl or l2")
+        if self.sensitivity_points not in (1, 2):
+            raise SparseccError(f"search sensitivity_points={self.sensitivity_points}: choose 1 or 2")
         if self.convs not in CONV_CHOICES:
             raise SparseccError(f"search convs={self.convs!r}: choose one of {', '.join(CONV_CHOICES)}")
         if ctx.target.cost_model is None:
@@ -156,7 +169,9 @@ class Search(Pass):
                 searchable.append(layer)
         tuned = 0
         if self.tune and searchable:
-            tuned = self._tune(program, searchable, ctx, patterns, ladder)
+            kept = [layer for layer in program.layers() if layer not in searchable
+                    and (layer.kind == "linear" or layer.is_pointwise_conv)]
+            tuned = self._tune(program, searchable, kept, ctx, patterns, ladder)
             cost_model = ctx.target.cost_model()  # read again: it now holds the new measurements
         for layer in searchable:
             candidates, slower, not_paying = self._candidates(program, layer, stats.layers[layer.name], cost_model,
@@ -169,7 +184,8 @@ class Search(Pass):
             raise SearchError("no layer of this model can be made sparse on this target; nothing to search")
         alignment = OneShotAlignment(program, ctx, [], self.search_batches, self.measure)
         if self.sensitivity:
-            searched = [(layer, self._calibrated(alignment, layer, cands)) for layer, cands in searched]
+            searched = [(layer, self._calibrated(alignment, layer, cands, self.sensitivity_points))
+                        for layer, cands in searched]
         choices = [cands for _, cands in searched]
         dense_s = sum(c[0].seconds for c in choices)
         weights = sum(c[0].kept for c in choices)
@@ -223,11 +239,12 @@ class Search(Pass):
         ordered = sorted(set(ladder))
         return sorted(set(ordered[::2] + ordered[-1:]))
 
-    def _tune(self, program: Program, layers: list[Layer], ctx: PassContext, patterns: list[str],
-              ladder: list[float]) -> int:
+    def _tune(self, program: Program, layers: list[Layer], kept: list[Layer], ctx: PassContext,
+              patterns: list[str], ladder: list[float]) -> int:
         """Measure the kernels the search will weigh (each distinct layer shape and M, dense and
-        every pattern at the tune points) on this machine into the target's cost table, skipping
-        what it already holds; returns how many problems the table gained."""
+        every pattern at the tune points) on this machine into the target's cost table, and the
+        dense kernels of the ``kept`` layers (so the whole model's predicted time is measured too),
+        skipping what the table already holds; returns how many problems the table gained."""
         from sparsecc.targets.tuning import tune_problems
 
         model = ctx.target.cost_model()
@@ -239,6 +256,10 @@ class Search(Pass):
         log = _stderr_log if ctx.progress else (lambda line: None)
         table = tune_problems(ctx.target.name, problems, [*patterns, "dense"], self._tune_points(ladder),
                               log=log, skip_measured=True, max_candidates=self.tune_candidates)
+        dense_only = [(tuple(layer.matrix_shape), layer_rows(program, layer)) for layer in kept]
+        if dense_only:
+            table = tune_problems(ctx.target.name, dense_only, ["dense"], [], log=log, skip_measured=True,
+                                  max_candidates=self.tune_candidates)
         return len(table.entries) - before
 
     def _candidates(self, program: Program, layer: Layer, layer_stats: Any, cost_model: Any, patterns: list[str],
@@ -267,7 +288,7 @@ class Search(Pass):
                 if pattern.check_sparsity(sparsity) is not None:
                     continue
                 seconds, _ = cost_model.predict(rows, _synthetic_packed(shape, pattern.name, sparsity), shape)
-                if seconds >= dense_s:
+                if seconds * self.min_gain > dense_s:
                     slower += 1
                     continue
                 keep = pattern.mask(scores, sparsity)
@@ -276,20 +297,35 @@ class Search(Pass):
         return out, slower, None
 
     @staticmethod
-    def _calibrated(alignment: OneShotAlignment, layer: Layer, cands: list[Candidate]) -> list[Candidate]:
+    def _calibrated(alignment: OneShotAlignment, layer: Layer, cands: list[Candidate],
+                    points: int = 2) -> list[Candidate]:
         """The layer's candidates with errors in the model's units: the proxy (output energy the
-        layer loses) says how a layer's candidates rank, not how much the model minds; one
-        measurement of the model with only this layer pruned, at its median-proxy candidate, sets
-        the scale. Layers then add up as the model's error does (to first order), so the solver
-        weighs an early convolution and a late projection on one scale."""
+        layer loses) says how a layer's candidates rank, not how much the model minds; the model's
+        error with only this layer pruned, measured at its median-proxy candidate (and with
+        ``points=2`` at its highest-proxy one), maps proxies to the model's units, linearly through
+        zero and the measured points. Layers then add up as the model's error does (to first
+        order), so the solver weighs an early convolution and a late projection on one scale."""
         sparse = sorted((c for c in cands[1:] if c.error > 0), key=lambda c: c.error)
         if not sparse:
             return cands
-        reference = sparse[len(sparse) // 2]
-        measured = alignment.evaluate([LayerPlan(layer.name, layer.kind, list(layer.matrix_shape), reference.pattern,
-                                                 reference.sparsity)])
-        scale = max(measured, 0.0) / reference.error
-        return [dataclasses.replace(c, error=c.error * scale) for c in cands]
+        references = [sparse[len(sparse) // 2]] + ([sparse[-1]] if points == 2 and len(sparse) > 1 else [])
+        xs, ys = [0.0], [0.0]
+        for reference in references:
+            if reference.error <= xs[-1]:
+                continue  # the same proxy as the last point: nothing new to learn
+            measured = alignment.evaluate([LayerPlan(layer.name, layer.kind, list(layer.matrix_shape),
+                                                     reference.pattern, reference.sparsity)])
+            # errors never fall as more is pruned: keep the map non-decreasing
+            xs.append(reference.error)
+            ys.append(max(measured, ys[-1], 0.0))
+
+        def to_model(proxy: float) -> float:
+            if proxy >= xs[-1]:  # beyond the last measurement: its slope from the one before
+                return ys[-1] + (proxy - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            i = next(j for j in range(1, len(xs)) if proxy <= xs[j])
+            return ys[i - 1] + (proxy - xs[i - 1]) * (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+
+        return [dataclasses.replace(c, error=to_model(c.error)) for c in cands]
 
     def _finalists(self, front: list[list[int]], best: list[int], meets: Any) -> list[list[int]]:
         """The solver's plan, then the front's plans meeting the budget nearest to it (the front
@@ -330,11 +366,10 @@ class Search(Pass):
                 for (layer, cands), i in zip(searched, picks, strict=True)]
         return alignment.evaluate(free)
 
-    @staticmethod
-    def _dense_reason(cands: list[Candidate]) -> str:
+    def _dense_reason(self, cands: list[Candidate]) -> str:
         if len(cands) == 1:
-            return ("no pattern and sparsity tried is predicted faster than this layer's dense kernel "
-                    f"({cands[0].seconds * 1e6:.1f} us predicted); kept dense")
+            return (f"no pattern and sparsity tried is predicted at least {self.min_gain:g}x faster than this layer's "
+                    f"dense kernel ({cands[0].seconds * 1e6:.1f} us predicted); kept dense")
         best = min(cands[1:], key=lambda c: c.seconds)
         return (f"kept dense by the search: its fastest sparse candidate ({best.label}, {best.seconds * 1e6:.1f} us vs "
                 f"{cands[0].seconds * 1e6:.1f} us dense) costs more error than the budget leaves for it")

@@ -303,8 +303,11 @@ def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilitie
     scale = max(1.0, float(np.abs(references["float32"]).max()))
     prepare = kernel_preparer(runner)
     calls = {}
+    from .kernels.dense import DenseSchedule
+
     for index, schedule in enumerate(schedules):
-        if packed is None:
+        # a dense schedule among sparse ones times the layer's dense kernel beside them
+        if packed is None or isinstance(schedule, DenseSchedule):
             func = dense_linear(m, shape, True, caps, "explore", schedule=schedule)
             arrays = dense_args(weight, m, caps, schedule=schedule)
         else:
@@ -475,11 +478,14 @@ def tune_problems(target_name: str, problems: list[tuple[tuple[int, int], int]],
 
 
 def time_layer_kernel(target_name: str, m: int, weight: np.ndarray, packed: Packed | None,
-                      rounds: int = 5) -> float:
+                      rounds: int = 5, with_dense: bool = False) -> Any:
     """Median seconds of the kernel ``compile`` builds for one layer problem on ``target_name``
     (the cost table's measured-best schedule where there is one, else the heuristic's), timed where
     the target's kernels run (:func:`sparsecc.targets.runners.kernel_preparer`: in this process for
-    x86, in wasmtime for wasm-simd); a target whose kernels cannot be timed here raises."""
+    x86, in wasmtime for wasm-simd); a target whose kernels cannot be timed here raises. With
+    ``with_dense`` (a sparse ``packed``), ``(sparse seconds, dense seconds)``: the layer's dense
+    kernel on the same masked weight, timed side by side with the sparse one (interleaved, so load
+    from other processes hits both alike)."""
     from .registry import get_target
     from .runners import kernel_preparer
 
@@ -488,9 +494,14 @@ def time_layer_kernel(target_name: str, m: int, weight: np.ndarray, packed: Pack
     model = record.cost_model() if record.cost_model is not None else None
     caps = record.capabilities()
     shape = tuple(weight.shape)
-    schedule = model.schedule(m, packed, shape) if model is not None else None
-    if schedule is None:
-        schedule = default_schedule(m, packed, caps, shape)
-    results = explore(m, weight, packed, caps, record.tvm_target(), rounds=rounds, candidates=[schedule],
+
+    def chosen(kernel: Packed | None) -> Any:
+        schedule = model.schedule(m, kernel, shape) if model is not None else None
+        return schedule if schedule is not None else default_schedule(m, kernel, caps, shape)
+
+    candidates = [chosen(packed)] + ([chosen(None)] if with_dense and packed is not None else [])
+    results = explore(m, weight, packed, caps, record.tvm_target(), rounds=rounds, candidates=candidates,
                       runner=record.runner)
+    if len(results) == 2:
+        return results[0][1], results[1][1]
     return results[0][1]

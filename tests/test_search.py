@@ -52,7 +52,8 @@ def test_latency_budget_holds_and_no_sparse_kernel_is_predicted_slower(problem) 
     assert sum(lp.predicted_s for lp in layers) <= 0.6 * sum(lp.dense_s for lp in layers) * (1 + 1e-9)
     assert plan.search["predicted_speedup"] >= 1 / 0.6 - 1e-9
     assert any(lp.is_sparse for lp in layers)
-    assert all(lp.predicted_s < lp.dense_s for lp in layers if lp.is_sparse)
+    # min_gain=1.1 by default: every sparse kernel predicted at least 1.1x faster than dense
+    assert all(lp.predicted_s * 1.1 <= lp.dense_s * (1 + 1e-9) for lp in layers if lp.is_sparse)
     # a tighter budget costs at least as much error on the same candidates
     tighter = search(problem, latency=0.4)
     assert tighter.search["proxy_error"] >= plan.search["proxy_error"] - 1e-12
@@ -85,6 +86,14 @@ def test_budget_refusals(problem) -> None:
         search(problem, latency=0.01)
     with pytest.raises(TargetError, match="no kernel for pattern"):
         search(problem, latency=0.5, patterns="unstructured;3:8")
+    from sparsecc.api import _as_program
+    from sparsecc.pass_manager import PassContext, PassManager
+    from sparsecc.targets import get_target
+
+    model, batches = problem
+    with pytest.raises(SparseccError, match="min_gain >= 1"):
+        PassManager("search{latency=0.5,min_gain=0.9}").run(
+            _as_program(model, batches[0]), PassContext(get_target("x86"), calibration=batches, progress=False))
 
 
 def test_plan_round_trips_and_compiles(problem, tmp_path) -> None:
@@ -169,8 +178,9 @@ def test_cli_search_then_compile(problem, tmp_path, capsys) -> None:
 def test_plans_for_four_targets_differ_and_the_comparison_says_why(problem, tmp_path, capsys) -> None:
     model, batches = problem
     paths = []
-    for target, budget in (("x86", {"sparsity": 0.6}), ("arm-neon", {"sparsity": 0.6}),
-                           ("wasm-simd", {"sparsity": 0.6}), ("cuda-sm80", {"max_error": 1.0})):
+    # a latency budget: each target's own cost model decides where the time is saved
+    for target, budget in (("x86", {"latency": 0.75}), ("arm-neon", {"latency": 0.75}),
+                           ("wasm-simd", {"latency": 0.75}), ("cuda-sm80", {"max_error": 1.0})):
         plan = sparsecc.search_plan(model, batches[0], target=target, calibration=batches, progress=False, **budget)
         paths.append(tmp_path / f"{target}.json")
         plan.save(paths[-1])
@@ -183,7 +193,7 @@ def test_plans_for_four_targets_differ_and_the_comparison_says_why(problem, tmp_
                for n in x86.layers)
     assert cli_main(["compare", *map(str, paths), "--format", "html", "-o", str(tmp_path / "cmp.html")]) == 0
     page = (tmp_path / "cmp.html").read_text()
-    assert "<table id='plans'>" in page and "http" not in page and page.count('class="differs"') >= 3
+    assert "<table id='plans'>" in page and "http" not in page and page.count('class="differs"') >= 1
 
 
 def test_sensitivity_puts_each_layers_errors_on_the_models_scale() -> None:
@@ -205,10 +215,40 @@ def test_sensitivity_puts_each_layers_errors_on_the_models_scale() -> None:
     cands = [Candidate(None, 0.0, 1.0, 0.0, 64), Candidate("unstructured", 0.5, 0.6, 0.1, 32),
              Candidate("unstructured", 0.7, 0.5, 0.3, 20), Candidate("unstructured", 0.9, 0.4, 0.6, 7)]
     measured = Measured()
-    scaled = Search._calibrated(measured, layer, cands)
+    scaled = Search._calibrated(measured, layer, cands, points=1)
     assert measured.asked == [[("fc", "unstructured", 0.7)]]  # the median proxy, alone
     assert [c.error for c in scaled] == pytest.approx([0.0, 0.3, 0.9, 1.8])
     assert [c.seconds for c in scaled] == [c.seconds for c in cands]
+
+
+def test_two_sensitivity_points_follow_damage_that_grows_faster_than_the_proxy() -> None:
+    """With two points (median and highest proxy) the map is piecewise linear through zero and both
+    measurements: a layer that breaks at high sparsity is rated as broken there."""
+    from sparsecc.passes.search import Search
+    from sparsecc.program import Layer
+    from sparsecc.search import Candidate
+
+    class Measured:
+        def __init__(self, errors) -> None:
+            self.errors, self.asked = dict(errors), []
+
+        def evaluate(self, plans):
+            (plan,) = plans
+            self.asked.append(plan.sparsity)
+            return self.errors[plan.sparsity]
+
+    layer = Layer("fc", "linear", "linear", "fc.weight", None, (8, 8))
+    cands = [Candidate(None, 0.0, 1.0, 0.0, 64), Candidate("unstructured", 0.5, 0.6, 0.1, 32),
+             Candidate("unstructured", 0.7, 0.5, 0.3, 20), Candidate("unstructured", 0.8, 0.45, 0.45, 13),
+             Candidate("unstructured", 0.9, 0.4, 0.6, 7)]
+    breaking = Measured({0.8: 0.9, 0.9: 6.0})
+    scaled = Search._calibrated(breaking, layer, cands, points=2)
+    assert breaking.asked == [0.8, 0.9]
+    # 0.1 and 0.3 scale by 0.9 / 0.45 = 2; 0.9 is measured; between 0.45 and 0.6 the slope is 34
+    assert [c.error for c in scaled] == pytest.approx([0.0, 0.2, 0.6, 0.9, 6.0])
+    # a measurement below the one before (noise) does not make more pruning look better
+    noisy = Search._calibrated(Measured({0.8: 0.9, 0.9: 0.5}), layer, cands, points=2)
+    assert [c.error for c in noisy] == pytest.approx([0.0, 0.2, 0.6, 0.9, 0.9])
 
 
 class Twin(torch.nn.Module):
@@ -243,6 +283,7 @@ def test_tune_measures_the_layers_kernels_then_plans_from_them(tmp_path, monkeyp
     table = json.loads((tmp_path / "x86.json").read_text())["entries"]
     # dense, 0.5 and 0.9 (every other step of the ladder and the last) at the layers' 16 rows
     assert sorted(table) == ["csr 128x128 m16 d0.10", "csr 128x128 m16 d0.50", "dense 128x128 m16 d1.00"]
+    assert all(1 <= len(entry["candidates"]) <= 4 for entry in table.values())  # tune_candidates=4
     cost_model = get_target("x86").cost_model()
     for lp in searched(plan):
         assert lp.dense_s == table["dense 128x128 m16 d1.00"]["seconds"]
