@@ -43,8 +43,10 @@ def _short_reason(exc: BaseException, limit: int = 6) -> str:
 
 
 def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *,
-            strict: bool = False) -> Program:
-    """Export ``model`` called on ``example_inputs`` into a Program.
+            strict: bool = False, fold_batch_norm: bool = True) -> Program:
+    """Export ``model`` called on ``example_inputs`` into a Program, with every inference batch
+    norm that follows a convolution folded into it (:func:`fold_batch_norms`; ``fold_batch_norm=
+    False`` keeps them).
 
     Raises CaptureError naming the module, the failing line and torch's reason when the model
     does not export.
@@ -70,19 +72,119 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
         message += ("\n  fix: make the failing code traceable (no data-dependent Python control flow or "
                     "unsupported ops), or export the model yourself and pass the ExportedProgram")
         raise CaptureError(message) from None
+    if fold_batch_norm:
+        exported, _ = fold_batch_norms(exported, inputs)
     return Program(exported, inputs, stage="captured")
 
 
+def _owner(module: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    path, _, name = target.rpartition(".")
+    return (module.get_submodule(path) if path else module), name
+
+
+def _set_tensor(module: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    owner, name = _owner(module, target)
+    if hasattr(owner, name):
+        delattr(owner, name)
+    owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+
+
+def fold_batch_norms(exported: torch.export.ExportedProgram,
+                     example_inputs: Sequence[Any]) -> tuple[torch.export.ExportedProgram, int]:
+    """Fold every inference batch norm that alone consumes a convolution's output into that
+    convolution's weight and bias: ``gamma * (conv(x, W) + b - mean) / sqrt(var + eps) + beta`` is
+    ``conv(x, W')`` + ``b'`` with each output channel's row of W scaled. The model computes the
+    same function (to float rounding) with one op per pair fewer, and pruning then ranks the
+    weights that really multiply the input. Returns the re-exported program (the same one when
+    nothing folds) and how many batch norms were folded."""
+    aten = torch.ops.aten
+    module = exported.module()
+    graph = module.graph
+    attr_uses: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            attr_uses[node.target] = attr_uses.get(node.target, 0) + 1
+
+    def tensor(node: Any) -> torch.Tensor:
+        owner, name = _owner(module, node.target)
+        return getattr(owner, name)
+
+    folded = 0
+    bn_owners: set[str] = set()
+    for bn in list(graph.nodes):
+        if bn.op != "call_function" or bn.target is not aten.batch_norm.default:
+            continue
+        x, gamma, beta, mean, var, training = bn.args[:6]
+        eps = float(bn.args[7])
+        conv = x
+        if training or not isinstance(conv, torch.fx.Node) or conv.target is not aten.conv2d.default \
+                or len(conv.users) != 1:
+            continue
+        w_node = conv.args[1]
+        b_node = conv.args[2] if len(conv.args) > 2 else None
+        params = [w_node, b_node, gamma, beta, mean, var]
+        if any(p is not None and (not isinstance(p, torch.fx.Node) or p.op != "get_attr") for p in params) \
+                or mean is None or var is None or attr_uses.get(w_node.target) != 1 or len(w_node.users) != 1 \
+                or (b_node is not None and (attr_uses.get(b_node.target) != 1 or len(b_node.users) != 1)):
+            continue
+        with torch.no_grad():
+            weight = tensor(w_node).detach().double()
+            scale = (tensor(gamma).double() if gamma is not None else 1.0) / torch.sqrt(tensor(var).double() + eps)
+            bias = tensor(b_node).double() if b_node is not None else torch.zeros_like(scale)
+            shift = tensor(beta).double() if beta is not None else 0.0
+            new_weight = (weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))).to(tensor(w_node).dtype)
+            new_bias = ((bias - tensor(mean).double()) * scale + shift).to(tensor(w_node).dtype)
+        _set_tensor(module, w_node.target, new_weight)
+        if b_node is None:
+            stem = w_node.target[: -len(".weight")] if w_node.target.endswith(".weight") else w_node.target
+            bias_target = f"{stem}.bias"
+            owner, name = _owner(module, bias_target)
+            if hasattr(owner, name) and getattr(owner, name) is not None:
+                continue
+            _set_tensor(module, bias_target, new_bias)
+            with graph.inserting_before(conv):
+                b_node = graph.get_attr(bias_target)
+            conv.args = (conv.args[0], conv.args[1], b_node, *conv.args[3:])
+        else:
+            _set_tensor(module, b_node.target, new_bias)
+        bn.replace_all_uses_with(conv)
+        graph.erase_node(bn)
+        for p in (gamma, beta, mean, var):
+            if p is not None and not p.users:
+                bn_owners.add(p.target.rpartition(".")[0])
+                graph.erase_node(p)
+        folded += 1
+    if not folded:
+        return exported, 0
+    # the folded batch norms' tensors nothing reads any more (running stats, num_batches_tracked)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users and node.target.rpartition(".")[0] in bn_owners:
+            graph.erase_node(node)
+    used = {node.target for node in graph.nodes if node.op == "get_attr"}
+    for path in bn_owners:
+        owner = module.get_submodule(path) if path else module
+        for name, _ in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
+            if (f"{path}.{name}" if path else name) not in used:
+                delattr(owner, name)
+    graph.lint()
+    module.recompile()
+    return torch.export.export(module, tuple(example_inputs), strict=False), folded
+
+
 def from_exported(exported: torch.export.ExportedProgram,
-                  example_inputs: Sequence[Any] | None = None) -> Program:
-    """Wrap an existing ExportedProgram. Example inputs default to those stored in it."""
+                  example_inputs: Sequence[Any] | None = None, *, fold_batch_norm: bool = True) -> Program:
+    """Wrap an existing ExportedProgram (batch norms folded as :func:`capture` does). Example
+    inputs default to those stored in it."""
     if example_inputs is None:
         stored = getattr(exported, "example_inputs", None)
         if stored is None or not stored[0]:
             raise CaptureError(
                 "the exported program stores no example inputs; pass example_inputs explicitly")
         example_inputs = stored[0]
-    return Program(exported, _as_tuple(example_inputs), stage="captured")
+    inputs = _as_tuple(example_inputs)
+    if fold_batch_norm:
+        exported, _ = fold_batch_norms(exported, inputs)
+    return Program(exported, inputs, stage="captured")
 
 
 class _RecordWarnings(logging.Handler):

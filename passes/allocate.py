@@ -274,6 +274,7 @@ class OneShotAlignment:
         self.layers = {layer.name: layer for layer in self.scratch.layers()}
         self.scores: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
+        self.masked: set[str] = set()  # layers whose weight in the scratch module is masked now
         self._load(free)
         with torch.no_grad():
             self.reference = [self.scratch.run_flat(*b) for b in self.batches]
@@ -298,15 +299,25 @@ class OneShotAlignment:
         self._load(sparse)
         return self._score({lp.name: (lp.pattern, lp.sparsity) for lp in sparse})
 
+    def _weight(self, module: torch.nn.Module, name: str) -> torch.Tensor:
+        path, _, attr = self.layers[name].weight.rpartition(".")
+        return getattr(module.get_submodule(path) if path else module, attr)
+
     def _score(self, masks: dict[str, tuple[str, Any]]) -> float:
+        # The masks go into the runnable module's own weights, and only for the layers masked now
+        # or at the last call: rebuilding the module from the program each call, or rewriting
+        # every weight, cost more than the forward passes on a language model's hundreds of layers
+        # (one sensitivity measurement per layer).
+        module = self.scratch.module()
         with torch.no_grad():
-            for name, dense in self.dense.items():
-                weight = self.scratch.tensor(self.layers[name].weight)
+            for name in self.masked | set(masks):
+                dense = self.dense[name]
+                weight = self._weight(module, name)
                 if name in masks:
                     pattern, sparsity = masks[name]
                     dense = dense * parse_pattern(pattern).mask(self.scores[name], sparsity)
                 weight.copy_(dense.reshape(weight.shape))
-        self.scratch.invalidate()
+        self.masked = set(masks)
         total = 0.0
         with torch.no_grad():
             for batch, ref in zip(self.batches, self.reference, strict=True):
