@@ -293,17 +293,18 @@ class OneShotAlignment:
         rows = rows or {}
         return self._score({lp.name: (lp.pattern, rows.get(lp.name, allocation[lp.name])) for lp in self.free})
 
-    def evaluate(self, plans: list[LayerPlan]) -> float:
-        """The score of masking each sparse plan's layer with its pattern and sparsity (the rest dense)."""
+    def evaluate(self, plans: list[LayerPlan], batches: int = 0) -> float:
+        """The score of masking each sparse plan's layer with its pattern and sparsity (the rest
+        dense), on the first ``batches`` of the search batches (0: all)."""
         sparse = [lp for lp in plans if lp.is_sparse]
         self._load(sparse)
-        return self._score({lp.name: (lp.pattern, lp.sparsity) for lp in sparse})
+        return self._score({lp.name: (lp.pattern, lp.sparsity) for lp in sparse}, batches)
 
     def _weight(self, module: torch.nn.Module, name: str) -> torch.Tensor:
         path, _, attr = self.layers[name].weight.rpartition(".")
         return getattr(module.get_submodule(path) if path else module, attr)
 
-    def _score(self, masks: dict[str, tuple[str, Any]]) -> float:
+    def _score(self, masks: dict[str, tuple[str, Any]], batches: int = 0) -> float:
         # The masks go into the runnable module's own weights, and only for the layers masked now
         # or at the last call: rebuilding the module from the program each call, or rewriting
         # every weight, cost more than the forward passes on a language model's hundreds of layers
@@ -319,11 +320,12 @@ class OneShotAlignment:
                 weight.copy_(dense.reshape(weight.shape))
         self.masked = set(masks)
         total = 0.0
+        used = list(zip(self.batches, self.reference, strict=True))[: batches or None]
         with torch.no_grad():
-            for batch, ref in zip(self.batches, self.reference, strict=True):
+            for batch, ref in used:
                 out = self.scratch.run_flat(*batch)
                 total += sum(self._distance(o, r) for o, r in zip(out, ref, strict=True))
-        return total / len(self.batches)
+        return total / len(used)
 
     def _distance(self, out: torch.Tensor, ref: torch.Tensor) -> float:
         if self.measure == "l2":

@@ -99,6 +99,9 @@ class Search(Pass):
     # 2 (also its highest-proxy one: piecewise linear, so a layer whose damage grows faster than
     # its proxy at high sparsity is not underrated there)
     sensitivity_points: int = 2
+    # calibration batches each sensitivity measurement runs (the finalists use search_batches):
+    # one measurement per layer and point adds up to hundreds of forward passes on a language model
+    sensitivity_batches: int = 1
     skip: str = ""
     min_inputs: int = 64
     convs: str = "pointwise"
@@ -184,7 +187,8 @@ class Search(Pass):
             raise SearchError("no layer of this model can be made sparse on this target; nothing to search")
         alignment = OneShotAlignment(program, ctx, [], self.search_batches, self.measure)
         if self.sensitivity:
-            searched = [(layer, self._calibrated(alignment, layer, cands, self.sensitivity_points))
+            searched = [(layer, self._calibrated(alignment, layer, cands, self.sensitivity_points,
+                                                 self.sensitivity_batches))
                         for layer, cands in searched]
         choices = [cands for _, cands in searched]
         dense_s = sum(c[0].seconds for c in choices)
@@ -298,7 +302,7 @@ class Search(Pass):
 
     @staticmethod
     def _calibrated(alignment: OneShotAlignment, layer: Layer, cands: list[Candidate],
-                    points: int = 2) -> list[Candidate]:
+                    points: int = 2, batches: int = 0) -> list[Candidate]:
         """The layer's candidates with errors in the model's units: the proxy (output energy the
         layer loses) says how a layer's candidates rank, not how much the model minds; the model's
         error with only this layer pruned, measured at its median-proxy candidate (and with
@@ -314,7 +318,7 @@ class Search(Pass):
             if reference.error <= xs[-1]:
                 continue  # the same proxy as the last point: nothing new to learn
             measured = alignment.evaluate([LayerPlan(layer.name, layer.kind, list(layer.matrix_shape),
-                                                     reference.pattern, reference.sparsity)])
+                                                     reference.pattern, reference.sparsity)], batches)
             # errors never fall as more is pruned: keep the map non-decreasing
             xs.append(reference.error)
             ys.append(max(measured, ys[-1], 0.0))

@@ -207,7 +207,7 @@ def test_sensitivity_puts_each_layers_errors_on_the_models_scale() -> None:
         def __init__(self) -> None:
             self.asked = []
 
-        def evaluate(self, plans):
+        def evaluate(self, plans, batches=0):
             self.asked.append([(p.name, p.pattern, p.sparsity) for p in plans])
             return 0.9
 
@@ -232,7 +232,7 @@ def test_two_sensitivity_points_follow_damage_that_grows_faster_than_the_proxy()
         def __init__(self, errors) -> None:
             self.errors, self.asked = dict(errors), []
 
-        def evaluate(self, plans):
+        def evaluate(self, plans, batches=0):
             (plan,) = plans
             self.asked.append(plan.sparsity)
             return self.errors[plan.sparsity]
