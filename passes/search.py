@@ -59,6 +59,48 @@ from .plan_uniform import CONV_CHOICES, kept_dense_reason, layer_rows, too_few_i
 DEFAULT_LADDER = "0.5;0.6;0.7;0.8;0.9"
 
 
+#: sensitivity measurements already made in this process: (model and calibration fingerprint,
+#: layer, pattern, sparsity, batches) -> the model's error (searching one model at several
+#: budgets measures each layer once)
+_SENSITIVITY: dict[tuple[Any, ...], float] = {}
+
+
+def _fingerprint(program: Program, batches: list[tuple[Any, ...]], measure: str, method: str) -> str:
+    """A digest of everything a sensitivity measurement depends on: every weight of the program,
+    the calibration batches it runs, and how the error is measured."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(f"{measure};{method}".encode(), digest_size=20)
+    for name, tensor in sorted(program.exported.state_dict.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    for batch in batches:
+        for value in batch:
+            if isinstance(value, torch.Tensor):
+                digest.update(value.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            else:
+                digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+class _RememberedEvaluate:
+    """``alignment.evaluate`` for one layer plan, answered from :data:`_SENSITIVITY` when this
+    model and calibration data measured it before."""
+
+    def __init__(self, alignment: OneShotAlignment, fingerprint: str) -> None:
+        self.alignment, self.fingerprint = alignment, fingerprint
+
+    def evaluate(self, plans: list[LayerPlan], batches: int = 0) -> float:
+        key = (self.fingerprint, tuple((p.name, p.pattern, float(p.sparsity)) for p in plans), batches)
+        if key not in _SENSITIVITY:
+            if len(_SENSITIVITY) > 100_000:
+                _SENSITIVITY.clear()
+            _SENSITIVITY[key] = self.alignment.evaluate(plans, batches)
+        return _SENSITIVITY[key]
+
+
 def _stderr_log(line: str) -> None:
     print(f"  tune: {line}", file=sys.stderr, flush=True)
 
@@ -187,7 +229,9 @@ class Search(Pass):
             raise SearchError("no layer of this model can be made sparse on this target; nothing to search")
         alignment = OneShotAlignment(program, ctx, [], self.search_batches, self.measure)
         if self.sensitivity:
-            searched = [(layer, self._calibrated(alignment, layer, cands, self.sensitivity_points,
+            fingerprint = _fingerprint(program, alignment.batches, self.measure, self.method)
+            measure = _RememberedEvaluate(alignment, fingerprint)
+            searched = [(layer, self._calibrated(measure, layer, cands, self.sensitivity_points,
                                                  self.sensitivity_batches))
                         for layer, cands in searched]
         choices = [cands for _, cands in searched]
@@ -301,7 +345,7 @@ class Search(Pass):
         return out, slower, None
 
     @staticmethod
-    def _calibrated(alignment: OneShotAlignment, layer: Layer, cands: list[Candidate],
+    def _calibrated(alignment: Any, layer: Layer, cands: list[Candidate],
                     points: int = 2, batches: int = 0) -> list[Candidate]:
         """The layer's candidates with errors in the model's units: the proxy (output energy the
         layer loses) says how a layer's candidates rank, not how much the model minds; the model's

@@ -298,3 +298,27 @@ def test_tune_measures_the_layers_kernels_then_plans_from_them(tmp_path, monkeyp
     with pytest.raises(TargetError, match="cannot be timed on this machine"):
         sparsecc.search_plan(model, batches[0], target="arm-neon", calibration=batches, progress=False, tune=True,
                              latency=0.7)
+
+
+def test_a_second_search_of_the_same_model_reuses_its_sensitivity_measurements(problem, monkeypatch) -> None:
+    from sparsecc.passes import allocate
+
+    calls: list[int] = []
+    original = allocate.OneShotAlignment.evaluate
+
+    def counting(self, plans, batches=0):
+        calls.append(batches)
+        return original(self, plans, batches)
+
+    monkeypatch.setattr(allocate.OneShotAlignment, "evaluate", counting)
+    search(problem, latency=0.62)
+    first = [b for b in calls if b == 1]  # sensitivity: one batch each
+    assert first
+    calls.clear()
+    search(problem, latency=0.72)
+    assert calls and all(b == 0 for b in calls)  # only the finalists, on every search batch
+    model, batches = problem
+    other = [(b[0] + 0.5,) for b in batches]  # other calibration data: measured again
+    calls.clear()
+    sparsecc.search_plan(model, other[0], target="x86", calibration=other, progress=False, latency=0.62)
+    assert len([b for b in calls if b == 1]) == len(first)
