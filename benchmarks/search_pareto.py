@@ -7,7 +7,11 @@ For the model and target named, this builds (with :func:`sparsecc.compile`, Wand
 * one uniform build per ``PATTERN@SPARSITY`` of ``--uniform`` (patterns the target lacks are
   dropped, with a note);
 * one searched build per ``--latency`` budget F: ``sparsecc.search_plan(..., latency=F,
-  measure="kl")`` and then ``compile(plan=...)``.
+  measure="kl")`` and then ``compile(plan=...)``. With ``--tune`` the searches run first and the
+  first one measures the model's layer kernels into the target's cost table
+  (``search{tune=true}``), so the searches plan from measured times and every build, dense and
+  uniform included, takes its schedules from the same measurements; ``--check-layers`` then times
+  each searched plan's layer kernels beside their dense ones (``sparsecc.check_cost_model``).
 
 Latency: every build is called on the same input, interleaved in round-robin blocks in this
 process (median of the blocks; :func:`sparsecc.timing.interleave`). On ``x86`` the compiled
@@ -39,6 +43,9 @@ plan, the fastest uniform plan at least as accurate and the speed ratio searched
 bar is 1.25x), and the slowest uniform plan at least as fast, with the metric's difference. Load
 averages are printed with the results. ``--rescore ROWS.json`` prints a saved run's tables again.
 
+    python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --tune --check-layers \
+        --engine reference --ladder '0.3;0.4;0.5;0.6;0.7;0.8;0.9' --latency 0.9,0.8,0.7,0.6 \
+        --uniform unstructured@0.3,unstructured@0.5,unstructured@0.7,block4x1@0.3,block16x1@0.5
     python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --out rows.json
     python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --latency 0.95,0.9,0.8 \
         --ladder '0.1;0.2;0.3;0.4;0.5;0.6;0.7;0.8;0.9' \
