@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .errors import CaptureError
-from .program import Program
+from .program import Program, attribute_owner
 
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -77,13 +77,8 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     return Program(exported, inputs, stage="captured")
 
 
-def _owner(module: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
-    path, _, name = target.rpartition(".")
-    return (module.get_submodule(path) if path else module), name
-
-
 def _set_tensor(module: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    owner, name = _owner(module, target)
+    owner, name = attribute_owner(module, target)
     if hasattr(owner, name):
         delattr(owner, name)
     owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
@@ -106,7 +101,7 @@ def fold_batch_norms(exported: torch.export.ExportedProgram,
             attr_uses[node.target] = attr_uses.get(node.target, 0) + 1
 
     def tensor(node: Any) -> torch.Tensor:
-        owner, name = _owner(module, node.target)
+        owner, name = attribute_owner(module, node.target)
         return getattr(owner, name)
 
     folded = 0
@@ -138,7 +133,7 @@ def fold_batch_norms(exported: torch.export.ExportedProgram,
         if b_node is None:
             stem = w_node.target[: -len(".weight")] if w_node.target.endswith(".weight") else w_node.target
             bias_target = f"{stem}.bias"
-            owner, name = _owner(module, bias_target)
+            owner, name = attribute_owner(module, bias_target)
             if hasattr(owner, name) and getattr(owner, name) is not None:
                 continue
             _set_tensor(module, bias_target, new_bias)

@@ -84,6 +84,13 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def attribute_owner(module: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
+    """(the submodule holding ``dotted``, its last name): where a parameter or buffer named by its
+    fully qualified name lives, so it can be read, replaced or re-registered."""
+    path, _, name = dotted.rpartition(".")
+    return (module.get_submodule(path) if path else module), name
+
+
 def _pair(value: Any, default: int) -> tuple[int, int]:
     if value is None:
         return (default, default)

@@ -53,7 +53,7 @@ import torch
 from sparsecc.errors import WeightError
 from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
 from sparsecc.plan import LayerPlan
-from sparsecc.program import Program
+from sparsecc.program import Program, attribute_owner
 from sparsecc.sparsity import NM, Unstructured, parse_pattern
 
 from .calibrate import calibration_stats
@@ -301,8 +301,8 @@ class OneShotAlignment:
         return self._score({lp.name: (lp.pattern, lp.sparsity) for lp in sparse}, batches)
 
     def _weight(self, module: torch.nn.Module, name: str) -> torch.Tensor:
-        path, _, attr = self.layers[name].weight.rpartition(".")
-        return getattr(module.get_submodule(path) if path else module, attr)
+        owner, attr = attribute_owner(module, self.layers[name].weight)
+        return getattr(owner, attr)
 
     def _score(self, masks: dict[str, tuple[str, Any]], batches: int = 0) -> float:
         # The masks go into the runnable module's own weights, and only for the layers masked now

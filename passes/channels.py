@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from sparsecc.errors import CalibrationError, WeightError
 from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
 from sparsecc.plan import LayerPlan, Plan
-from sparsecc.program import Program, flatten_outputs
+from sparsecc.program import Program, attribute_owner, flatten_outputs
 
 from .calibrate import check_inputs
 from .channel_graph import Axis, ChannelGraph, ChannelGroup, Consumer
@@ -369,8 +369,7 @@ class PruneChannels(Pass):
     def _add_bias(module: torch.fx.GraphModule, consumer: Consumer, bias: torch.Tensor) -> None:
         fqn = consumer.weight[: -len("weight")] + "bias" if consumer.weight.endswith("weight") else (
             consumer.weight + "_bias")
-        owner, _, attr = fqn.rpartition(".")
-        target = module.get_submodule(owner) if owner else module
+        target, attr = attribute_owner(module, fqn)
         if hasattr(target, attr):
             raise WeightError(f"cannot add a compensation bias {fqn}: the name is taken")
         target.register_parameter(attr, torch.nn.Parameter(bias, requires_grad=False))
@@ -482,13 +481,12 @@ class PruneChannels(Pass):
 
 
 def _get(module: torch.nn.Module, fqn: str) -> torch.Tensor:
-    owner, _, attr = fqn.rpartition(".")
-    return getattr(module.get_submodule(owner) if owner else module, attr)
+    owner, attr = attribute_owner(module, fqn)
+    return getattr(owner, attr)
 
 
 def _set(module: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
-    owner, _, attr = fqn.rpartition(".")
-    target = module.get_submodule(owner) if owner else module
+    target, attr = attribute_owner(module, fqn)
     old = getattr(target, attr)
     if isinstance(old, torch.nn.Parameter):
         setattr(target, attr, torch.nn.Parameter(value, requires_grad=old.requires_grad))

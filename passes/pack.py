@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from sparsecc import ops
 from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
-from sparsecc.program import Layer, Program, SparsityInfo
+from sparsecc.program import Layer, Program, SparsityInfo, attribute_owner
 from sparsecc.sparsity import Packed, PackedBSR, PackedNM, packed_nbytes, parse_pattern, plan_violation
 
 aten = torch.ops.aten
@@ -39,11 +39,6 @@ def _sparse_call(graph: torch.fx.Graph, x2d: torch.fx.Node, packed: Packed, gett
     op = (torch.ops.sparsecc.sparse_linear_bsr.default if isinstance(packed, PackedBSR)
           else torch.ops.sparsecc.sparse_linear_csr.default)
     return graph.call_function(op, (x2d, getters["indptr"], getters["indices"], getters["data"], bias))
-
-
-def _find_param_owner(module: torch.nn.Module, fqn: str) -> tuple[torch.nn.Module, str]:
-    parent, _, leaf = fqn.rpartition(".")
-    return (module.get_submodule(parent) if parent else module), leaf
 
 
 def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, layer: Layer, packed: Packed,
@@ -118,7 +113,7 @@ class Pack(Pass):
                 continue
             lp = planned[layer.name]
             pattern = parse_pattern(lp.pattern)
-            owner, leaf = _find_param_owner(gm, layer.weight)
+            owner, leaf = attribute_owner(gm, layer.weight)
             weight = getattr(owner, leaf).detach()
             matrix = weight.reshape(weight.shape[0], -1).float().numpy()
             if plan_violation(pattern, torch.from_numpy(matrix != 0), lp.mask_sparsity()) is not None:

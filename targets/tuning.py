@@ -160,6 +160,10 @@ class CostTable:
         self.path = pathlib.Path(path)
         self.machine = dict(machine)
         self.entries: dict[str, dict[str, Any]] = {}
+        # family -> [(density, key), ...] by density, and the (entries, size) it was built from:
+        # a search asks for thousands of unmeasured densities, each a lookup here, not a key scan
+        self._families: dict[str, list[tuple[float, str]]] = {}
+        self._families_of: tuple[int, int] | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], machine: dict[str, Any]) -> CostTable:
@@ -222,13 +226,16 @@ class CostTable:
 
     def _measured_densities(self, problem: Problem) -> list[tuple[float, str]]:
         """(density, key) of every measured entry of ``problem``'s family, by density."""
-        family = problem.family()
-        found = []
-        for key in self.entries:
-            fam, density = _family_of(key)
-            if fam == family:
-                found.append((density, key))
-        return sorted(found)
+        # entries only grow (record) or are replaced whole (load), so identity and size tell staleness
+        built_from = (id(self.entries), len(self.entries))
+        if self._families_of != built_from:
+            families: dict[str, list[tuple[float, str]]] = {}
+            for key in self.entries:
+                family, density = _family_of(key)
+                families.setdefault(family, []).append((density, key))
+            self._families = {family: sorted(points) for family, points in families.items()}
+            self._families_of = built_from
+        return self._families.get(problem.family(), [])
 
     def interpolated_seconds(self, problem: Problem) -> float | None:
         """Time of an unmeasured density of a measured family, linear in density between the

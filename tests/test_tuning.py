@@ -190,6 +190,11 @@ def test_cost_model_interpolates_between_measured_densities(tmp_path, monkeypatc
     assert model.schedule(8, packed[0.8]) == space[0.9][-1]
     assert model.schedule(8, packed[0.6]) == space[0.5][0]
     assert model.schedule(8, pack_bsr(synthetic_weight(shape, "block16x1", 0.7), (16, 1))) is None
+    # a measurement recorded after predictions were made brackets a density that was not before
+    lighter = pack_csr(synthetic_weight(shape, "unstructured", 0.2))
+    model.table.record(Problem.of(8, lighter), [(schedule_space(8, lighter, CAPS)[0], 12e-6)])
+    seconds, source = model.predict(8, pack_csr(synthetic_weight(shape, "unstructured", 0.3)))
+    assert source == "interpolated" and seconds == pytest.approx(10e-6 + 2e-6 * (0.7 - 0.5) / (0.8 - 0.5))
 
 
 def test_tune_skips_what_the_table_has_and_shapes_a_pattern_cannot_take(tmp_path) -> None:
