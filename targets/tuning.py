@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 import pathlib
@@ -164,36 +165,55 @@ class CostTable:
         # a search asks for thousands of unmeasured densities, each a lookup here, not a key scan
         self._families: dict[str, list[tuple[float, str]]] = {}
         self._families_of: tuple[int, int] | None = None
+        self._recorded: set[str] = set()  # keys measured here since the last save (they win)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], machine: dict[str, Any]) -> CostTable:
         """The table at ``path`` (empty when the file does not exist yet)."""
         table = cls(path, machine)
-        if not table.path.is_file():
-            return table
-        try:
-            data = json.loads(table.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CostTableError(f"cost table {table.path} is unreadable ({exc}); delete it and run "
-                                 "`sparsecc tune` again") from None
-        if data.get("version") != TABLE_VERSION:
-            raise CostTableError(f"cost table {table.path} has version {data.get('version')}, this sparsecc "
-                                 f"writes {TABLE_VERSION}; delete it and run `sparsecc tune` again")
-        if data.get("machine") != table.machine:
-            raise CostTableError(f"cost table {table.path} was measured on {data.get('machine')}, not on this "
-                                 f"machine ({table.machine}); use --table to pick another file")
-        table.entries = dict(data.get("entries", {}))
+        table.entries = table._read_file()
         return table
 
+    def _read_file(self) -> dict[str, dict[str, Any]]:
+        """The entries the file holds now ({} when there is no file yet)."""
+        if not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CostTableError(f"cost table {self.path} is unreadable ({exc}); delete it and run "
+                                 "`sparsecc tune` again") from None
+        if data.get("version") != TABLE_VERSION:
+            raise CostTableError(f"cost table {self.path} has version {data.get('version')}, this sparsecc "
+                                 f"writes {TABLE_VERSION}; delete it and run `sparsecc tune` again")
+        if data.get("machine") != self.machine:
+            raise CostTableError(f"cost table {self.path} was measured on {data.get('machine')}, not on this "
+                                 f"machine ({self.machine}); use --table to pick another file")
+        return dict(data.get("entries", {}))
+
     def save(self) -> pathlib.Path:
-        """Write atomically (a crash never leaves a half-written table)."""
+        """Write atomically (a crash never leaves a half-written table), merged under a file lock
+        with what the file holds now: two processes tuning into one table (two searches at once)
+        both keep their measurements, and this table's own new ones win where both measured a
+        problem (what it measured before its last save does not). Afterwards this table holds the
+        merged entries too."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"version": TABLE_VERSION, "machine": self.machine, "entries": self.entries}
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, self.path)
+        with open(self.path.with_name(f".{self.path.name}.lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                on_disk = self._read_file()
+            except CostTableError:
+                on_disk = {}  # a damaged or foreign file was unusable anyway: these measurements replace it
+            merged = {**self.entries, **on_disk}
+            merged.update((key, self.entries[key]) for key in self._recorded)
+            payload = {"version": TABLE_VERSION, "machine": self.machine, "entries": merged}
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(payload, f, indent=1, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, self.path)
+        self.entries = merged
+        self._recorded.clear()
         return self.path
 
     def record(self, problem: Problem, results: list[tuple[Any, float]]) -> dict[str, Any]:
@@ -209,6 +229,7 @@ class CostTable:
             "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         self.entries[problem.key()] = entry
+        self._recorded.add(problem.key())
         return entry
 
     def best(self, problem: Problem) -> Any | None:

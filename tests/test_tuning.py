@@ -63,6 +63,27 @@ def test_table_round_trip_and_refusals(tmp_path) -> None:
         CostTable.load(path, machine)
 
 
+def test_two_tables_saving_to_one_file_keep_each_others_measurements(tmp_path) -> None:
+    # two searches tuning at once: each process holds the table it loaded; a plain write of the
+    # later one would drop what the other measured meanwhile
+    machine = x86_mod.machine()
+    path = tmp_path / "table.json"
+    packed = {s: pack_csr(synthetic_weight((32, 64), "unstructured", s)) for s in (0.3, 0.5, 0.7)}
+    space = {s: schedule_space(4, p, CAPS) for s, p in packed.items()}
+    first, second = CostTable.load(path, machine), CostTable.load(path, machine)
+    first.record(Problem.of(4, packed[0.3]), [(space[0.3][0], 3e-6)])
+    first.save()
+    second.record(Problem.of(4, packed[0.5]), [(space[0.5][0], 2e-6)])
+    second.record(Problem.of(4, packed[0.3]), [(space[0.3][0], 4e-6)])  # measured again: the newer wins
+    second.save()
+    first.record(Problem.of(4, packed[0.7]), [(space[0.7][0], 1e-6)])
+    first.save()  # first's stale copy of the 0.3 entry must not overwrite second's newer one
+    on_disk = CostTable.load(path, machine)
+    assert {k: e["seconds"] for k, e in on_disk.entries.items()} == {
+        "csr 32x64 m4 d0.70": 4e-6, "csr 32x64 m4 d0.50": 2e-6, "csr 32x64 m4 d0.30": 1e-6}
+    assert first.entries.keys() == on_disk.entries.keys()  # a save also brings the others' entries in
+
+
 def test_explore_times_every_candidate() -> None:
     w = synthetic_weight((48, 64), "block16x1", 0.5)
     packed = pack_bsr(w, (16, 1))
