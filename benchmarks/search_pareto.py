@@ -11,7 +11,8 @@ For the model and target named, this builds (with :func:`sparsecc.compile`, Wand
   first one measures the model's layer kernels into the target's cost table
   (``search{tune=true}``), so the searches plan from measured times and every build, dense and
   uniform included, takes its schedules from the same measurements; ``--check-layers`` then times
-  each searched plan's layer kernels beside their dense ones (``sparsecc.check_cost_model``).
+  each searched plan's layer kernels beside their dense ones (``sparsecc.check_cost_model``;
+  ``--check-once-per-problem`` times each distinct kernel problem once, for SmolLM2 in wasmtime).
 
 Latency: every build is called on the same input, interleaved in round-robin blocks in this
 process (median of the blocks; :func:`sparsecc.timing.interleave`). On ``x86`` the compiled
@@ -201,6 +202,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="schedules explored per kernel with --tune (0: all; 1: the heuristic's only)")
     p.add_argument("--check-layers", action="store_true",
                    help="time every searched plan's layer kernels beside their dense ones (sparsecc.check_cost_model)")
+    p.add_argument("--check-once-per-problem", action="store_true",
+                   help="with --check-layers, time each distinct kernel problem (shape, rows, pattern, nonzeros) "
+                        "once: SmolLM2's 30 equally shaped decoder layers share their timings")
     p.add_argument("--artifacts", help="keep the builds (and searched plans) here and reuse them in later runs")
     p.add_argument("--out", help="write the rows to this JSON file")
     p.add_argument("--rescore", metavar="ROWS_JSON", help="only print the tables of an earlier --out file again")
@@ -313,9 +317,11 @@ def build_all(work: Workload, args: argparse.Namespace) -> list[Build]:
         build = Build(label, "searched", artifact, seconds, plan=plan, search_s=search_s)
         build.extra = _plan_summary(plan)
         if args.check_layers:
-            summary = sparsecc.check_cost_model(artifact)
+            summary = sparsecc.check_cost_model(artifact, once_per_problem=args.check_once_per_problem)
             build.extra["slower_than_dense"] = summary["slower_than_dense"]
-            print(f"  {label}: layers measured: Spearman {summary['spearman']:.2f}, median |pred/meas - 1| "
+            build.extra["check"] = {k: summary[k] for k in ("spearman", "median_relative_error", "kernels_timed")}
+            print(f"  {label}: {len(summary['layers'])} layers, {summary['kernels_timed']} kernels timed: "
+                  f"Spearman {summary['spearman']:.2f}, median |pred/meas - 1| "
                   f"{summary['median_relative_error']:.0%}, sparse layers measured no faster than dense: "
                   f"{', '.join(summary['slower_than_dense']) or 'none'}", flush=True)
         builds.append(build)

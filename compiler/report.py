@@ -99,7 +99,10 @@ class Report:
                          f"{self.compiled_vs_reference.get('max_abs', float('nan')):.3g}")
         if self.cost_model:
             cm = self.cost_model
-            lines.append(f"cost model vs this machine over {len(cm['layers'])} layer kernels: Spearman "
+            timed = cm.get("kernels_timed", len(cm["layers"]))
+            over = (f"{len(cm['layers'])} layer kernels" if timed == len(cm["layers"]) else
+                    f"{len(cm['layers'])} layers ({timed} distinct kernels timed)")
+            lines.append(f"cost model vs this machine over {over}: Spearman "
                          f"{cm['spearman']:.2f}, median |predicted/measured - 1| {cm['median_relative_error']:.0%}, "
                          f"sums {cm['predicted_sum_s'] * 1e3:.3f} ms predicted / {cm['measured_sum_s'] * 1e3:.3f} ms "
                          "measured" + (f" (whole model {cm['model_latency_s'] * 1e3:.3f} ms)"

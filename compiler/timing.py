@@ -7,10 +7,31 @@ resolution, and the median over rounds is reported. Ratios are only meaningful w
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+
+@contextlib.contextmanager
+def one_cpu() -> Iterator[None]:
+    """Run the block with the calling thread held on one CPU (the highest it may use), restoring
+    its CPU set after. Single-threaded timings need it on this machine: a thread the scheduler
+    moves between CPUs times the same kernel up to 1.5x slower now and then, for seconds at a
+    time (384x64 at M = 196 in wasmtime: 400 us held, 400-590 us free). Threads a runtime starts
+    inside the block inherit the one CPU, so multi-threaded timings must not use it."""
+    setter = getattr(os, "sched_setaffinity", None)
+    before = os.sched_getaffinity(0) if setter is not None else set()
+    if setter is None or len(before) <= 1:
+        yield
+        return
+    setter(0, {max(before)})
+    try:
+        yield
+    finally:
+        setter(0, before)
 
 
 def seconds_per_call(fn: Callable[[], Any], warmup: int = 3) -> float:

@@ -4,9 +4,10 @@ Every kernel module offers a handful of schedules for a problem (``csr_schedules
 ``bsr_schedules``, ``nm_schedules``, ``dense_schedules``; the heuristic choice first). The explorer
 builds each candidate, checks its output against a float64 reference once, and times all of them
 interleaved in one process (load from other processes hits them alike). The fastest one and every
-candidate's median time go into a :class:`CostTable`, a JSON file per CPU model, vector width and
-thread count. Lowering asks the table for the schedule of each kernel it builds (a problem nobody
-measured keeps the heuristic choice), and :class:`CostModel` reads the same entries to predict a
+candidate's time (the lower quartile of its interleaved blocks, see :func:`explore`) go into a
+:class:`CostTable`, a JSON file per CPU model, vector width and thread count. Lowering asks the
+table for the schedule of each kernel it builds (a problem nobody measured keeps the heuristic
+choice), and :class:`CostModel` reads the same entries to predict a
 layer's time, falling back to a roofline where nothing was measured.
 
 Kernels whose weight values are stored as bf16 (``weights="bfloat16"``) are separate problems:
@@ -18,6 +19,7 @@ explored knobs per kernel family reach the hand-tuned numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -232,6 +234,18 @@ class CostTable:
         self._recorded.add(problem.key())
         return entry
 
+    def rescale(self, problem: Problem, seconds: float, timed_beside: int) -> float:
+        """Set ``problem``'s best time to ``seconds``, measured again beside ``timed_beside`` other
+        kernels, and scale its other candidates' times alike; returns the factor applied."""
+        entry = self.entries[problem.key()]
+        factor = seconds / entry["seconds"]
+        entry["seconds"] = seconds
+        entry["default_seconds"] *= factor
+        entry["candidates"] = [[name, t * factor] for name, t in entry["candidates"]]
+        entry["timed_beside"] = timed_beside
+        self._recorded.add(problem.key())
+        return factor
+
     def best(self, problem: Problem) -> Any | None:
         """The fastest measured schedule for ``problem``, or None when it was never measured."""
         entry = self.entries.get(problem.key())
@@ -301,27 +315,39 @@ def synthetic_weight(shape: tuple[int, int], pattern: str, sparsity: float, seed
 
 
 def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilities, tvm_target: Any,
-            rounds: int = 7, candidates: list[Any] | None = None, weights: str = "float32",
+            rounds: int = 15, candidates: list[Any] | None = None, weights: str = "float32",
             runner: str = "host") -> list[tuple[Any, float]]:
     """Build and time every candidate schedule of one problem, side by side.
 
     ``weight`` is the masked-dense weight (the reference); ``packed`` its packed form, or None for
     the dense kernel; ``weights`` the storage of the values of the default candidates. Candidates
     may mix fp32 and bf16 storage (then they are timed side by side); a bf16 candidate is checked
-    against the bf16-rounded weight, which is what it computes with. Returns ``[(schedule, median
-    seconds), ...]`` in candidate order; a candidate whose output disagrees with the reference
-    raises (a wrong kernel must never win). ``runner`` names where the kernels run and are timed
-    (``"host"``: in this process; ``"wasm"``: in wasmtime), see
+    against the bf16-rounded weight, which is what it computes with. Returns ``[(schedule,
+    seconds), ...]`` in candidate order, the seconds being the lower quartile of ``rounds``
+    interleaved blocks of about 3 ms: this machine drifts between a fast and a slow state (up to
+    1.5x) for tens of milliseconds to seconds at a time, so a median over a short window can land
+    in the slow state while a low quantile stays on the kernel's quiet speed (noise only adds
+    time); ``rounds`` blocks keep one lucky block from setting it. A candidate whose output
+    disagrees with the reference raises (a wrong kernel must never win). ``runner`` names where
+    the kernels run and are timed (``"host"``: in this process; ``"wasm"``: in wasmtime), see
     :func:`sparsecc.targets.runners.kernel_preparer`.
     """
-    from sparsecc.timing import interleave
+    schedules = candidates if candidates is not None else schedule_space(m, packed, caps, tuple(weight.shape),
+                                                                         weights)
+    calls = _checked_calls(m, weight, packed, caps, tvm_target, schedules, runner)
+    return list(zip(schedules, side_by_side(calls, caps, rounds), strict=True))
 
+
+def _checked_calls(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilities, tvm_target: Any,
+                   schedules: list[Any], runner: str) -> list[Any]:
+    """One ready-to-time call per schedule (built, inputs in place), each checked once against the
+    float64 reference (see :func:`explore`)."""
     from .kernels import dense_args, dense_linear, sparse_kernel
     from .kernels._common import from_bfloat16_bits, to_bfloat16_bits
+    from .kernels.dense import DenseSchedule
     from .runners import kernel_preparer
 
     shape = tuple(weight.shape)
-    schedules = candidates if candidates is not None else schedule_space(m, packed, caps, shape, weights)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((m, shape[1])).astype(np.float32)
     bias = rng.standard_normal(shape[0]).astype(np.float32)
@@ -330,10 +356,8 @@ def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilitie
                   "bfloat16": x.astype(np.float64) @ rounded.astype(np.float64).T + bias}
     scale = max(1.0, float(np.abs(references["float32"]).max()))
     prepare = kernel_preparer(runner)
-    calls = {}
-    from .kernels.dense import DenseSchedule
-
-    for index, schedule in enumerate(schedules):
+    calls = []
+    for schedule in schedules:
         # a dense schedule among sparse ones times the layer's dense kernel beside them
         if packed is None or isinstance(schedule, DenseSchedule):
             func = dense_linear(m, shape, True, caps, "explore", schedule=schedule)
@@ -346,9 +370,18 @@ def explore(m: int, weight: np.ndarray, packed: Packed | None, caps: Capabilitie
         if not error <= 1e-3 * scale:
             raise SparseccError(f"schedule {_describe(schedule)} computes a wrong result for {shape} at M={m} "
                                 f"(max error {error:.3g}); this is a kernel bug")
-        calls[str(index)] = call
-    times = interleave(calls, rounds=rounds)
-    return [(schedule, times[str(i)]["median"]) for i, schedule in enumerate(schedules)]
+        calls.append(call)
+    return calls
+
+
+def side_by_side(calls: list[Any], caps: Capabilities, rounds: int = 15) -> list[float]:
+    """Seconds of each ready kernel call, timed interleaved: the lower quartile of ``rounds``
+    blocks of about 3 ms each (see :func:`explore`), single-threaded kernels held on one CPU."""
+    from sparsecc.timing import interleave, one_cpu
+
+    with one_cpu() if caps.threads == 1 else contextlib.nullcontext():
+        times = interleave({str(i): call for i, call in enumerate(calls)}, rounds=rounds)
+    return [times[str(i)]["q1"] for i in range(len(calls))]
 
 
 @dataclass(frozen=True)
@@ -425,7 +458,7 @@ class CostModel:
 
 
 def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], patterns: list[str],
-         sparsities: list[float], table_path: str | os.PathLike[str] | None = None, rounds: int = 7,
+         sparsities: list[float], table_path: str | os.PathLike[str] | None = None, rounds: int = 15,
          log: Any = print, weights: tuple[str, ...] = ("float32",), skip_measured: bool = False) -> CostTable:
     """Explore every (shape, M, pattern, sparsity) problem on this machine and store the results.
 
@@ -442,7 +475,7 @@ def tune(target_name: str, shapes: list[tuple[int, int]], ms: list[int], pattern
 
 
 def tune_problems(target_name: str, problems: list[tuple[tuple[int, int], int]], patterns: list[str],
-                  sparsities: list[float], table_path: str | os.PathLike[str] | None = None, rounds: int = 7,
+                  sparsities: list[float], table_path: str | os.PathLike[str] | None = None, rounds: int = 15,
                   log: Any = print, weights: tuple[str, ...] = ("float32",),
                   skip_measured: bool = False, max_candidates: int = 0) -> CostTable:
     """:func:`tune` over a list of ``(shape, M)`` problems (a model's layers: ``search{tune=true}``);
@@ -472,6 +505,7 @@ def tune_problems(target_name: str, problems: list[tuple[tuple[int, int], int]],
         table = CostTable.load(pathlib.Path(table_path) if table_path else model.table_path, model.machine)
     tvm_target = record.tvm_target()
     for shape, m in dict.fromkeys((tuple(shape), int(m)) for shape, m in problems):
+        measured: list[tuple[Problem, np.ndarray, Packed | None]] = []  # this problem's new entries
         for pattern in patterns:
             if pattern == "dense":
                 cells = [(None, 0.0)]
@@ -497,20 +531,46 @@ def tune_problems(target_name: str, problems: list[tuple[tuple[int, int], int]],
                 for w in todo:
                     problem = Problem.of(m, packed, shape, w)
                     entry = table.record(problem, [(s, t) for s, t in results if s.weights == w])
+                    measured.append((problem, weight, packed))
                     gain = entry["default_seconds"] / entry["seconds"]
                     best = entry["candidates"][0][0]
                     log(f"{problem.key():39s} best {best}  {entry['seconds'] * 1e6:9.1f} us  "
                         f"({gain:.2f}x the heuristic's, {len(entry['candidates'])} candidates)")
                 table.save()
+        if len(measured) > 1:
+            _confirm_side_by_side(table, measured, m, caps, tvm_target, record.runner, rounds, log)
+            table.save()
     return table
 
 
+def _confirm_side_by_side(table: CostTable, measured: list[tuple[Problem, np.ndarray, Packed | None]], m: int,
+                          caps: Capabilities, tvm_target: Any, runner: str, rounds: int, log: Any) -> None:
+    """Time the best schedule of every entry just measured for one layer shape and M (dense and
+    each pattern and sparsity) in one interleaved run, and rescale each entry to that time.
+
+    Each entry was explored in its own short run, and this machine drifts between a fast and an
+    up to 1.5x slower state for seconds at a time: the dense kernel of 384x64 at M = 196 was
+    recorded 1.8x slower than it runs, and a search then pruned layers whose sparse kernels were
+    no faster than dense. Timed side by side, a drift hits every form of the layer alike, so the
+    sparse-to-dense ratios the search decides by are measured together."""
+    schedules = [table.best(problem) for problem, _, _ in measured]
+    calls = [_checked_calls(m, weight, packed, caps, tvm_target, [schedule], runner)[0]
+             for (_, weight, packed), schedule in zip(measured, schedules, strict=True)]
+    times = side_by_side(calls, caps, rounds)
+    for (problem, _, _), seconds in zip(measured, times, strict=True):
+        factor = table.rescale(problem, seconds, len(measured) - 1)
+        if abs(factor - 1) > 0.15:
+            log(f"{problem.key():39s} {factor:.2f}x its own run's time, timed beside the layer's other "
+                f"{len(measured) - 1} forms")
+
+
 def time_layer_kernel(target_name: str, m: int, weight: np.ndarray, packed: Packed | None,
-                      rounds: int = 5, with_dense: bool = False) -> Any:
-    """Median seconds of the kernel ``compile`` builds for one layer problem on ``target_name``
-    (the cost table's measured-best schedule where there is one, else the heuristic's), timed where
-    the target's kernels run (:func:`sparsecc.targets.runners.kernel_preparer`: in this process for
-    x86, in wasmtime for wasm-simd); a target whose kernels cannot be timed here raises. With
+                      rounds: int = 15, with_dense: bool = False) -> Any:
+    """Seconds (as :func:`explore` measures them) of the kernel ``compile`` builds for one layer
+    problem on ``target_name`` (the cost table's measured-best schedule where there is one, else
+    the heuristic's), timed where the target's kernels run
+    (:func:`sparsecc.targets.runners.kernel_preparer`: in this process for x86, in wasmtime for
+    wasm-simd); a target whose kernels cannot be timed here raises. With
     ``with_dense`` (a sparse ``packed``), ``(sparse seconds, dense seconds)``: the layer's dense
     kernel on the same masked weight, timed side by side with the sparse one (interleaved, so load
     from other processes hits both alike)."""

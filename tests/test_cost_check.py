@@ -67,3 +67,22 @@ def test_targets_whose_kernels_cannot_be_timed_here_say_so() -> None:
                            method="magnitude", calibration=[(x,)], progress=False)
     with pytest.raises(TargetError, match="cannot time kernels"):
         check_cost_model(art)
+
+
+def test_once_per_problem_times_equally_shaped_layers_pruned_alike_once() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 256)
+    twins = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 64))  # layers "0" and "2" alike
+    art = sparsecc.compile(twins.eval(), (x,), target="x86", sparsity=0.5, pattern="block4x1",
+                           method="magnitude", calibration=[(x,)], progress=False)
+    every = check_cost_model(art, rounds=3)
+    assert every["kernels_timed"] == 3 and not any("timed_with" in row for row in every["layers"])
+    shared = check_cost_model(art, rounds=3, once_per_problem=True)
+    rows = {row["layer"]: row for row in shared["layers"]}
+    assert shared["kernels_timed"] == 2
+    assert rows["2"]["timed_with"] == "0" and "timed_with" not in rows["4"]
+    assert rows["2"]["measured_s"] == rows["0"]["measured_s"]
+    assert rows["2"]["measured_dense_s"] == rows["0"]["measured_dense_s"]
+    assert shared["measured_sum_s"] == pytest.approx(sum(row["measured_s"] for row in shared["layers"]))
+    assert "over 3 layers (2 distinct kernels timed)" in art.report.summary()

@@ -234,3 +234,33 @@ def test_tune_skips_what_the_table_has_and_shapes_a_pattern_cannot_take(tmp_path
     assert sorted(again.entries) == ["csr 24x64 m4 d0.50", "dense 24x64 m4 d1.00"]
     assert again.entries["csr 24x64 m4 d0.50"]["measured"] == measured
     assert len([line for line in lines if line.startswith("dense")]) == 1  # the repeated problem once
+
+
+def test_a_layers_forms_are_timed_again_side_by_side_and_rescaled(tmp_path) -> None:
+    from sparsecc.targets.tuning import tune_problems
+
+    path = tmp_path / "t.json"
+    table = tune_problems("x86", [((32, 64), 4)], ["unstructured", "dense"], [0.5, 0.7], table_path=path,
+                          rounds=3, log=lambda _line: None)
+    assert sorted(table.entries) == ["csr 32x64 m4 d0.30", "csr 32x64 m4 d0.50", "dense 32x64 m4 d1.00"]
+    # every entry was timed beside the layer's two other forms, and the file holds those times
+    assert {key: entry["timed_beside"] for key, entry in table.entries.items()} == dict.fromkeys(table.entries, 2)
+    on_disk = json.loads(path.read_text())["entries"]
+    assert {k: e["seconds"] for k, e in on_disk.items()} == {k: e["seconds"] for k, e in table.entries.items()}
+
+
+def test_rescale_scales_every_candidate_and_survives_a_save(tmp_path) -> None:
+    machine = x86_mod.machine()
+    path = tmp_path / "table.json"
+    packed = pack_csr(synthetic_weight((32, 64), "unstructured", 0.5))
+    space = schedule_space(4, packed, CAPS)[:2]
+    table = CostTable.load(path, machine)
+    problem = Problem.of(4, packed)
+    table.record(problem, [(space[0], 4e-6), (space[1], 3e-6)])
+    table.save()
+    assert table.rescale(problem, 6e-6, 2) == pytest.approx(2.0)
+    table.save()  # the rescaled entry is newer than the file's: it must win the merge
+    entry = CostTable.load(path, machine).entries[problem.key()]
+    assert entry["seconds"] == pytest.approx(6e-6) and entry["default_seconds"] == pytest.approx(8e-6)
+    assert [t for _, t in entry["candidates"]] == pytest.approx([6e-6, 8e-6])
+    assert entry["timed_beside"] == 2
