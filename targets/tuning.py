@@ -552,13 +552,19 @@ def _confirm_side_by_side(table: CostTable, measured: list[tuple[Problem, np.nda
     up to 1.5x slower state for seconds at a time: the dense kernel of 384x64 at M = 196 was
     recorded 1.8x slower than it runs, and a search then pruned layers whose sparse kernels were
     no faster than dense. Timed side by side, a drift hits every form of the layer alike, so the
-    sparse-to-dense ratios the search decides by are measured together."""
+    sparse-to-dense ratios the search decides by are measured together (at the lower of the two
+    runs' levels)."""
     schedules = [table.best(problem) for problem, _, _ in measured]
     calls = [_checked_calls(m, weight, packed, caps, tvm_target, [schedule], runner)[0]
              for (_, weight, packed), schedule in zip(measured, schedules, strict=True)]
     times = side_by_side(calls, caps, rounds)
+    # The side-by-side run sets the ratios between the forms; its level can be the drifted one as
+    # well. Noise only adds time, so of the two levels (the forms' own runs, this run) the lower
+    # one is kept: the median of the ratios this run / own runs says which.
+    level = float(np.median([t / table.entries[p.key()]["seconds"] for (p, _, _), t in zip(measured, times,
+                                                                                            strict=True)]))
     for (problem, _, _), seconds in zip(measured, times, strict=True):
-        factor = table.rescale(problem, seconds, len(measured) - 1)
+        factor = table.rescale(problem, seconds / max(level, 1.0), len(measured) - 1)
         if abs(factor - 1) > 0.15:
             log(f"{problem.key():39s} {factor:.2f}x its own run's time, timed beside the layer's other "
                 f"{len(measured) - 1} forms")

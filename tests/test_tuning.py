@@ -264,3 +264,22 @@ def test_rescale_scales_every_candidate_and_survives_a_save(tmp_path) -> None:
     assert entry["seconds"] == pytest.approx(6e-6) and entry["default_seconds"] == pytest.approx(8e-6)
     assert [t for _, t in entry["candidates"]] == pytest.approx([6e-6, 8e-6])
     assert entry["timed_beside"] == 2
+
+
+@pytest.mark.parametrize(("again", "kept"), [
+    ((15e-6, 30e-6, 80e-6), (10e-6, 20e-6, 80e-6 / 1.5)),  # the second run drifted slow: its ratios, the first level
+    ((5e-6, 10e-6, 30e-6), (5e-6, 10e-6, 30e-6)),  # the first runs drifted slow: the second run's times
+])
+def test_side_by_side_keeps_its_ratios_at_the_lower_level(tmp_path, monkeypatch, again, kept) -> None:
+    from sparsecc.targets import tuning
+
+    table = CostTable.load(tmp_path / "t.json", x86_mod.machine())
+    measured = []
+    for sparsity, seconds in zip((0.3, 0.5, 0.7), (10e-6, 20e-6, 40e-6), strict=True):
+        packed = pack_csr(synthetic_weight((32, 64), "unstructured", sparsity))
+        table.record(Problem.of(4, packed), [(schedule_space(4, packed, CAPS)[0], seconds)])
+        measured.append((Problem.of(4, packed), None, packed))
+    monkeypatch.setattr(tuning, "_checked_calls", lambda *args: [None])
+    monkeypatch.setattr(tuning, "side_by_side", lambda calls, caps, rounds: list(again))
+    tuning._confirm_side_by_side(table, measured, 4, CAPS, None, "host", 3, lambda _line: None)
+    assert [table.entries[p.key()]["seconds"] for p, _, _ in measured] == pytest.approx(list(kept))
