@@ -51,7 +51,14 @@ averages are printed with the results. ``--rescore ROWS.json`` prints a saved ru
     python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --latency 0.95,0.9,0.8 \
         --ladder '0.1;0.2;0.3;0.4;0.5;0.6;0.7;0.8;0.9' \
         --uniform unstructured@0.2,unstructured@0.3,block4x1@0.2,block4x1@0.3,block16x1@0.2,block16x1@0.3
-    python benchmarks/search_pareto.py --model mobilenet --target wasm-simd --threads 1
+    python benchmarks/search_pareto.py --model mobilenet --target wasm-simd --threads 1 --tune --tune-candidates 2 \
+        --check-layers --engine reference --ladder '0.3;0.4;0.5;0.6;0.7;0.8;0.9' --latency 0.9,0.8,0.7,0.6 \
+        --uniform unstructured@0.3,unstructured@0.5,unstructured@0.7,block4x1@0.3,block16x1@0.5 \
+        --rounds 15 --block-seconds 0.3
+    python benchmarks/search_pareto.py --model smollm --target wasm-simd --threads 1 --seq 128 --eval 8 --tune \
+        --tune-candidates 2 --check-layers --check-once-per-problem --engine reference \
+        --ladder '0.3;0.4;0.5;0.6;0.7;0.8;0.9' --latency 0.8,0.7,0.6 --rounds 9 --block-seconds 0.3 \\
+        --uniform unstructured@0.3,unstructured@0.4,unstructured@0.5,unstructured@0.6
     python benchmarks/search_pareto.py --model smollm --target x86 --threads 1 --seq 128 --eval 8
     python benchmarks/search_pareto.py --model smollm --layers 2 --seq 32 --calib 2 --eval 2 \\
         --uniform unstructured@0.5 --latency 0.6 --rounds 3   # smoke test
