@@ -18,10 +18,11 @@ from typing import Any
 @contextlib.contextmanager
 def one_cpu() -> Iterator[None]:
     """Run the block with the calling thread held on one CPU (the highest it may use), restoring
-    its CPU set after. Single-threaded timings need it on this machine: a thread the scheduler
-    moves between CPUs times the same kernel up to 1.5x slower now and then, for seconds at a
-    time (384x64 at M = 196 in wasmtime: 400 us held, 400-590 us free). Threads a runtime starts
-    inside the block inherit the one CPU, so multi-threaded timings must not use it."""
+    its CPU set after. Single-threaded kernel timings use it so a thread is not moved between CPUs
+    mid-measurement; on this machine it made runs of the same kernel more alike in short tests,
+    though slow stretches of up to 1.5x still come on either CPU (see ``targets.tuning.explore``).
+    Threads a runtime starts inside the block inherit the one CPU, so multi-threaded timings must
+    not use it."""
     setter = getattr(os, "sched_setaffinity", None)
     before = os.sched_getaffinity(0) if setter is not None else set()
     if setter is None or len(before) <= 1:

@@ -39,8 +39,8 @@ class WasmKernel:
         if not path.is_file():
             raise ArtifactError(f"wasm module {path} does not exist; build the kernel first")
         self.path = path
-        # compiled on this thread: a kernel module is small, and compiler threads left running on
-        # the other CPU slowed the timings that follow (up to 1.5x on a 2-CPU machine)
+        # compiled on this thread: a kernel module is small, and no compiler thread is then left
+        # on the other CPU while the kernel is timed (fewer slow timings in short tests, not none)
         config = wasmtime.Config()
         config.parallel_compilation = False
         self.engine = wasmtime.Engine(config)
