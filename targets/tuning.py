@@ -505,7 +505,9 @@ def tune_problems(target_name: str, problems: list[tuple[tuple[int, int], int]],
         table = CostTable.load(pathlib.Path(table_path) if table_path else model.table_path, model.machine)
     tvm_target = record.tvm_target()
     for shape, m in dict.fromkeys((tuple(shape), int(m)) for shape, m in problems):
-        measured: list[tuple[Problem, np.ndarray, Packed | None]] = []  # this problem's new entries
+        # this problem's new entries, each with its best schedule's call, still built and ready to
+        # time again beside the others
+        measured: list[tuple[Problem, Any]] = []
         for pattern in patterns:
             if pattern == "dense":
                 cells = [(None, 0.0)]
@@ -526,27 +528,29 @@ def tune_problems(target_name: str, problems: list[tuple[tuple[int, int], int]],
                     continue
                 candidates = [s for w in todo
                               for s in schedule_space(m, packed, caps, shape, w)[:max_candidates or None]]
-                results = explore(m, weight, packed, caps, tvm_target, rounds=rounds, candidates=candidates,
-                                  runner=record.runner)
+                calls = _checked_calls(m, weight, packed, caps, tvm_target, candidates, record.runner)
+                times = side_by_side(calls, caps, rounds)
                 for w in todo:
                     problem = Problem.of(m, packed, shape, w)
-                    entry = table.record(problem, [(s, t) for s, t in results if s.weights == w])
-                    measured.append((problem, weight, packed))
+                    mine = [i for i, s in enumerate(candidates) if s.weights == w]
+                    entry = table.record(problem, [(candidates[i], times[i]) for i in mine])
+                    measured.append((problem, calls[min(mine, key=lambda i: times[i])]))
                     gain = entry["default_seconds"] / entry["seconds"]
                     best = entry["candidates"][0][0]
                     log(f"{problem.key():39s} best {best}  {entry['seconds'] * 1e6:9.1f} us  "
                         f"({gain:.2f}x the heuristic's, {len(entry['candidates'])} candidates)")
                 table.save()
         if len(measured) > 1:
-            _confirm_side_by_side(table, measured, m, caps, tvm_target, record.runner, rounds, log)
+            _confirm_side_by_side(table, measured, caps, rounds, log)
             table.save()
     return table
 
 
-def _confirm_side_by_side(table: CostTable, measured: list[tuple[Problem, np.ndarray, Packed | None]], m: int,
-                          caps: Capabilities, tvm_target: Any, runner: str, rounds: int, log: Any) -> None:
-    """Time the best schedule of every entry just measured for one layer shape and M (dense and
-    each pattern and sparsity) in one interleaved run, and rescale each entry to that time.
+def _confirm_side_by_side(table: CostTable, measured: list[tuple[Problem, Any]], caps: Capabilities, rounds: int,
+                          log: Any) -> None:
+    """Time the best schedule's call of every entry just measured for one layer shape and M
+    (dense and each pattern and sparsity) in one interleaved run, and rescale each entry to that
+    time.
 
     Each entry was explored in its own short run, and this machine drifts between a fast and an
     up to 1.5x slower state for seconds at a time: the dense kernel of 384x64 at M = 196 was
@@ -554,16 +558,13 @@ def _confirm_side_by_side(table: CostTable, measured: list[tuple[Problem, np.nda
     no faster than dense. Timed side by side, a drift hits every form of the layer alike, so the
     sparse-to-dense ratios the search decides by are measured together (at the lower of the two
     runs' levels)."""
-    schedules = [table.best(problem) for problem, _, _ in measured]
-    calls = [_checked_calls(m, weight, packed, caps, tvm_target, [schedule], runner)[0]
-             for (_, weight, packed), schedule in zip(measured, schedules, strict=True)]
-    times = side_by_side(calls, caps, rounds)
+    times = side_by_side([call for _, call in measured], caps, rounds)
     # The side-by-side run sets the ratios between the forms; its level can be the drifted one as
     # well. Noise only adds time, so of the two levels (the forms' own runs, this run) the lower
     # one is kept: the median of the ratios this run / own runs says which.
-    level = float(np.median([t / table.entries[p.key()]["seconds"] for (p, _, _), t in zip(measured, times,
-                                                                                            strict=True)]))
-    for (problem, _, _), seconds in zip(measured, times, strict=True):
+    level = float(np.median([t / table.entries[p.key()]["seconds"] for (p, _), t in zip(measured, times,
+                                                                                         strict=True)]))
+    for (problem, _), seconds in zip(measured, times, strict=True):
         factor = table.rescale(problem, seconds / max(level, 1.0), len(measured) - 1)
         if abs(factor - 1) > 0.15:
             log(f"{problem.key():39s} {factor:.2f}x its own run's time, timed beside the layer's other "

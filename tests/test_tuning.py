@@ -278,8 +278,7 @@ def test_side_by_side_keeps_its_ratios_at_the_lower_level(tmp_path, monkeypatch,
     for sparsity, seconds in zip((0.3, 0.5, 0.7), (10e-6, 20e-6, 40e-6), strict=True):
         packed = pack_csr(synthetic_weight((32, 64), "unstructured", sparsity))
         table.record(Problem.of(4, packed), [(schedule_space(4, packed, CAPS)[0], seconds)])
-        measured.append((Problem.of(4, packed), None, packed))
-    monkeypatch.setattr(tuning, "_checked_calls", lambda *args: [None])
+        measured.append((Problem.of(4, packed), None))
     monkeypatch.setattr(tuning, "side_by_side", lambda calls, caps, rounds: list(again))
-    tuning._confirm_side_by_side(table, measured, 4, CAPS, None, "host", 3, lambda _line: None)
-    assert [table.entries[p.key()]["seconds"] for p, _, _ in measured] == pytest.approx(list(kept))
+    tuning._confirm_side_by_side(table, measured, CAPS, 3, lambda _line: None)
+    assert [table.entries[p.key()]["seconds"] for p, _ in measured] == pytest.approx(list(kept))
