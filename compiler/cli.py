@@ -123,7 +123,9 @@ def format_plan(plan: Any) -> str:
         lines.append("")
         lines.append(f"budget {search['budget']}: predicted {search['predicted_speedup']:.2f}x the dense kernels of "
                      f"the searched layers, {1 - search['kept_fraction']:.0%} of their weights removed, "
-                     f"{search['measure']} {search['measured_error']:.4g} on calibration data (one-shot masks)")
+                     f"{search['measure']} {search['measured_error']:.4g} on "
+                     + (f"{search['batches']['finalists']} calibration batches" if "batches" in search
+                        else "calibration data") + " (one-shot masks)")
     return "\n".join(lines) + "\n"
 
 
