@@ -44,19 +44,22 @@ plan, the fastest uniform plan at least as accurate and the speed ratio searched
 bar is 1.25x), and the slowest uniform plan at least as fast, with the metric's difference. Load
 averages are printed with the results. ``--rescore ROWS.json`` prints a saved run's tables again.
 
-    python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --tune --check-layers \
-        --engine reference --ladder '0.3;0.4;0.5;0.6;0.7;0.8;0.9' --latency 0.9,0.8,0.7,0.6 \
-        --uniform unstructured@0.3,unstructured@0.5,unstructured@0.7,block4x1@0.3,block16x1@0.5
+    python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --tune --check-layers \\
+        --engine reference --ladder '0.3;0.4;0.5;0.6;0.7;0.8;0.9' --latency 0.9,0.8,0.7,0.6 \\
+        --uniform unstructured@0.3,unstructured@0.5,unstructured@0.7,block4x1@0.3,block16x1@0.5 \\
+        --rounds 25 --block-seconds 0.3 --artifacts builds/
     python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --out rows.json
-    python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --latency 0.95,0.9,0.8 \
-        --ladder '0.1;0.2;0.3;0.4;0.5;0.6;0.7;0.8;0.9' \
+    python benchmarks/search_pareto.py --model mobilenet --target x86 --threads 1 --latency 0.95,0.9,0.8 \\
+        --ladder '0.1;0.2;0.3;0.4;0.5;0.6;0.7;0.8;0.9' \\
         --uniform unstructured@0.2,unstructured@0.3,block4x1@0.2,block4x1@0.3,block16x1@0.2,block16x1@0.3
-    python benchmarks/search_pareto.py --model mobilenet --target wasm-simd --threads 1 --tune --tune-candidates 2 \
-        --check-layers --engine reference --ladder '0.3;0.4;0.5;0.6;0.7;0.8;0.9' --latency 0.9,0.8,0.7,0.6 \
-        --uniform unstructured@0.3,unstructured@0.5,unstructured@0.7,block4x1@0.3,block16x1@0.5 \
-        --rounds 15 --block-seconds 0.3
-    python benchmarks/search_pareto.py --model smollm --target wasm-simd --threads 1 --seq 128 --eval 8 --tune \
-        --tune-candidates 2 --check-layers --check-once-per-problem --engine reference \
+    python benchmarks/search_pareto.py --model mobilenet --target wasm-simd --threads 1 --tune --tune-candidates 2 \\
+        --check-layers --engine reference --ladder '0.3;0.4;0.5;0.6;0.7;0.8;0.9' --latency 0.9,0.8,0.7,0.6 \\
+        --uniform unstructured@0.3,unstructured@0.5,unstructured@0.7,block4x1@0.3,block16x1@0.5 \\
+        --rounds 25 --block-seconds 0.3 --artifacts builds/
+    # the same command again (without --check-layers) times the kept builds once more: on a machine
+    # that drifts, compare the runs' interquartile ranges before trusting one
+    python benchmarks/search_pareto.py --model smollm --target wasm-simd --threads 1 --seq 128 --eval 8 --tune \\
+        --tune-candidates 2 --check-layers --check-once-per-problem --engine reference \\
         --ladder '0.3;0.4;0.5;0.6;0.7;0.8;0.9' --latency 0.8,0.7,0.6 --rounds 9 --block-seconds 0.3 \\
         --uniform unstructured@0.3,unstructured@0.4,unstructured@0.5,unstructured@0.6
     python benchmarks/search_pareto.py --model smollm --target x86 --threads 1 --seq 128 --eval 8

@@ -100,27 +100,27 @@ def check_cost_model(artifact: Artifact, rounds: int = 15, model_latency: float 
             row["timed_with"] = first["layer"]
         else:
             # the promise: no sparse kernel slower than the layer's dense one, measured here side by side
-            measured, dense = (time_layer_kernel(artifact.target, m, weight, packed, rounds=rounds, with_dense=True)
-                               if sparse else (time_layer_kernel(artifact.target, m, weight, None, rounds=rounds),
-                                               None))
-            row["measured_s"] = measured
-            if dense is not None:
-                row["measured_dense_s"] = dense
+            kernel_s, dense_s = (time_layer_kernel(artifact.target, m, weight, packed, rounds=rounds, with_dense=True)
+                                 if sparse else (time_layer_kernel(artifact.target, m, weight, None, rounds=rounds),
+                                                 None))
+            row["measured_s"] = kernel_s
+            if dense_s is not None:
+                row["measured_dense_s"] = dense_s
             timed[problem] = row
-        measured = row["measured_s"]
         rows.append(row)
         if report is not None:
-            report.predicted_s, report.measured_s = predicted, measured
+            report.predicted_s, report.measured_s = predicted, row["measured_s"]
     if not rows:
         raise SparseccError("the artifact has no layer whose kernel can be timed alone")
     # correlation and error over the kernels timed: a problem shared by 30 layers counts once
     distinct = [r for r in rows if "timed_with" not in r]
-    predicted = [r["predicted_s"] for r in distinct]
-    measured = [r["measured_s"] for r in distinct]
+    predicted_each = [r["predicted_s"] for r in distinct]
+    measured_each = [r["measured_s"] for r in distinct]
     summary = {
         "layers": rows,
-        "spearman": spearman(predicted, measured),
-        "median_relative_error": float(np.median([abs(p / m - 1) for p, m in zip(predicted, measured, strict=True)])),
+        "spearman": spearman(predicted_each, measured_each),
+        "median_relative_error": float(np.median([abs(p / m - 1) for p, m in zip(predicted_each, measured_each,
+                                                                                 strict=True)])),
         "predicted_sum_s": sum(r["predicted_s"] for r in rows), "measured_sum_s": sum(r["measured_s"] for r in rows),
         "model_latency_s": model_latency,
         "kernels_timed": len(distinct),
