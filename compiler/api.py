@@ -319,9 +319,9 @@ def search_plan(
     :mod:`sparsecc.passes.search`): ``latency`` (the searched layers' predicted time at most this
     fraction of dense), ``sparsity`` (at least this fraction of their weights removed) or
     ``max_error`` (the model's ``measure`` on the first ``search_batches`` calibration batches at
-    most this; those batches also measure the finalists, and the first of them each layer's
-    sensitivity; 0: as many as hold 512 output positions, e.g. 4 batches of 128 tokens or 32
-    single images). ``patterns``:
+    most this; those batches also measure the finalists; 0: as many as hold 512 output positions,
+    e.g. 4 batches of 128 tokens or 32 single images). Each layer's sensitivity is measured on the
+    first of them that hold 8 output positions (1 batch of tokens, 8 single images). ``patterns``:
     ';'-separated patterns to try (default: the target's search set); ``sparsities``: the ladder.
     ``tune``: first measure the model's layer kernels on this machine into the target's cost
     table (targets that run here), so the search plans from measured times, not the roofline;
