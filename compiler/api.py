@@ -7,7 +7,7 @@ exactly what a build script gets from ``PassManager(default_pipeline(...))``.
 from __future__ import annotations
 
 import pathlib
-import tempfile
+import shutil
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +30,7 @@ from .plan import Plan
 from .program import Program, flatten_outputs
 from .report import LayerReport, Report
 from .sparsity import FORMAT_ARRAYS, check_sparsity_value
+from .workdirs import make_workdir, own
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 REFINEMENTS = ("dsnot",)
@@ -112,19 +113,17 @@ def _as_program(model: Any, example_inputs: Sequence[Any] | torch.Tensor | None)
 
 
 def _normalize_calibration(calibration: Any, program: Program) -> list[tuple[Any, ...]] | None:
+    """``calibration`` as a list of input tuples, each checked against ``program`` before any work:
+    a batch that does not fit fails deep in a pass, one with NaN or no rows prunes a wrong model."""
+    from .calibration_check import as_batches, check_calibration
+
     if calibration is None:
         return None
     if isinstance(calibration, torch.Tensor):
         raise CalibrationError("calibration must be a list of input tuples (one tuple per batch), "
                                "not a single tensor")
-    batches = []
-    for i, batch in enumerate(calibration):
-        batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
-        if not batch:
-            raise CalibrationError(f"calibration batch {i} is empty")
-        batches.append(batch)
-    if not batches:
-        raise CalibrationError("calibration data is an empty list; pass at least one batch")
+    batches = as_batches(calibration)
+    check_calibration(batches, program)
     return batches
 
 
@@ -202,7 +201,6 @@ def compile(  # noqa: A001 - the public name users expect
     :mod:`sparsecc.cost_check`). Returns an Artifact whose ``report`` says what happened per layer.
     """
     from sparsecc.targets import get_target
-    from sparsecc.targets.kernels import HALF_MARKERS
 
     check_sparsity_value(sparsity)
     record = get_target(target)
@@ -222,8 +220,10 @@ def compile(  # noqa: A001 - the public name users expect
             raise SparseccError("plan and pipeline both choose the planning pass; put plan-file{path=...} in your "
                                 "pipeline instead")
         if isinstance(plan, Plan):
-            plan_path = pathlib.Path(tempfile.mkdtemp(prefix="sparsecc-plan-")) / "plan.json"
+            plan_dir = make_workdir("plan")
+            plan_path = plan_dir / "plan.json"
             plan.save(plan_path)
+            own(plan, plan_dir)
             method = plan.method
         else:
             plan_path = pathlib.Path(plan)
@@ -243,7 +243,33 @@ def compile(  # noqa: A001 - the public name users expect
     timing, snapshots = TimingInstrument(), SnapshotInstrument(pathlib.Path(dump_dir) if dump_dir else None)
     numerics = NumericsInstrument(program.example_inputs)
     manager.instruments = [timing, snapshots, VerifyInstrument(), numerics]
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="sparsecc-"))
+    workdir = make_workdir()
+    try:
+        artifact = _run_compile(manager, program, record, batches, method, timing, snapshots, numerics, progress,
+                                workdir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    # the artifact runs its library from the work folder until it is saved elsewhere
+    own(artifact, workdir)
+    if measure_layers:
+        from .cost_check import check_cost_model
+        from .timing import median_latency
+
+        if not record.runs_here:
+            raise SparseccError(f"measure_layers: target {record.name!r} does not run on this machine")
+        latency = median_latency({"model": lambda: artifact(*program.example_inputs)}, rounds=7)["model"]
+        check_cost_model(artifact, model_latency=latency)
+    return artifact
+
+
+def _run_compile(manager: PassManager, program: Program, record: Any, batches: list[tuple[Any, ...]] | None,
+                 method: str, timing: TimingInstrument, snapshots: SnapshotInstrument,
+                 numerics: NumericsInstrument, progress: bool, workdir: pathlib.Path) -> Artifact:
+    """Run the pipeline in ``workdir`` and assemble the Artifact, checked against the masked-dense
+    program where the target runs here."""
+    from sparsecc.targets.kernels import HALF_MARKERS
+
     ctx = PassContext(record, calibration=batches, progress=progress, workdir=workdir)
     result = manager.run(program, ctx)
 
@@ -286,14 +312,6 @@ def compile(  # noqa: A001 - the public name users expect
                 "severity": "error", "pass_name": "build", "layer": None,
                 "message": f"compiled output differs from the masked-dense program by {rel:.3g} (relative); "
                            "this is a kernel bug, please report it with the artifact"})
-    if measure_layers:
-        from .cost_check import check_cost_model
-        from .timing import median_latency
-
-        if not record.runs_here:
-            raise SparseccError(f"measure_layers: target {record.name!r} does not run on this machine")
-        latency = median_latency({"model": lambda: artifact(*program.example_inputs)}, rounds=7)["model"]
-        check_cost_model(artifact, model_latency=latency)
     return artifact
 
 

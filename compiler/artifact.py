@@ -24,36 +24,39 @@ and refuses a damaged or mismatched artifact with a message that says what to do
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
 import pathlib
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import ArtifactError
+from .artifact_files import (
+    FORMAT_NAME,
+    MANIFEST,
+    check_destination,
+    check_relative_path,
+    install_folder,
+    read_manifest,
+    read_verified,
+    scan_folder,
+    scratch_sibling,
+    sha256_file,
+    verify_listed,
+)
+from .errors import ArtifactError, SparseccError
 from .plan import Plan
 from .report import Report
+from .workdirs import apply_umask
 
-FORMAT_NAME = "sparsecc-artifact"
 #: version 2 names the compiled files in the manifest ("library", "model_files"); version 1 (x86
 #: only) always had exactly ``model.so``
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-MANIFEST = "manifest.json"
 LIBRARY = "model.so"
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -97,6 +100,8 @@ class Artifact:
     _session: Any = None
     _out_spec: tuple[Any] | None = None
     _modules: dict[str, Any] = field(default_factory=dict)
+    # sha256 of the compiled files of a loaded artifact, checked again right before they run
+    _digests: dict[pathlib.Path, str] = field(default_factory=dict)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -133,8 +138,17 @@ class Artifact:
             if not record.runs_here:
                 raise ArtifactError(f"artifact for target {self.target!r} cannot run on this machine"
                                     + (f": it needs {record.needs}" if record.needs else ""))
+            self._verify_compiled_files()
             self._session = load_library(record.runner, self.library)
         return self._unflatten(list(self._session(*checked)))
+
+    def _verify_compiled_files(self) -> None:
+        """A loaded artifact's compiled files still match the manifest when the code is loaded
+        (they were checked at ``load``; this closes the window between the two)."""
+        for path, digest in self._digests.items():
+            if path.is_symlink() or not path.is_file() or sha256_file(path) != digest:
+                raise ArtifactError(f"{path} changed since the artifact was loaded (its sha256 no longer matches "
+                                    "the manifest); load the artifact again")
 
     def _run_exported(self, key: str, exported: torch.export.ExportedProgram, inputs: tuple[Any, ...]) -> Any:
         checked = self._check_inputs(inputs)
@@ -154,22 +168,26 @@ class Artifact:
     # -- saving ---------------------------------------------------------------------------------
 
     def save(self, out: str | os.PathLike[str]) -> pathlib.Path:
+        """Write the artifact to folder ``out``: absent, empty, or an earlier artifact that
+        verifies. The new folder is written beside it and swapped in whole, so ``out`` holds the
+        old artifact or the new one at every moment."""
         out = pathlib.Path(out)
-        _check_destination(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        check_destination(out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = scratch_sibling(out, "tmp")
+        except OSError as exc:
+            raise ArtifactError(f"cannot write the artifact beside {out}: {exc.strerror}; choose a folder you can "
+                                "write to") from None
         try:
             self._write(tmp)
-            if out.exists():
-                old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                old.rmdir()
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(out)
-        except BaseException:
+            apply_umask(tmp)
+            install_folder(tmp, out)
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise ArtifactError(f"could not write the artifact to {out}: {exc.strerror or exc}; nothing there "
+                                    "was changed: free space or choose another folder") from None
             raise
         self.path = out
         return out
@@ -204,7 +222,7 @@ class Artifact:
             "model_files": [p.name for p in self.model_files],
             "inputs": _input_signature(self.example_inputs),
             "plan": self.plan.to_json(),
-            "files": {str(p.relative_to(folder)): _sha256(p) for p in files},
+            "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files},
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -228,98 +246,111 @@ def _report_page(artifact: Artifact) -> str:
                 "</body></html>\n")
 
 
-def _read_manifest(folder: pathlib.Path) -> dict[str, Any]:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{folder} is not a sparsecc artifact: {MANIFEST} is missing "
-                            "(compile again with `sparsecc compile ... -o DIR`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is damaged (not valid JSON: {exc}); compile the model again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{path} is not a sparsecc manifest")
-    return manifest
+#: the files ``load`` reads besides the compiled ones; each must be listed and verified
+LOADED_FILES = ("pruned.pt2", "packed.pt2", "packed_weights.safetensors", "plan.json", "report.json",
+                "example_inputs.pt")
 
 
-def _check_destination(out: pathlib.Path) -> None:
-    """Allow an absent or empty folder, or one holding exactly an earlier artifact."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ArtifactError(f"output path {out} exists and is not a folder; choose another -o path")
-    present = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    if not present:
-        return
-    if not (out / MANIFEST).is_file():
-        raise ArtifactError(
-            f"output folder {out} already holds files that are not a sparsecc artifact "
-            f"({', '.join(sorted(present)[:3])}{' ...' if len(present) > 3 else ''}); "
-            "refusing to overwrite them: choose an empty or new folder")
+def _compiled_files(folder: pathlib.Path, manifest: dict[str, Any]) -> tuple[str, list[str]]:
+    """The library and model files a manifest names: plain names that its file map lists."""
+    library = manifest.get("library", LIBRARY)
+    model_files = manifest.get("model_files", [])
+    if not isinstance(library, str) or not isinstance(model_files, list):
+        raise ArtifactError(f"{folder}/{MANIFEST} names its compiled files wrongly; the artifact is damaged: "
+                            "compile the model again")
+    for name in [library, *model_files]:
+        check_relative_path(name, folder)
+        if "/" in name or name not in manifest["files"]:
+            raise ArtifactError(f"{folder}/{MANIFEST} names the compiled file {name!r} but does not list it; "
+                                "the artifact is damaged: compile the model again")
+    return library, model_files
+
+
+def _check_versions(folder: pathlib.Path, manifest: dict[str, Any]) -> None:
+    built = manifest.get("versions")
+    built = built if isinstance(built, dict) else {}
+    here = versions()
+    for dist in ("torch", "apache-tvm"):
+        if built.get(dist) != here.get(dist):
+            raise ArtifactError(
+                f"{folder} was built with {dist} {built.get(dist)}, this environment has "
+                f"{here.get(dist)}; compiled code and saved programs are tied to that version: "
+                "recompile here, or install the version it was built with")
+
+
+def _parse(folder: pathlib.Path, rel: str, data: bytes, parse: Any) -> Any:
+    """``parse(data)``, with any failure of a verified-but-malformed file as one ArtifactError."""
     try:
-        listed = set(_read_manifest(out)["files"]) | {MANIFEST}
-    except (ArtifactError, KeyError, TypeError):
-        raise ArtifactError(f"output folder {out} holds a damaged artifact; remove it yourself or choose "
-                            "another folder") from None
-    foreign = sorted(present - listed)
-    if foreign:
-        raise ArtifactError(
-            f"output folder {out} holds an artifact plus files sparsecc did not write "
-            f"({', '.join(foreign[:3])}); refusing to overwrite: move them or choose another folder")
+        return parse(data)
+    except SparseccError as exc:
+        raise ArtifactError(f"{folder}/{rel} cannot be read: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - torch, json and safetensors raise many types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ArtifactError(f"{folder}/{rel} is malformed ({type(exc).__name__}: {reason}); recompile the "
+                            "artifact") from None
+
+
+def _example_inputs(data: bytes) -> tuple[torch.Tensor, ...]:
+    loaded = torch.load(io.BytesIO(data), weights_only=True)
+    if not isinstance(loaded, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in loaded):
+        raise ValueError("expected a tuple of tensors")
+    return tuple(loaded)
+
+
+def _report(data: bytes) -> Report:
+    report = Report.from_json(json.loads(data.decode("utf-8")))
+    report.summary()  # a report of the wrong shape fails here, not later in the user's command
+    return report
 
 
 def load(folder: str | os.PathLike[str], *, check_versions: bool = True) -> Artifact:
-    """Load an artifact folder, verifying format, versions and the sha256 of every file."""
-    from safetensors.torch import load_file
+    """Load an artifact folder, verifying format, versions and the sha256 of every file.
 
-    from .capture import load_exported
+    Nothing outside the folder is read: the manifest's paths must lie inside it, the folder may
+    hold no symbolic link, and every file used is listed and hash-checked (unlisted files are
+    ignored). ``.pt2`` programs are opened without unpickling (see :mod:`sparsecc.safe_pt2`);
+    the compiled library is native code and is loaded only when the artifact is first called.
+    """
+    from safetensors.torch import load as load_safetensors
+
+    from .capture import load_exported_bytes
 
     folder = pathlib.Path(folder)
+    if folder.is_file():
+        raise ArtifactError(f"{folder} is a file, not an artifact folder; give the folder `sparsecc compile -o` "
+                            "wrote")
     if not folder.is_dir():
         raise ArtifactError(f"artifact folder {folder} does not exist")
-    manifest = _read_manifest(folder)
+    folder = folder.resolve()
+    manifest = read_manifest(folder)
+    present = scan_folder(folder)
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{folder} has artifact format version {manifest.get('format_version')!r}; this sparsecc "
             f"reads versions {', '.join(map(str, READABLE_VERSIONS))}: compile the model again with this version")
-    files = manifest.get("files")
-    library = manifest.get("library", LIBRARY)
-    model_files = manifest.get("model_files", [])
-    if (not isinstance(files, dict) or not isinstance(library, str) or not isinstance(model_files, list)
-            or any(name not in files for name in [library, *model_files])):
-        raise ArtifactError(f"{folder}/{MANIFEST} does not list the compiled files it names; the artifact is "
-                            "damaged")
-    for rel, digest in files.items():
-        path = folder / rel
-        if not path.is_file():
-            raise ArtifactError(f"{folder} is incomplete: {rel} is missing (truncated copy?); copy the whole "
-                                "folder again or recompile")
-        if _sha256(path) != digest:
-            raise ArtifactError(f"{folder}/{rel} is damaged: its sha256 does not match the manifest; copy "
-                                "the artifact again or recompile")
+    library, model_files = _compiled_files(folder, manifest)
+    verify_listed(folder, manifest, present)
     if check_versions:
-        built = manifest.get("versions", {})
-        here = versions()
-        for dist in ("torch", "apache-tvm"):
-            if built.get(dist) != here.get(dist):
-                raise ArtifactError(
-                    f"{folder} was built with {dist} {built.get(dist)}, this environment has "
-                    f"{here.get(dist)}; compiled code and saved programs are tied to that version: "
-                    "recompile here, or install the version it was built with")
-    example_inputs = tuple(torch.load(folder / "example_inputs.pt", weights_only=True))
-    report = Report.from_json(json.loads((folder / "report.json").read_text()))
-    stages = [(p.stem, p.read_text()) for p in sorted((folder / "stages").glob("*.txt"))]
+        _check_versions(folder, manifest)
+    data = {rel: read_verified(folder, manifest, rel) for rel in LOADED_FILES}
+    stage_files = sorted(rel for rel in manifest["files"] if rel.startswith("stages/") and rel.endswith(".txt"))
+    stages = [(pathlib.PurePosixPath(rel).stem,
+               _parse(folder, rel, read_verified(folder, manifest, rel), lambda b: b.decode("utf-8")))
+              for rel in stage_files]
     return Artifact(
         target=manifest["target"],
         library=folder / library,
         model_files=[folder / name for name in model_files],
-        pruned=load_exported(folder / "pruned.pt2"),
-        packed_program=load_exported(folder / "packed.pt2"),
-        plan=Plan.load(folder / "plan.json"),
-        report=report,
-        example_inputs=example_inputs,
+        pruned=_parse(folder, "pruned.pt2", data["pruned.pt2"], lambda b: load_exported_bytes(b, "pruned.pt2")),
+        packed_program=_parse(folder, "packed.pt2", data["packed.pt2"],
+                              lambda b: load_exported_bytes(b, "packed.pt2")),
+        plan=_parse(folder, "plan.json", data["plan.json"], lambda b: Plan.from_json(json.loads(b.decode("utf-8")))),
+        report=_parse(folder, "report.json", data["report.json"], _report),
+        example_inputs=_parse(folder, "example_inputs.pt", data["example_inputs.pt"], _example_inputs),
         stages=stages,
-        packed_arrays=load_file(str(folder / "packed_weights.safetensors")),
-        pipeline=manifest.get("pipeline", ""),
+        packed_arrays=_parse(folder, "packed_weights.safetensors", data["packed_weights.safetensors"],
+                             load_safetensors),
+        pipeline=str(manifest.get("pipeline", "")),
         path=folder,
+        _digests={folder / rel: manifest["files"][rel] for rel in [library, *model_files]},
     )

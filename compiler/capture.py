@@ -1,13 +1,14 @@
 """Capture: ``torch.export`` a model into a Program, with errors a person can act on.
 
-Also loads and saves ``.pt2`` files. Private torch.export details (the custom-op registration
-warning on load) are handled here and nowhere else.
+Also loads ``.pt2`` files, through :mod:`sparsecc.safe_pt2` so that opening one runs no code
+from it, and refuses programs whose tensor shapes depend on input values (sparsecc plans, packs
+and lowers for shapes that follow from the input shapes).
 """
 
 from __future__ import annotations
 
-import logging
 import pathlib
+import re
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -72,9 +73,42 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
         message += ("\n  fix: make the failing code traceable (no data-dependent Python control flow or "
                     "unsupported ops), or export the model yourself and pass the ExportedProgram")
         raise CaptureError(message) from None
+    check_static_shapes(exported, f"model {type(model).__name__}")
     if fold_batch_norm:
         exported, _ = fold_batch_norms(exported, inputs)
     return Program(exported, inputs, stage="captured")
+
+
+def check_static_shapes(exported: torch.export.ExportedProgram, what: str) -> None:
+    """Raise CaptureError (one line) when a tensor's shape depends on the input's values
+    (``x[x > 0]``, ``torch.nonzero``): torch.export captures those with unbacked symbols, which
+    sparsecc's planning, printing and TVM lowering cannot size."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    from torch.utils import _pytree as pytree
+
+    for node in exported.graph.nodes:
+        for value in pytree.tree_leaves(node.meta.get("val")):
+            if isinstance(value, torch.Tensor) and free_unbacked_symbols(tuple(value.shape)):
+                shape = ", ".join(str(d) for d in value.shape)
+                raise CaptureError(
+                    f"{what} makes a tensor whose shape depends on the input's values: {node.name} "
+                    f"({_op_name(node.target)}) has shape [{shape}]{_node_source(node)}, and sparsecc compiles "
+                    "only shapes that follow from the input shapes; fix: keep value-dependent selection "
+                    "(x[mask], torch.nonzero, masked_select) out of the model, e.g. return "
+                    "torch.where(mask, x, 0) and select after calling it")
+
+
+def _op_name(target: Any) -> str:
+    return str(getattr(target, "_name", None) or getattr(target, "__name__", None) or target)
+
+
+def _node_source(node: torch.fx.Node) -> str:
+    """The ' at model.py:12 (code)' suffix naming the innermost frame of the node's stack trace."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)', node.meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    file, line, code = frames[-1]
+    return f" at {file}:{line} ({code.strip()[:80]})"
 
 
 def _set_tensor(module: torch.nn.Module, target: str, value: torch.Tensor) -> None:
@@ -163,7 +197,23 @@ def fold_batch_norms(exported: torch.export.ExportedProgram,
                 delattr(owner, name)
     graph.lint()
     module.recompile()
-    return torch.export.export(module, tuple(example_inputs), strict=False), folded
+    dynamic = _dynamic_shapes(exported, example_inputs)
+    return torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic, strict=False), folded
+
+
+def _dynamic_shapes(exported: torch.export.ExportedProgram, example_inputs: Sequence[Any]) -> tuple[Any, ...] | None:
+    """The dims ``exported`` left dynamic (a dynamic batch, say), as ``dynamic_shapes`` for
+    exporting the same inputs again; None when every dim is static or the inputs are not plain
+    tensors (then the re-export is static, as before)."""
+    placeholders = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    values = [placeholders[name].meta.get("val") for name in exported.graph_signature.user_inputs]
+    if len(values) != len(example_inputs) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return None
+    specs = []
+    for value in values:
+        shape = value.shape if isinstance(value, torch.Tensor) else ()
+        specs.append({i: torch.export.Dim.AUTO for i, d in enumerate(shape) if isinstance(d, torch.SymInt)} or None)
+    return tuple(specs) if any(specs) else None
 
 
 def from_exported(exported: torch.export.ExportedProgram,
@@ -177,42 +227,37 @@ def from_exported(exported: torch.export.ExportedProgram,
                 "the exported program stores no example inputs; pass example_inputs explicitly")
         example_inputs = stored[0]
     inputs = _as_tuple(example_inputs)
+    check_static_shapes(exported, "the exported program")
     if fold_batch_norm:
         exported, _ = fold_batch_norms(exported, inputs)
     return Program(exported, inputs, stage="captured")
 
 
-class _RecordWarnings(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def load_exported(path: str | pathlib.Path) -> torch.export.ExportedProgram:
-    """``torch.export.load`` with a plain message when the file is missing, damaged, or uses a
-    custom op that is not registered in this process."""
-    from . import ops  # noqa: F401 - registers sparsecc's ops so packed programs load
+    """Load the ``.pt2`` file at ``path`` without running code from it (:mod:`sparsecc.safe_pt2`).
 
+    The file is read once and the bytes that were checked are the bytes that are loaded. Raises a
+    one-line CaptureError when the file is missing or unreadable, damaged, would run code when
+    opened, or calls a custom op that is not registered in this process.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise CaptureError(f"model file {path} does not exist (expected a torch.export.save .pt2 file)")
-    handler = _RecordWarnings()
-    logger = logging.getLogger("torch")
-    logger.addHandler(handler)
     try:
-        return torch.export.load(str(path))
-    except Exception as exc:  # noqa: BLE001
-        hint = next((m for m in handler.messages if "custom op" in m.lower()), None)
-        reason = hint or _short_reason(exc, limit=3)
-        raise CaptureError(
-            f"could not load {path} as a torch.export program: {reason}\n"
-            "  fix: pass a file written by torch.export.save; if it uses custom ops, import the "
-            "module that registers them first") from None
-    finally:
-        logger.removeHandler(handler)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CaptureError(f"could not read model file {path}: {exc.strerror or exc}; fix: check the path and "
+                           "its permissions") from None
+    return load_exported_bytes(data, str(path))
+
+
+def load_exported_bytes(data: bytes, name: str) -> torch.export.ExportedProgram:
+    """:func:`load_exported` for bytes the caller has already read (and perhaps hash-checked);
+    ``name`` is how messages call the file."""
+    from . import ops  # noqa: F401 - registers sparsecc's ops so packed programs load
+    from .safe_pt2 import load_pt2_safely
+
+    return load_pt2_safely(data, name)
 
 
 def load_program(path: str | pathlib.Path, example_inputs: Sequence[Any] | None = None) -> Program:

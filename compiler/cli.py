@@ -7,14 +7,37 @@ other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import logging
 import os
 import pathlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .api import ALLOCATIONS, METHODS, REFINEMENTS, weight_storage
+from .artifact_files import check_destination
 from .errors import SparseccError
+from .outputs import check_output_file, write_file
 from .sparsity import check_sparsity_value
+
+
+@contextmanager
+def quiet_torch_logs() -> Iterator[None]:
+    """Keep torch's own warnings and logged tracebacks (export, deserialization) out of the
+    terminal: sparsecc reports what went wrong itself, in one line."""
+    logger = logging.getLogger("torch")
+    level, propagate = logger.level, logger.propagate
+    if not os.environ.get("SPARSECC_DEBUG"):
+        logger.setLevel(logging.CRITICAL)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _load_tensors(path: str, what: str) -> Any:
@@ -22,11 +45,13 @@ def _load_tensors(path: str, what: str) -> Any:
 
     p = pathlib.Path(path)
     if not p.is_file():
-        raise SparseccError(f"{what} file {p} does not exist")
+        raise SparseccError(f"{what} file {p} does not exist" + (" (it is a folder)" if p.is_dir() else ""))
     try:
         return torch.load(p, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types
-        raise SparseccError(f"could not read {what} file {p} with torch.load: {exc}") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise SparseccError(f"could not read {what} file {p}: it is not a torch.save file of tensors ({first}); "
+                            "write it with torch.save(tensor or tuple of tensors, path)") from None
 
 
 def _as_input_tuple(value: Any, what: str) -> tuple[Any, ...]:
@@ -91,6 +116,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .capture import load_program
 
     get_target(args.target)
+    output = check_output_file(args.output, "-o", inputs=_input_paths(args))
+    _check_plan_destination(output)
     program = load_program(args.model)
     calibration = _calibration(args, program)
     with warnings.catch_warnings():
@@ -99,11 +126,36 @@ def cmd_search(args: argparse.Namespace) -> int:
                            max_error=args.max_error or 0.0, calibration=calibration, patterns=args.patterns or "",
                            sparsities=args.sparsities or "", measure=args.measure, method=args.method,
                            tune=args.tune, progress=not args.quiet)
-    plan.save(args.output)
+    write_file(output, plan.dumps())
     print(format_plan(plan), end="")
     print(f"plan written to {args.output}; compile it with: sparsecc compile {args.model} --target {args.target} "
           f"--plan {args.output}")
     return 0
+
+
+def _input_paths(args: argparse.Namespace) -> list[str]:
+    """Every file a compile or search reads, so that no output lands on one of them."""
+    paths = [args.model]
+    for name in ("calib", "tokenizer", "plan"):
+        if getattr(args, name, None):
+            paths.append(getattr(args, name))
+    for name in ("calib_text", "calib_images"):
+        paths.extend(getattr(args, name, None) or [])
+    return paths
+
+
+def _check_plan_destination(output: pathlib.Path) -> None:
+    """A plan replaces only an earlier plan: any other existing file may be the user's work."""
+    if not output.exists():
+        return
+    try:
+        data = json.loads(output.read_bytes().decode("utf-8"))
+        is_plan = isinstance(data, dict) and "schema_version" in data and "layers" in data
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        is_plan = False
+    if not is_plan:
+        raise SparseccError(f"-o {output} exists and is not a sparsecc plan; refusing to overwrite it: choose another "
+                            "path or remove it yourself")
 
 
 def format_plan(plan: Any) -> str:
@@ -133,15 +185,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .plan import Plan
     from .plan_compare import format_html, format_text
 
+    output = check_output_file(args.output, "-o", inputs=args.plans) if args.output else None
     plans: dict[str, Plan] = {}
     for path in args.plans:
         plan = Plan.load(path)
         label = plan.target if plan.target not in plans else f"{plan.target} ({path})"
         plans[label] = plan
     text = format_html(plans) if args.format == "html" else format_text(plans)
-    if args.output:
-        pathlib.Path(args.output).write_text(text)
-        print(f"comparison written to {args.output}")
+    if output is not None:
+        write_file(output, text)
+        print(f"comparison written to {output}")
     else:
         print(text, end="")
     return 0
@@ -155,8 +208,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .api import compile as compile_model
     from .capture import load_program
 
-    # An unknown target or one without whole-model builds fails before the model is loaded.
+    # An unknown target or one without whole-model builds, or an -o that cannot take the artifact,
+    # fails before the model is loaded: not after minutes of pruning.
     get_target(args.target).require_model_build()
+    check_destination(pathlib.Path(args.output))
     program = load_program(args.model)
     calibration = _calibration(args, program)
     with warnings.catch_warnings():
@@ -178,12 +233,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .artifact import load
 
+    out = check_output_file(args.output, "--output", inputs=[args.inputs], inside=[args.artifact])
     artifact = load(args.artifact)
     inputs = _as_input_tuple(_load_tensors(args.inputs, "inputs"), "inputs")
     engine = {"compiled": artifact, "reference": artifact.reference, "packed": artifact.packed}[args.engine]
     output = engine(*inputs)
-    torch.save(output, args.output)
-    print(f"{args.engine} output written to {args.output}")
+    buffer = io.BytesIO()
+    torch.save(output, buffer)
+    write_file(out, buffer.getvalue())
+    print(f"{args.engine} output written to {out}")
     return 0
 
 
@@ -202,16 +260,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.output is not None and args.format != "html":
         raise SparseccError("inspect -o FILE writes the HTML report; add --format html (other formats print)")
+    output = check_output_file(args.output, "-o", inside=[args.artifact]) if args.output else None
     artifact = load(args.artifact)
     if args.format == "html":
         from .report_html import render_html
 
         page = render_html(artifact)
-        if args.output is None:
+        if output is None:
             print(page, end="")
         else:
-            pathlib.Path(args.output).write_text(page, encoding="utf-8")
-            print(f"HTML report written to {args.output}")
+            write_file(output, page)
+            print(f"HTML report written to {output}")
         return 0
     if args.report:
         print(artifact.report.summary(), end="")
@@ -278,6 +337,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.output:
+        check_destination(pathlib.Path(args.output))
     return run_demo(pattern=args.pattern, sparsity=args.sparsity, output=args.output, threads=args.threads)
 
 
@@ -424,14 +485,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input, a broken artifact and the machine's refusals (a read-only or
+    full disk) end with one ``sparsecc: error:`` line and exit status 2, Ctrl-C with one line and
+    130; anything else is a bug and keeps its traceback (all of them with SPARSECC_DEBUG=1)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with quiet_torch_logs():
+            return args.func(args)
+    except KeyboardInterrupt:
+        if os.environ.get("SPARSECC_DEBUG"):
+            raise
+        print("sparsecc: error: interrupted; an artifact being saved was left as it was", file=sys.stderr)
+        return 130
     except SparseccError as exc:
         if os.environ.get("SPARSECC_DEBUG"):
             raise
-        print(f"sparsecc: error: {exc}", file=sys.stderr)
+        print(f"sparsecc: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if os.environ.get("SPARSECC_DEBUG"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"sparsecc: error: {exc.strerror or exc}{where}; check the path and free space", file=sys.stderr)
         return 2
 
 

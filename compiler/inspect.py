@@ -20,10 +20,17 @@ _DTYPE = {
 }
 
 
+def _dim_text(dim: Any) -> str:
+    """A size as printed: its value, or its symbol when it has none (a data-dependent size)."""
+    try:
+        return str(int(dim))
+    except Exception:  # noqa: BLE001 - an unbacked symbolic size raises torch's guard errors
+        return str(dim)
+
+
 def _tensor_type(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        dims = ",".join(str(int(d)) if isinstance(d, int) or hasattr(d, "__int__") else str(d)
-                        for d in value.shape)
+        dims = ",".join(_dim_text(d) for d in value.shape)
         return f"{_DTYPE.get(value.dtype, str(value.dtype))}[{dims}]"
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(_tensor_type(v) for v in value) + ")"

@@ -11,8 +11,8 @@ against the masked-dense program by the compile driver and the tests (kernel tie
 
 from __future__ import annotations
 
-import pathlib
-import tempfile
+import atexit
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from sparsecc.errors import SparseccError
 from sparsecc.pass_manager import Pass, PassContext, PassResult, register_pass
 from sparsecc.program import Program
+from sparsecc.workdirs import make_workdir
 
 
 @dataclass
@@ -106,7 +107,11 @@ class Build(Pass):
 
         if program.lowered is None:
             raise SparseccError("build needs a lowered program: run the lower pass first")
-        workdir = ctx.workdir or pathlib.Path(tempfile.mkdtemp(prefix="sparsecc-build-"))
+        workdir = ctx.workdir
+        if workdir is None:
+            # a pipeline run outside compile: the library is needed until the process ends
+            workdir = make_workdir("build")
+            atexit.register(shutil.rmtree, str(workdir), True)
         workdir.mkdir(parents=True, exist_ok=True)
         generic: list[Any] = []
         # A Relax VM library is one file; a static program is a folder of model files.

@@ -111,7 +111,9 @@ class _PruneBase(Pass):
                         "as pruned", layer.name))
             with torch.no_grad():
                 weight.copy_(pruned.reshape(weight.shape).to(weight.dtype))
-            nonzero = int((matrix != 0).sum())
+            # counted on the pruned values: ``matrix`` is a copy, not a view, when the weight is
+            # stored channels-last
+            nonzero = int((pruned != 0).sum())
             new.set_sparsity(lp.name, SparsityInfo(
                 pattern=pattern.name, sparsity=1.0 - nonzero / matrix.numel(), made_by=self.name))
             totals["layers_pruned"] += 1

@@ -495,10 +495,7 @@ class PlanFile(Pass):
             raise PlanError("plan-file needs path=PLAN.json")
         loaded = Plan.load(self.path)
         layers = {layer.name: layer for layer in program.layers()}
-        unknown = [name for name in loaded.layers if name not in layers]
-        if unknown:
-            raise PlanError(f"plan {self.path} names layers this model does not have: {', '.join(unknown[:5])}; "
-                            "search this model again or fix the names")
+        _check_plan_fits(self.path, loaded, layers, ctx.target)
         diagnostics = []
         if loaded.target != ctx.target.name:
             diagnostics.append(self.diag("warning", f"plan {self.path} was made for target {loaded.target!r}; "
@@ -509,20 +506,41 @@ class PlanFile(Pass):
             if lp is None:
                 lp = LayerPlan(name, layer.kind, list(layer.matrix_shape), None, 0.0, "not in the plan; kept dense")
                 diagnostics.append(self.diag("info", lp.reason, name))
-            elif list(lp.shape) != list(layer.matrix_shape):
-                raise PlanError(f"plan {self.path}: layer {name} is {lp.shape} in the plan but "
-                                f"{list(layer.matrix_shape)} in this model; search this model again")
-            elif lp.is_sparse:
-                pattern = parse_pattern(lp.pattern)
-                if not ctx.target.supports(pattern.name):
-                    raise TargetError(f"plan {self.path}: layer {name} asks for {lp.pattern}, which target "
-                                      f"{ctx.target.name!r} has no kernel for ({', '.join(ctx.target.patterns)})")
-                why = pattern.check_shape(tuple(layer.matrix_shape)) or pattern.check_sparsity(lp.sparsity)
-                if why is not None:
-                    raise PlanError(f"plan {self.path}: layer {name}: {why}")
-                lp.check()
             plan.layers[name] = lp
         new = Program(program.exported, program.example_inputs, stage="planned", plan=plan, sparsity=program.sparsity)
         return PassResult(new, changed=True, diagnostics=diagnostics,
                           counters={"sparse_layers": len(plan.sparse_layers()),
                                     "dense_layers": len(plan.dense_layers())})
+
+
+def _check_plan_fits(path: str, loaded: Plan, layers: dict[str, Layer], target: Any) -> None:
+    """Refuse, in one line listing every problem, a plan that does not fit the program it is applied
+    to: layers the program lacks, another kind or shape, a pattern the layer's shape cannot take
+    (PlanError), or one the target has no kernel for (TargetError)."""
+    from sparsecc.plan import PlanError
+
+    unknown = [name for name in loaded.layers if name not in layers]
+    problems = [f"names layers this model does not have: {', '.join(unknown[:5])}"
+                + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")] if unknown else []
+    unsupported = []
+    for name, lp in loaded.layers.items():
+        layer = layers.get(name)
+        if layer is None:
+            continue
+        if lp.kind != layer.kind:
+            problems.append(f"layer {name} is a {lp.kind} in the plan but a {layer.kind} in this model")
+        if list(lp.shape) != list(layer.matrix_shape):
+            problems.append(f"layer {name} is {lp.shape} in the plan but {list(layer.matrix_shape)} in this model")
+        elif lp.is_sparse:
+            pattern = parse_pattern(lp.pattern)
+            if not target.supports(pattern.name):
+                unsupported.append(f"{name} ({lp.pattern})")
+            why = pattern.check_shape(tuple(layer.matrix_shape)) or pattern.check_sparsity(lp.sparsity)
+            if why is not None:
+                problems.append(f"layer {name}: {why}")
+    if problems:
+        raise PlanError(f"plan {path} does not fit this model: {'; '.join(problems)}; search this model again or "
+                        "fix the plan")
+    if unsupported:
+        raise TargetError(f"plan {path}: layer(s) {', '.join(unsupported)} ask for patterns target {target.name!r} "
+                          f"has no kernel for ({', '.join(target.patterns)}); search for this target")

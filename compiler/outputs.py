@@ -1,0 +1,66 @@
+"""Where commands write single files (plans, outputs, pages): checked before any work, written
+whole or not at all.
+
+An output path may not be one of the command's inputs, a folder, a path under a missing folder,
+or a file inside an artifact folder (that would turn the artifact into "not an artifact").
+Files are written to a hidden sibling first and renamed over the destination, so a failure
+half-way never leaves a truncated file where the user's earlier one was.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable
+
+from .errors import SparseccError
+from .workdirs import user_umask
+
+
+def _same_path(a: pathlib.Path, b: pathlib.Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str, inputs: Iterable[str | os.PathLike[str]] = (),
+                      inside: Iterable[str | os.PathLike[str]] = ()) -> pathlib.Path:
+    """``path`` as a place a command may write one file, or a one-line SparseccError. ``inputs``
+    are files the command reads; ``inside`` folders it must not write into (an artifact)."""
+    out = pathlib.Path(path)
+    for given in inputs:
+        if _same_path(out, pathlib.Path(given)):
+            raise SparseccError(f"{flag} {out} is also an input of this command ({given}); writing it would destroy "
+                                "it: choose another path")
+    for folder in inside:
+        folder = pathlib.Path(folder).resolve()
+        if folder == out.resolve().parent or folder in out.resolve().parents:
+            raise SparseccError(f"{flag} {out} lies inside the artifact folder {folder}; a file added there makes it "
+                                "no longer verify as an artifact: write it elsewhere")
+    if out.is_dir():
+        raise SparseccError(f"{flag} {out} is a folder; give a file path")
+    if not out.parent.is_dir():
+        raise SparseccError(f"{flag} {out}: the folder {out.parent} does not exist; create it first or choose another "
+                            "path")
+    return out
+
+
+def write_file(path: pathlib.Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` atomically, with the mode a new file gets under the umask."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.chmod(tmp, 0o666 & ~user_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
