@@ -488,7 +488,9 @@ def test_ctrl_c_during_compile_is_one_line(built, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    # 130, or death by SIGINT after the line (a shell shows both as 130): Python ends that way
+    # when the interrupt landed while C++ code was running Python source, even once handled
+    assert proc.returncode in (130, -signal.SIGINT), err
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: no --calib")]
     assert len(lines) == 1 and lines[0].startswith("sparsecc: error: interrupted"), err
     assert not _workdirs(proc.pid) and not (tmp_path / "out").exists()
