@@ -62,12 +62,33 @@ def with_weight_storage(pipeline: str, weights: str) -> str:
                            if p.name == "lower" else p for p in passes)
 
 
+RECOVERIES = ("perp", "biases", "full")
+
+
+def recover_element(recover: str | None, *, steps: int = 0, measure: str = "", soup: int = 1) -> str:
+    """The ``recover{...}`` pipeline element for ``compile(recover=...)`` ("" without recovery):
+    ``recover`` names the parameters retrained (perp, biases, full); ``steps`` (0: the pass's
+    default), ``measure`` ("": the pass's default, kl) and ``soup`` set its options."""
+    if not recover:
+        if steps or measure or soup != 1:
+            raise SparseccError("recover_steps, recover_measure and soup set the recovery: add recover='perp' "
+                                "(--recover perp)")
+        return ""
+    if recover not in RECOVERIES:
+        raise SparseccError(f"unknown recovery {recover!r}; choose one of: {', '.join(RECOVERIES)}")
+    options = [f"params={recover}"] + ([f"steps={steps}"] if steps else []) + ([f"measure={measure}"] if measure
+                                                                             else [])
+    options += [f"soup={soup}"] if soup != 1 else []
+    return f"recover{{{','.join(options)}}}"
+
+
 def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip: str = "",
                      refine: str | None = None, allocation: str | None = None, weights: str = "float32",
-                     convs: str = "pointwise") -> str:
+                     convs: str = "pointwise", recover: str = "") -> str:
     """The pipeline ``compile`` runs, as a string a build script can reuse or edit. ``weights``
     (``float32`` or ``bfloat16``) is how the compiled kernels store dense weights and sparse
-    values (the lower pass's ``dense_weights`` and ``sparse_weights``)."""
+    values (the lower pass's ``dense_weights`` and ``sparse_weights``). ``recover`` is a
+    ``recover{...}`` element (:func:`recover_element`) run between pruning and packing."""
     storage = weight_storage(weights)
     lower = "lower" if storage == "float32" else f"lower{{dense_weights={storage},sparse_weights={storage}}}"
     if method not in METHODS:
@@ -91,6 +112,9 @@ def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip:
     if pattern == "channel" and (refine or (allocation and allocation != "uniform")):
         raise SparseccError("refine and allocation choose weights inside layers; channel pruning removes whole "
                             "channels: drop --refine/--allocation or use an unstructured, block or N:M pattern")
+    if pattern == "channel" and recover:
+        raise SparseccError("recovery retrains inside the sparse masks; channel pruning keeps every layer dense: "
+                            "drop --recover or use an unstructured, block or N:M pattern")
     if pattern == "channel":
         # structured: channels are removed and the smaller layers run on dense kernels
         importance = "l2" if method == "magnitude" else "taylor"
@@ -99,7 +123,8 @@ def default_pipeline(*, sparsity: float, pattern: str | None, method: str, skip:
     allocate = f"allocate{{method={allocation}}}," if allocation and allocation != "uniform" else ""
     prune = f"prune-{method}" + (f"{{refine={refine}}}" if refine else "")
     # The pruning passes calibrate themselves, layer by layer (see sparsecc.passes.prune).
-    return f"plan-uniform{{{','.join(options)}}},{allocate}{prune},pack,{lower},build"
+    recovery = f"{recover}," if recover else ""
+    return f"plan-uniform{{{','.join(options)}}},{allocate}{prune},{recovery}pack,{lower},build"
 
 
 def _as_program(model: Any, example_inputs: Sequence[Any] | torch.Tensor | None) -> Program:
@@ -179,6 +204,10 @@ def compile(  # noqa: A001 - the public name users expect
     convs: str = "pointwise",
     plan: Plan | str | pathlib.Path | None = None,
     measure_layers: bool = False,
+    recover: str | None = None,
+    recover_steps: int = 0,
+    recover_measure: str = "",
+    soup: int = 1,
 ) -> Artifact:
     """Capture, calibrate, prune, pack, lower and build ``model_or_program`` for ``target``.
 
@@ -198,7 +227,12 @@ def compile(  # noqa: A001 - the public name users expect
     instead of ``sparsity`` / ``pattern``; it is pruned with the plan's own method.
     ``measure_layers=True`` then times every layer's kernel and the whole model on this machine and
     records them against the cost model's predictions (``report.cost_model``, see
-    :mod:`sparsecc.cost_check`). Returns an Artifact whose ``report`` says what happened per layer.
+    :mod:`sparsecc.cost_check`). ``recover`` (``perp``, ``biases`` or ``full``) retrains after
+    pruning, distilled from the dense program on the calibration batches (a share held out), with
+    every mask kept bit for bit (:mod:`sparsecc.passes.recover`): ``recover_steps`` optimizer steps
+    at most, ``recover_measure`` (``kl`` for logits, ``cosine`` or ``l2`` for embeddings), ``soup``
+    ingredients averaged (Sparse Model Soups). Returns an Artifact whose ``report`` says what
+    happened per layer.
     """
     from sparsecc.targets import get_target
 
@@ -212,6 +246,7 @@ def compile(  # noqa: A001 - the public name users expect
         warnings.warn("no calibration data given: pruning statistics come from the example inputs "
                       "only; pass calibration=[...] (or --calib) with real samples", stacklevel=2)
     storage = weight_storage(weights)
+    recovery = recover_element(recover, steps=recover_steps, measure=recover_measure, soup=soup)
     if plan is not None:
         if pattern or refine or (allocation and allocation != "uniform") or convs != "pointwise":
             raise SparseccError("a plan fixes every layer's pattern and sparsity: drop pattern, refine, allocation "
@@ -229,16 +264,21 @@ def compile(  # noqa: A001 - the public name users expect
             plan_path = pathlib.Path(plan)
             method = Plan.load(plan_path).method
         lower = "lower" if storage == "float32" else f"lower{{dense_weights={storage},sparse_weights={storage}}}"
-        pipeline = f"plan-file{{path={plan_path}}},prune-{method},pack,{lower},build"
+        recovery_step = f"{recovery}," if recovery else ""
+        pipeline = f"plan-file{{path={plan_path}}},prune-{method},{recovery_step}pack,{lower},build"
         storage = "float32"  # already in the pipeline
     if pipeline:
         if convs != "pointwise":
             raise SparseccError("convs sets an option of plan-uniform in the default pipeline; with your own "
                                 "pipeline, write it there: plan-uniform{...,convs=all}")
+        if recovery and plan is None:
+            raise SparseccError("recover adds a pass to the default pipeline; with your own pipeline, write it "
+                                f"there: ...,prune-{method},{recovery},pack,...")
         text = with_weight_storage(pipeline, storage) if storage != "float32" else pipeline
     else:
         text = default_pipeline(sparsity=sparsity, pattern=pattern, method=method, skip=skip,
-                                refine=refine, allocation=allocation, weights=storage, convs=convs)
+                                refine=refine, allocation=allocation, weights=storage, convs=convs,
+                                recover=recovery)
     manager = PassManager(text)
     timing, snapshots = TimingInstrument(), SnapshotInstrument(pathlib.Path(dump_dir) if dump_dir else None)
     numerics = NumericsInstrument(program.example_inputs)
@@ -278,7 +318,8 @@ def _run_compile(manager: PassManager, program: Program, record: Any, batches: l
     if final.compiled is None:
         raise SparseccError(f"pipeline {manager.pipeline!r} did not end with a build; "
                             "add lower,build to produce an artifact")
-    pruned = stages.get("pruned") or stages.get("planned") or program
+    # the masked-dense program the kernels must reproduce: after recovery when it ran
+    pruned = stages.get("recovered") or stages.get("pruned") or stages.get("planned") or program
     packed = stages.get("packed") or pruned
     plan = final.plan or Plan(target=record.name, method=method)
     report = Report(target=record.name, pipeline=manager.pipeline, method=method,

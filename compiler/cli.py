@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .api import ALLOCATIONS, METHODS, REFINEMENTS, weight_storage
+from .api import ALLOCATIONS, METHODS, RECOVERIES, REFINEMENTS, recover_element, weight_storage
 from .artifact_files import check_destination
 from .errors import SparseccError
 from .outputs import check_output_file, write_file
@@ -212,6 +212,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     # fails before the model is loaded: not after minutes of pruning.
     get_target(args.target).require_model_build()
     check_destination(pathlib.Path(args.output))
+    recover_element(args.recover, steps=args.recover_steps, measure=args.recover_measure, soup=args.soup)
     program = load_program(args.model)
     calibration = _calibration(args, program)
     with warnings.catch_warnings():
@@ -221,7 +222,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                  calibration=calibration, skip=args.skip or "",
                                  pipeline=args.pipeline, progress=not args.quiet, dump_dir=args.dump_dir,
                                  weights=weight_storage(args.weights), convs=args.convs, plan=args.plan,
-                                 measure_layers=args.measure_layers)
+                                 measure_layers=args.measure_layers, recover=args.recover,
+                                 recover_steps=args.recover_steps, recover_measure=args.recover_measure,
+                                 soup=args.soup)
     out = artifact.save(args.output)
     print(artifact.report.summary(), end="")
     print(f"artifact written to {out}")
@@ -392,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-layers", action="store_true",
                    help="after the build, time every layer's kernel and the model here and report them against the "
                         "cost model's predictions (x86, wasm-simd)")
+    p.add_argument("--recover", default=None, choices=list(RECOVERIES),
+                   help="retrain after pruning, distilled from the dense model on the calibration data (a quarter "
+                        "held out), masks kept: perp (biases, norms, low-rank adapters merged through the mask), "
+                        "biases (biases and norms only) or full (every kept weight)")
+    p.add_argument("--recover-steps", type=int, default=0, help="optimizer steps at most (default 200)")
+    p.add_argument("--recover-measure", default="", choices=["", "kl", "cosine", "l2"],
+                   help="distillation distance: kl (logits, the default), cosine or l2 (embeddings, features)")
+    p.add_argument("--soup", type=int, default=1,
+                   help="recover this many ingredients with different seeds and average them (Sparse Model Soups)")
     p.add_argument("--skip", default=None, help="layers to keep dense: fnmatch globs separated by ';'")
     p.add_argument("--convs", default="pointwise", choices=["pointwise", "all"],
                    help="which convolutions become sparse: pointwise (1x1 only, the default) or all (k x k, strided "
@@ -445,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect",
                        help="print an artifact's program at a stage, a diff, DOT, or its report (text or HTML)")
     p.add_argument("artifact")
-    p.add_argument("--stage", default="packed", choices=["captured", "pruned", "packed"])
+    p.add_argument("--stage", default="packed", choices=["captured", "pruned", "recovered", "packed"])
     p.add_argument("--diff", action="store_true", help="unified diff from the captured program to --stage")
     p.add_argument("--format", default="text", choices=["text", "dot", "html"],
                    help="html: the whole report as one self-contained page (graphs, masks, timeline)")

@@ -70,6 +70,9 @@ class PassContext:
     progress: bool = True
     workdir: pathlib.Path | None = None
     analyses: dict[str, Any] = field(default_factory=dict)
+    #: the program the pipeline started from (set by PassManager.run): the dense teacher recovery
+    #: distills from
+    dense: Program | None = None
 
     def calibration_batches(self, program: Program) -> list[tuple[Any, ...]]:
         """Calibration inputs, or the program's example inputs when none were given."""
@@ -114,6 +117,7 @@ _PASSES: LazyRegistry[type[Pass]] = LazyRegistry("pass", (
     "sparsecc.passes.allocate",
     "sparsecc.passes.search",
     "sparsecc.passes.prune",
+    "sparsecc.passes.recover",
     "sparsecc.passes.channels",
     "sparsecc.passes.pack",
     "sparsecc.passes.lower_pass",
@@ -376,6 +380,8 @@ class PassManager:
 
     def run(self, program: Program, ctx: PassContext) -> PipelineResult:
         results: list[tuple[str, PassResult]] = []
+        if ctx.dense is None:
+            ctx.dense = program
         for index, pass_ in enumerate(self.passes):
             for inst in self.instruments:
                 inst.before_pass(pass_, program, ctx, index)

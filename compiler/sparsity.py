@@ -134,7 +134,9 @@ def _stable_top(scores: torch.Tensor, keep: int, dim: int = -1) -> torch.Tensor:
 @dataclass(frozen=True)
 class Unstructured(Pattern):
     """Any element may be zero. Ranking is per output row (``per_row=True``, Wanda's comparison
-    group, which also balances CSR rows) or over the whole layer.
+    group, which also balances CSR rows) or over the whole layer. Either way a mask fits the
+    pattern at one sparsity when the layer keeps no more than its budget (:meth:`fits_within`):
+    rows may differ, as SparseGPT's block-wide selection makes them.
 
     With ``per_row``, ``sparsity`` may also be an (N,) tensor: one sparsity per output row (the
     row-wise ratios of a NeuroAL-style allocation); every method that takes a sparsity accepts it.
@@ -183,15 +185,20 @@ class Unstructured(Pattern):
 
     def satisfied_by(self, mask: torch.Tensor, sparsity: float | torch.Tensor) -> bool:
         self._check_rows(sparsity, mask.shape[0])
-        if self.per_row:
-            return bool((mask.sum(1) == _row_keep(mask.shape[1], sparsity)).all())
-        return int(mask.sum()) == _keep_count(mask.numel(), sparsity)
+        # at one sparsity the layer's exact budget satisfies it, however the rows share it
+        if not isinstance(sparsity, torch.Tensor) and int(mask.sum()) == _keep_count(mask.numel(), sparsity):
+            return True
+        return self.per_row and bool((mask.sum(1) == _row_keep(mask.shape[1], sparsity)).all())
 
     def fits_within(self, nonzero: torch.Tensor, sparsity: float | torch.Tensor) -> bool:
+        """Per-row sparsities bind every row. At one sparsity the CSR kernels take rows of any
+        length, so a mask ranked over more than a row (SparseGPT's paper selection, one threshold
+        per block of columns) fits when the layer keeps no more than its budget; a per-row mask
+        fits too, though its rounding per row may keep a few more than the layer's rounding."""
         self._check_rows(sparsity, nonzero.shape[0])
-        if self.per_row:
-            return bool((nonzero.sum(1) <= _row_keep(nonzero.shape[1], sparsity)).all())
-        return int(nonzero.sum()) <= _keep_count(nonzero.numel(), sparsity)
+        if not isinstance(sparsity, torch.Tensor) and int(nonzero.sum()) <= _keep_count(nonzero.numel(), sparsity):
+            return True
+        return self.per_row and bool((nonzero.sum(1) <= _row_keep(nonzero.shape[1], sparsity)).all())
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,15 @@ Details that matter:
 * Adaptive mask selection: the mask of a range of ``block`` columns is chosen when the range is
   reached, from the weights as updated so far, by the score ``w^2 / [chol(H^-1)]_jj^2``; N:M
   groups are chosen group by group. :meth:`~sparsecc.sparsity.Pattern.mask_columns` makes the
-  ranges' masks add up to exactly the pattern the kernels expect (per row, per block band, per
-  group), so the same code serves unstructured, block r x c and N:M patterns.
+  ranges' masks add up to exactly the pattern the kernels expect (per block band, per group), so
+  the same code serves unstructured, block r x c and N:M patterns.
+* Unstructured selection (``selection``): ``"block"`` is the paper's: one threshold over all N
+  rows of the range, so each range (and the layer) keeps exactly its share but rows keep
+  different counts, and the rows whose outputs matter more keep more weights; ``"row"`` forces
+  every row to the same count in every range (balanced CSR rows, Wanda's comparison group). At
+  70 % on SmolLM2 equal rows cost a large factor in perplexity (benchmarks/sparsegpt_selection.py).
+  CSR kernels take rows of any length, so ``"block"`` is the default. Per-row sparsities from a
+  row-wise allocation fix each row's count, so they always select by row.
 * Lazy blocked updates: inside a range the updates are rank-1 on the range only; the rest of the
   matrix gets one matrix product per range.
 """
@@ -27,7 +34,10 @@ from dataclasses import dataclass
 
 import torch
 from sparsecc.errors import WeightError
-from sparsecc.sparsity import Pattern
+from sparsecc.sparsity import Pattern, Unstructured
+
+#: how an unstructured mask is chosen in each range of columns (see the module docstring)
+SELECTIONS = ("block", "row")
 
 
 @dataclass(frozen=True)
@@ -59,14 +69,27 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
                       "give more calibration samples than the layer has inputs")
 
 
+def selection_pattern(pattern: Pattern, sparsity: float | torch.Tensor, selection: str) -> Pattern:
+    """The pattern whose :meth:`~sparsecc.sparsity.Pattern.mask_columns` chooses each range's mask:
+    with ``"block"``, an unstructured pattern at one sparsity ranks the whole N x range slice
+    together (layer-wide budget, exact per range); everything else keeps its own selection."""
+    if selection not in SELECTIONS:
+        raise WeightError(f"unknown SparseGPT mask selection {selection!r}; the choices are: {', '.join(SELECTIONS)}")
+    if selection == "block" and isinstance(pattern, Unstructured) and not isinstance(sparsity, torch.Tensor):
+        return Unstructured(per_row=False)
+    return pattern
+
+
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsity: float, *,
-                    block: int = 128, damp: float = 0.01, mask: torch.Tensor | None = None) -> SparseGPTResult:
+                    block: int = 128, damp: float = 0.01, mask: torch.Tensor | None = None,
+                    selection: str = "block") -> SparseGPTResult:
     """Prune ``weight`` (N, K) to ``pattern`` at ``sparsity`` with SparseGPT, given the sum of
     ``x x^T`` over the calibration rows (``hessian``, K x K). See the module docstring. With
     ``mask`` given, that keep-mask is used as is and only the kept weights are reconstructed."""
     n_out, k = weight.shape
     if hessian.shape != (k, k):
         raise WeightError(f"Hessian of shape {tuple(hessian.shape)} does not match a weight with {k} inputs")
+    chooser = selection_pattern(pattern, sparsity, selection)
     unit = pattern.column_unit
     block = max(unit, block // unit * unit)
     dense = weight.detach().double()
@@ -92,7 +115,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Patter
             if fixed is None and i % decide == 0:
                 stop = min(i + decide, end - start)
                 scores = (w1[:, i:stop] ** 2) / (diag1[i:stop] ** 2)[None, :]
-                mask1[:, i:stop] = pattern.mask_columns(scores.float(), sparsity, start + i)
+                mask1[:, i:stop] = chooser.mask_columns(scores.float(), sparsity, start + i)
             col = w1[:, i]
             q = col * mask1[:, i]
             q1[:, i] = q
