@@ -28,6 +28,11 @@ configurations (``PATTERN@SPARSITY``; N:M patterns fix their own sparsity). Each
 perplexity and its ratio to dense. A second table gives each method's pruning time and the peak
 growth of the process's resident memory while it ran.
 
+``--recover ELEMENT`` adds a row ``METHOD>recover`` per pruned model: the same model after that
+pipeline element (e.g. ``recover{measure=cosine}`` for MiniLM's embeddings), distilled from the
+dense model on the calibration segments of the same seed (a quarter held out for early stopping);
+the evaluation data above is never trained on.
+
 The pruned programs are the masked-dense programs the compiler's kernels reproduce (checked in
 the tests), so these numbers are what a compiled model computes.
 
@@ -262,15 +267,38 @@ def _one_shot_rows(model: str, program: Any, score: Any, calibration: Any, args:
                 continue
             for config in args.configs:
                 pruned, cost = prune(program, method, config, batches, seed)
-                row = {"model": model, "method": method, "seed": seed if method != "magnitude" else None,
-                       "config": config.label, **score(pruned), **cost}
-                rows.append(row)
-                shown = ", ".join(f"{k} {row[k]:.4g}" for k in METRICS[model])
-                if "allocation_choice" in row:
-                    shown += f"; {row['allocation_choice']}"
-                print(f"  {method} seed {seed} {config.label}: {shown} ({cost['seconds']:.0f} s, "
-                      f"+{cost['peak_mb']:.0f} MB)", flush=True)
+                rows.append(_row(model, method, seed, config, score(pruned), cost))
+                if args.recover:
+                    recovered, cost = recover(program, pruned, args.recover, batches, seed)
+                    rows.append(_row(model, f"{method}>recover", seed, config, score(recovered), cost))
     return rows
+
+
+def _row(model: str, method: str, seed: int, config: Config, scores: dict, cost: dict) -> dict[str, Any]:
+    row = {"model": model, "method": method, "seed": seed if not method.startswith("magnitude") else None,
+           "config": config.label, **scores, **cost}
+    shown = ", ".join(f"{k} {row[k]:.4g}" for k in METRICS[model])
+    if "allocation_choice" in row:
+        shown += f"; {row['allocation_choice']}"
+    if "heldout_after" in row:
+        shown += f"; held-out {row['heldout_before']:.4g} -> {row['heldout_after']:.4g} in {row['steps']} steps"
+    print(f"  {method} seed {seed} {config.label}: {shown} ({cost['seconds']:.0f} s, +{cost['peak_mb']:.0f} MB)",
+          flush=True)
+    return row
+
+
+def recover(dense: Any, pruned: Any, element: str, calibration: list[tuple[Any, ...]], seed: int) -> tuple[Any, dict]:
+    """``pruned`` after the ``recover{...}`` pipeline element, distilled from ``dense`` on the
+    calibration batches (the pass holds a share of them out; the scores here use other data)."""
+    from sparsecc.pass_manager import PassContext, PassManager
+    from sparsecc.targets import get_target
+
+    ctx = PassContext(get_target("x86"), calibration=calibration, seed=seed, progress=False, dense=dense)
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        result = PassManager(element).run(pruned, ctx)
+    counters = result.results[-1][1].counters
+    return result.program, {"seconds": time.perf_counter() - start, "peak_mb": memory.growth_mb, **counters}
 
 
 def run_mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -347,6 +375,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--windows", type=int, default=16, help="evaluation windows of tutorial/ (howto/: half)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--extra", default="gradual", help="digits: also fine-tune with gradual pruning ('' to skip)")
+    parser.add_argument("--recover", default="",
+                        help="also recover every pruned model with this pipeline element (e.g. 'recover' or "
+                             "'recover{measure=cosine,soup=3}'): rows METHOD>recover")
     parser.add_argument("--out", default=None, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]

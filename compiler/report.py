@@ -64,6 +64,24 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def recovery(self) -> dict[str, Any] | None:
+        """The recover pass's counters (held-out metric before and after, per soup ingredient,
+        parameters trained, steps, seconds), or None when the build did not recover."""
+        entry = next((e for e in self.passes if e.get("name") == "recover" and e.get("changed")), None)
+        return dict(entry["counters"]) if entry else None
+
+    def recovery_line(self) -> str | None:
+        rec = self.recovery
+        if not rec:
+            return None
+        ingredients = [v for k, v in sorted(rec.items()) if k.startswith("ingredient_")]
+        soup = (f"; soup of {rec.get('soup_used')} of {len(ingredients)} ingredients "
+                f"({', '.join(f'{v:.4g}' for v in ingredients)})" if ingredients else "")
+        return (f"recovery: held-out {rec['heldout_before']:.4g} after pruning -> {rec['heldout_after']:.4g} after "
+                f"recovery; {rec['trained_params']} parameters trained ({rec['trained_share']:.2%} of the model), "
+                f"{rec['steps']} steps, {rec['seconds']:.1f} s{soup}")
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Report:
         data = dict(data)
@@ -93,6 +111,8 @@ class Report:
         if dense:
             lines.append("")
             lines.append(f"prunable weights: {dense} B dense -> {after} B as compiled ({after / dense:.2f}x)")
+        if self.recovery_line():
+            lines.append(self.recovery_line())
         if self.compiled_vs_reference:
             lines.append("compiled vs masked-dense reference: relative error "
                          f"{self.compiled_vs_reference.get('rel', float('nan')):.3g}, max abs "

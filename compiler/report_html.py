@@ -559,6 +559,17 @@ def _diagnostics(report: Report) -> str:
             f"</tr></thead><tbody>\n{rows}\n</tbody></table>")
 
 
+def _recovery(report: Report) -> str:
+    """The held-out metric after pruning and after recovery (and per soup ingredient)."""
+    rec = report.recovery or {}
+    rows = [("after pruning", rec.get("heldout_before")), ("after recovery", rec.get("heldout_after"))]
+    rows += [(f"soup ingredient {k.split('_')[1]}", v) for k, v in sorted(rec.items()) if k.startswith("ingredient_")]
+    body = "\n".join(f"<tr><td>{_esc(label)}</td><td class=\"mono\">{value:.4g}</td></tr>" for label, value in rows
+                     if isinstance(value, int | float))
+    return (f'<p>{_esc(report.recovery_line() or "")}</p><table id="recovery-table"><thead><tr><th>model</th>'
+            f"<th>held-out distance to dense</th></tr></thead><tbody>\n{body}\n</tbody></table>")
+
+
 # -- page --------------------------------------------------------------------------------------
 
 
@@ -575,6 +586,8 @@ def render_html(artifact: Any) -> str:
     plans = report.search.get("plans") if isinstance(report.search, dict) else None
     if plans:
         sections.append(_section("Plan search: predicted speed vs error", lambda: _search_chart(plans), "search"))
+    if report.recovery:
+        sections.append(_section("Recovery", lambda: _recovery(report), "recovery"))
     sections.append(_section("Diagnostics", lambda: _diagnostics(report), "diagnostics-section"))
     title = f"sparsecc report: {report.target}, {report.method}"
     return (

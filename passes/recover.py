@@ -104,7 +104,10 @@ class Recover(Pass):
                               diagnostics=[self.diag("info", "no pruned layer: nothing to recover")])
         self._check_rank(program, masks)
         train, held = self._split(ctx.calibration_batches(program))
-        teacher = ctx.dense if ctx.dense is not None else program
+        teacher = ctx.dense
+        if teacher is None or teacher is program:
+            raise RecoveryError("recover needs the dense program as its teacher: run it in the pipeline after "
+                                "pruning (prune-...,recover), or set PassContext.dense to the dense program")
         started = time.perf_counter()
         targets = _Targets(teacher, self.measure)
         before = _heldout_metric(program.module(), held, targets, self.measure)

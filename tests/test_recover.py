@@ -79,8 +79,19 @@ def test_recovered_model_compiles_and_matches_its_masked_dense_program(pruned_se
     assert ",recover{steps=30},pack," in artifact.pipeline
     x = torch.randn(2, 3, 64)
     assert float((artifact(x) - artifact.reference(x)).norm() / artifact.reference(x).norm()) < 1e-4
-    recover = next(p for p in artifact.report.passes if p["name"] == "recover")
-    assert recover["counters"]["heldout_after"] <= recover["counters"]["heldout_before"]
+    recovery = artifact.report.recovery
+    assert recovery["heldout_after"] <= recovery["heldout_before"]
+    assert "recovery: held-out" in artifact.report.summary()
+    from sparsecc.report_html import render_html
+
+    assert 'id="recovery-table"' in render_html(artifact)
+
+
+def test_recover_needs_the_dense_teacher(pruned_setup):
+    program, calib = pruned_setup
+    pruned, _ = _run(program, calib, "recover{steps=1}")
+    with pytest.raises(RecoveryError, match="dense program as its teacher"):
+        PassManager("recover").run(pruned, PassContext(get_target("x86"), calibration=calib, progress=False))
 
 
 @pytest.mark.parametrize("recover, message", [
