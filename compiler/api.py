@@ -30,7 +30,7 @@ from .plan import Plan
 from .program import Program, flatten_outputs
 from .report import LayerReport, Report
 from .sparsity import FORMAT_ARRAYS, check_sparsity_value
-from .workdirs import make_workdir, own
+from .workdirs import MARKER, make_workdir, own
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 REFINEMENTS = ("dsnot",)
@@ -332,7 +332,7 @@ def _run_compile(manager: PassManager, program: Program, record: Any, batches: l
     report.library_bytes = final.compiled.stat().st_size
     # A static program (wasm-simd, arm-neon) is a folder, and a GPU build writes its CUDA source and
     # cubin beside the library: those files travel with it.
-    model_files = (sorted(p for p in final.compiled.parent.iterdir() if p != final.compiled)
+    model_files = (sorted(p for p in final.compiled.parent.iterdir() if p != final.compiled and p.name != MARKER)
                    if record.link_model is not None or record.model_lowering is not None else [])
     artifact = Artifact(
         target=record.name, library=final.compiled, pruned=pruned.exported, packed_program=packed.exported,

@@ -50,7 +50,7 @@ from .artifact_files import (
 from .errors import ArtifactError, SparseccError
 from .plan import Plan
 from .report import Report
-from .workdirs import apply_umask
+from .workdirs import MARKER, apply_umask, remove_tree
 
 #: version 2 names the compiled files in the manifest ("library", "model_files"); version 1 (x86
 #: only) always had exactly ``model.so``
@@ -139,8 +139,20 @@ class Artifact:
                 raise ArtifactError(f"artifact for target {self.target!r} cannot run on this machine"
                                     + (f": it needs {record.needs}" if record.needs else ""))
             self._verify_compiled_files()
-            self._session = load_library(record.runner, self.library)
-        return self._unflatten(list(self._session(*checked)))
+            try:
+                self._session = load_library(record.runner, self.library)
+            except SparseccError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - TVM and the runners raise many types
+                raise ArtifactError(f"{self.library} cannot be loaded as compiled code for {self.target} "
+                                    f"({_first_line(exc)}); recompile the artifact") from None
+        try:
+            return self._unflatten(list(self._session(*checked)))
+        except SparseccError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ArtifactError(f"the compiled code of this artifact failed on inputs of the shapes its example "
+                                f"declares ({_first_line(exc)}); its files disagree: recompile it") from None
 
     def _verify_compiled_files(self) -> None:
         """A loaded artifact's compiled files still match the manifest when the code is loaded
@@ -152,10 +164,14 @@ class Artifact:
 
     def _run_exported(self, key: str, exported: torch.export.ExportedProgram, inputs: tuple[Any, ...]) -> Any:
         checked = self._check_inputs(inputs)
-        if key not in self._modules:
-            self._modules[key] = exported.module()
-        with torch.no_grad():
-            return self._modules[key](*checked)
+        try:
+            if key not in self._modules:
+                self._modules[key] = exported.module()
+            with torch.no_grad():
+                return self._modules[key](*checked)
+        except Exception as exc:  # noqa: BLE001 - a saved program that does not take its example inputs
+            raise ArtifactError(f"the artifact's {key} program failed on inputs of the shapes its example declares "
+                                f"({_first_line(exc)}); its files disagree: recompile it") from None
 
     def reference(self, *inputs: Any) -> Any:
         """Run the masked-dense (pruned) program in torch."""
@@ -171,7 +187,9 @@ class Artifact:
         """Write the artifact to folder ``out``: absent, empty, or an earlier artifact that
         verifies. The new folder is written beside it and swapped in whole, so ``out`` holds the
         old artifact or the new one at every moment."""
-        out = pathlib.Path(out)
+        out = pathlib.Path(os.path.abspath(out))
+        if not out.name:
+            raise ArtifactError(f"output path {out} is not a folder sparsecc can create or replace; give a folder path")
         check_destination(out)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,9 +200,10 @@ class Artifact:
         try:
             self._write(tmp)
             apply_umask(tmp)
+            (tmp / MARKER).unlink()  # complete: from here the folder verifies as an artifact
             install_folder(tmp, out)
         except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
             if isinstance(exc, OSError):
                 raise ArtifactError(f"could not write the artifact to {out}: {exc.strerror or exc}; nothing there "
                                     "was changed: free space or choose another folder") from None
@@ -193,16 +212,19 @@ class Artifact:
         return out
 
     def _write(self, folder: pathlib.Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         # copy2 keeps the mode: an ARM model's executable stays executable
         shutil.copy2(self.library, folder / self.library.name)
         for extra in self.model_files:
             shutil.copy2(extra, folder / extra.name)
-        torch.export.save(self.pruned, str(folder / "pruned.pt2"))
-        torch.export.save(self.packed_program, str(folder / "packed.pt2"))
+        # file objects, not paths: torch's writers cannot take every path a file system allows
+        with (folder / "pruned.pt2").open("wb") as fh:
+            torch.export.save(self.pruned, fh)
+        with (folder / "packed.pt2").open("wb") as fh:
+            torch.export.save(self.packed_program, fh)
         arrays = {k: v.contiguous() for k, v in self.packed_arrays.items()}
-        save_file(arrays, str(folder / "packed_weights.safetensors"))
+        (folder / "packed_weights.safetensors").write_bytes(save(arrays))
         self.plan.save(folder / "plan.json")
         (folder / "report.json").write_text(json.dumps(self.report.to_json(), indent=2) + "\n")
         (folder / "report.txt").write_text(self.report.summary())
@@ -210,8 +232,9 @@ class Artifact:
         (folder / "stages").mkdir()
         for label, text in self.stages:
             (folder / "stages" / f"{label}.txt").write_text(text)
-        torch.save(tuple(t.clone() for t in self.example_inputs), folder / "example_inputs.pt")
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        with (folder / "example_inputs.pt").open("wb") as fh:
+            torch.save(tuple(t.clone() for t in self.example_inputs), fh)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MARKER)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -225,6 +248,11 @@ class Artifact:
             "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files},
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}: {text[:200]}"
 
 
 def _report_page(artifact: Artifact) -> str:

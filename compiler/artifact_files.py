@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .errors import ArtifactError
-from .workdirs import is_stale
+from .workdirs import MARKER, mark, process_alive, remove_tree
 
 FORMAT_NAME = "sparsecc-artifact"
 MANIFEST = "manifest.json"
@@ -54,20 +54,27 @@ def check_relative_path(rel: Any, folder: pathlib.Path) -> str:
     return rel
 
 
-def scan_folder(folder: pathlib.Path) -> set[str]:
-    """Relative paths of every file in ``folder``; refuses symbolic links and special files."""
-    found = set()
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            path = pathlib.Path(root, name)
-            rel = path.relative_to(folder).as_posix()
-            if path.is_symlink():
+def scan_folder(folder: pathlib.Path, folders: set[str] | None = None) -> set[str]:
+    """Relative paths of every file in ``folder`` (and of every sub-folder into ``folders``);
+    refuses symbolic links and special files. Iterative: a folder may be deeper than Python's
+    recursion limit."""
+    found: set[str] = set()
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        for entry in sorted(os.scandir(current), key=lambda e: e.name):
+            rel = pathlib.Path(entry.path).relative_to(folder).as_posix()
+            if entry.is_symlink():
                 raise ArtifactError(f"{folder} holds a symbolic link ({rel}); an artifact folder holds plain files "
                                     "only: copy the artifact with links resolved, or recompile")
-            if name in files:
-                if not path.is_file():
-                    raise ArtifactError(f"{folder}/{rel} is not a regular file; recompile the artifact")
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(pathlib.Path(entry.path))
+                if folders is not None:
+                    folders.add(rel)
+            elif entry.is_file(follow_symlinks=False):
                 found.add(rel)
+            else:
+                raise ArtifactError(f"{folder}/{rel} is not a regular file; recompile the artifact")
     return found
 
 
@@ -80,7 +87,7 @@ def read_manifest(folder: pathlib.Path) -> dict[str, Any]:
                             "(compile again with `sparsecc compile ... -o DIR`)")
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, integers past Python's digit limit
         raise ArtifactError(f"{path} is damaged (not valid JSON: {str(exc).splitlines()[0]}); "
                             "compile the model again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -152,13 +159,17 @@ def check_destination(out: pathlib.Path) -> None:
         return
     if not out.is_dir():
         raise ArtifactError(f"output path {out} exists and is not a folder; choose another -o path")
+    folders: set[str] = set()
     try:
-        present = scan_folder(out)
+        present = scan_folder(out, folders)
     except ArtifactError as exc:
         raise ArtifactError(f"output folder {out} is not a plain sparsecc artifact ({exc}); refusing to replace it: "
                             "choose another -o path") from None
-    if not present:
+    if not present and not folders:
         return
+    if not present:
+        raise ArtifactError(f"output folder {out} holds folders ({', '.join(sorted(folders)[:3])}) but no artifact; "
+                            "refusing to remove them: choose an empty or new folder")
     if MANIFEST not in present:
         shown = ", ".join(sorted(present)[:3]) + (" ..." if len(present) > 3 else "")
         raise ArtifactError(f"output folder {out} already holds files that are not a sparsecc artifact ({shown}); "
@@ -169,7 +180,8 @@ def check_destination(out: pathlib.Path) -> None:
     except ArtifactError:
         raise ArtifactError(f"output folder {out} holds an artifact that does not verify (edited or damaged); "
                             "refusing to replace it: remove it yourself or choose another folder") from None
-    foreign = sorted(present - set(manifest["files"]) - {MANIFEST})
+    implied = {parent.as_posix() for rel in manifest["files"] for parent in pathlib.PurePosixPath(rel).parents}
+    foreign = sorted((present - set(manifest["files"]) - {MANIFEST}) | (folders - implied))
     if foreign:
         raise ArtifactError(f"output folder {out} holds an artifact plus files sparsecc did not write "
                             f"({', '.join(foreign[:3])}); refusing to overwrite: move them or choose another folder")
@@ -187,23 +199,39 @@ def folder_lock(parent: pathlib.Path) -> Iterator[None]:
 
 
 def scratch_sibling(out: pathlib.Path, kind: str) -> pathlib.Path:
-    """A new hidden folder beside ``out`` whose name carries this process's id."""
-    return pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+    """A new hidden folder beside ``out`` whose name carries this process's id (a ``tmp`` one
+    holds the scratch marker until it is complete)."""
+    folder = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+    return mark(folder) if kind == "tmp" else folder
+
+
+def verifies(folder: pathlib.Path) -> bool:
+    """Whether ``folder`` holds exactly an artifact that verifies (manifest, hashes, no other file)."""
+    try:
+        present = scan_folder(folder)
+        manifest = read_manifest(folder)
+        verify_listed(folder, manifest, present)
+    except (ArtifactError, OSError):
+        return False
+    return present - {MANIFEST} == set(manifest["files"])
 
 
 def sweep_siblings(out: pathlib.Path) -> None:
-    """Remove the scratch folders killed saves left beside ``out``; if a killed two-step swap
-    left no ``out`` but its earlier artifact, put that back first."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-\d+-[A-Za-z0-9_]+")
-    stale = [p for p in out.parent.iterdir()
-             if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink() and is_stale(p)]
+    """Remove the scratch folders killed saves left beside ``out`` (their process is gone, and
+    they hold the scratch marker or an artifact that verifies: a user's folder of the same name
+    is left alone); if a killed two-step swap left no ``out`` but its earlier artifact, put
+    that back first."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[a-z0-9_]{{8}}")
+    candidates = [p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    dead = [p for p in candidates if not process_alive(int(pattern.fullmatch(p.name).group(2)))]
+    stale = [p for p in dead if (p / MARKER).is_file() or verifies(p)]
     if not out.exists():
-        for old in (p for p in stale if pattern.fullmatch(p.name).group(1) == "old"):
+        for old in (p for p in stale if pattern.fullmatch(p.name).group(1) == "old" and verifies(p)):
             old.rename(out)
             stale.remove(old)
             break
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
 
 
 def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:

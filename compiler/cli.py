@@ -20,7 +20,7 @@ from typing import Any
 from .api import ALLOCATIONS, METHODS, RECOVERIES, REFINEMENTS, recover_element, weight_storage
 from .artifact_files import check_destination
 from .errors import SparseccError
-from .outputs import check_output_file, write_file
+from .outputs import check_dump_dir, check_output_file, write_file
 from .sparsity import check_sparsity_value
 
 
@@ -151,7 +151,7 @@ def _check_plan_destination(output: pathlib.Path) -> None:
     try:
         data = json.loads(output.read_bytes().decode("utf-8"))
         is_plan = isinstance(data, dict) and "schema_version" in data and "layers" in data
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON, oversized integers
         is_plan = False
     if not is_plan:
         raise SparseccError(f"-o {output} exists and is not a sparsecc plan; refusing to overwrite it: choose another "
@@ -212,6 +212,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     # fails before the model is loaded: not after minutes of pruning.
     get_target(args.target).require_model_build()
     check_destination(pathlib.Path(args.output))
+    if args.dump_dir:
+        check_dump_dir(pathlib.Path(args.dump_dir), pathlib.Path(args.output))
     recover_element(args.recover, steps=args.recover_steps, measure=args.recover_measure, soup=args.soup)
     program = load_program(args.model)
     calibration = _calibration(args, program)
@@ -249,10 +251,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _stage_text(artifact: Any, stage: str) -> str:
-    for _, text in reversed(artifact.stages):
-        if text.splitlines()[0].endswith(f"stage {stage}"):
+    headed = [(text.splitlines() or [""])[0] for _, text in artifact.stages]
+    for first, (_, text) in reversed(list(zip(headed, artifact.stages, strict=True))):
+        if first.endswith(f"stage {stage}"):
             return text
-    known = sorted({t.splitlines()[0].rsplit(" ", 1)[-1] for _, t in artifact.stages})
+    known = sorted({first.rsplit(" ", 1)[-1] for first in headed if first})
     raise SparseccError(f"artifact has no stage {stage!r}; stages: {', '.join(known)}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Iterable
 
@@ -36,8 +37,8 @@ def check_output_file(path: str | os.PathLike[str], flag: str, inputs: Iterable[
         if _same_path(out, pathlib.Path(given)):
             raise SparseccError(f"{flag} {out} is also an input of this command ({given}); writing it would destroy "
                                 "it: choose another path")
-    for folder in inside:
-        folder = pathlib.Path(folder).resolve()
+    folders = [pathlib.Path(folder).resolve() for folder in inside] + _artifacts_above(out)
+    for folder in folders:
         if folder == out.resolve().parent or folder in out.resolve().parents:
             raise SparseccError(f"{flag} {out} lies inside the artifact folder {folder}; a file added there makes it "
                                 "no longer verify as an artifact: write it elsewhere")
@@ -47,6 +48,42 @@ def check_output_file(path: str | os.PathLike[str], flag: str, inputs: Iterable[
         raise SparseccError(f"{flag} {out}: the folder {out.parent} does not exist; create it first or choose another "
                             "path")
     return out
+
+
+def _artifacts_above(path: pathlib.Path) -> list[pathlib.Path]:
+    """The folders above ``path`` that hold a sparsecc artifact's manifest."""
+    from .artifact_files import FORMAT_NAME, MANIFEST
+
+    found = []
+    for folder in pathlib.Path(os.path.abspath(path)).parents:
+        manifest = folder / MANIFEST
+        try:
+            is_artifact = manifest.is_file() and FORMAT_NAME in manifest.read_text(errors="replace")[:4096]
+        except OSError:
+            is_artifact = False
+        if is_artifact:
+            found.append(folder.resolve())
+    return found
+
+
+DUMP_NAME = re.compile(r"\d{2}-(before|after)-[a-z0-9-]+\.txt")
+
+
+def check_dump_dir(folder: pathlib.Path, output: pathlib.Path) -> None:
+    """``--dump-dir`` takes a new or empty folder, or one holding only earlier dumps (plain
+    ``NN-before-PASS.txt`` / ``NN-after-PASS.txt`` files), outside the artifact folder."""
+    if folder.resolve() == output.resolve() or output.resolve() in folder.resolve().parents:
+        raise SparseccError(f"--dump-dir {folder} lies inside the -o folder {output}; dumps there would make the "
+                            "artifact refuse to be replaced: choose another folder")
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise SparseccError(f"--dump-dir {folder} exists and is not a folder; choose a new or empty folder")
+    if not folder.exists():
+        return
+    foreign = sorted(entry.name for entry in os.scandir(folder)
+                     if not (entry.is_file(follow_symlinks=False) and DUMP_NAME.fullmatch(entry.name)))
+    if foreign:
+        raise SparseccError(f"--dump-dir {folder} holds files that are not sparsecc dumps ({', '.join(foreign[:3])}); "
+                            "refusing to overwrite them: choose a new or empty folder")
 
 
 def write_file(path: pathlib.Path, data: bytes | str) -> None:

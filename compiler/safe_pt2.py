@@ -293,7 +293,7 @@ class _ProgramCheck:
                 raise self.fail(f"has the {key} {value[:60]!r}, which is not an identifier: torch.fx would paste "
                                 "it into generated Python source")
             if key == "target":
-                _check_operator(self.archive.name, value)
+                _check_call_target(self.archive.name, value)
             elif key == "as_operator":
                 self.operator_argument(value)
 
@@ -371,19 +371,54 @@ def _check_text(name: str, entry: str, text: Any) -> None:
                       "could end the literal torch.fx pastes it into")
 
 
+# Python callables a node may call besides torch operators: what torch's serializer writes for
+# symbolic-shape arithmetic. Any other callable torch's attribute walk reaches (a function that
+# imports a module by name, torch.load) could run code when the graph runs.
+_SAFE_CALLS = frozenset({
+    *(f"_operator.{name}" for name in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg",
+                                       "pos", "abs", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor",
+                                       "not_", "invert", "lshift", "rshift")),
+    *(f"math.{name}" for name in ("ceil", "floor", "trunc", "sqrt", "log2", "pow")),
+    *(f"torch.{name}" for name in ("sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt",
+                                   "_sym_sqrt", "sym_sum")),
+})
+# Higher-order operators that only call the program's own subgraphs or registered operators.
+_SAFE_HIGHER_ORDER = frozenset({
+    "cond", "while_loop", "map_impl", "scan", "associative_scan", "auto_functionalized", "auto_functionalized_v2",
+    "wrap_with_set_grad_enabled", "wrap_with_autocast", "invoke_subgraph", "with_effects",
+})
+
+
+def _check_call_target(name: str, target: str) -> None:
+    """A node may call a torch operator (registered ones; higher-order ones from a short list) or
+    one of the symbolic-shape functions in ``_SAFE_CALLS``, nothing else."""
+    parts = target.split(".")
+    if parts[:3] == ["torch", "ops", "higher_order"]:
+        if len(parts) == 4 and parts[3] in _SAFE_HIGHER_ORDER:
+            return
+    elif parts[:2] == ["torch", "ops"] and len(parts) == 5:
+        _check_operator(name, target)
+        return
+    elif target in _SAFE_CALLS:
+        return
+    raise _refused(name, _PROGRAM, f"calls {target[:80]!r}, which is not a torch operator: running the program would "
+                   "call it")
+
+
 def _check_operator(name: str, target: str) -> None:
     """A custom operator the program calls must be registered before loading, as torch needs it
     to be; say so in one line instead of torch's node dump."""
     parts = target.split(".")
-    if len(parts) != 5 or parts[:2] != ["torch", "ops"] or parts[2] == "higher_order":
-        return
     namespace, op, overload = parts[2:]
-    if all(p.isidentifier() and not p.startswith("__") for p in parts):
+    # dunder names are real operators (aten::__and__.Tensor); the lookup must end at an operator,
+    # not at some attribute of the namespace objects
+    if all(p.isidentifier() for p in parts) and not namespace.startswith("_"):
         try:
-            getattr(getattr(getattr(torch.ops, namespace), op), overload)
-            return
+            found = getattr(getattr(getattr(torch.ops, namespace), op), overload)
         except (AttributeError, RuntimeError):
-            pass
+            found = None
+        if isinstance(found, torch._ops.OpOverload):
+            return
     raise CaptureError(f"could not load {name}: it calls the operator {namespace}::{op}.{overload}, which is not "
                        "registered in this process; fix: if it is a custom op, import the module that registers it "
                        "(torch.library) before loading; otherwise export the program with this torch version")

@@ -10,6 +10,7 @@ siblings that a killed save left beside an artifact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -19,7 +20,12 @@ import weakref
 from typing import Any
 
 WORKDIR_PREFIX = "sparsecc-"
-_PID_NAME = re.compile(r"-(\d+)-[^/]*$")
+#: the file every scratch folder sparsecc makes holds from its first moment: a sweep removes only
+#: folders that have it, so a user's folder that happens to match the name pattern is never touched
+MARKER = ".sparsecc-scratch"
+# sparsecc-[kind-]<pid>-<mkdtemp's 8 random characters>
+_WORKDIR_NAME = re.compile(rf"{WORKDIR_PREFIX}(?:[a-z]+-)?(\d+)-[a-z0-9_]{{8}}")
+_PID_NAME = re.compile(r"-(\d+)-[a-z0-9_]{8}$")
 
 
 def process_alive(pid: int) -> bool:
@@ -42,9 +48,41 @@ def owner_pid(name: str) -> int | None:
 
 
 def is_stale(path: pathlib.Path) -> bool:
-    """A scratch folder whose creating process no longer runs."""
+    """A scratch folder of sparsecc's (it holds the marker) whose creating process no longer runs."""
     pid = owner_pid(path.name)
-    return pid is not None and pid != os.getpid() and not process_alive(pid)
+    if pid is None or pid == os.getpid() or process_alive(pid):
+        return False
+    marker = path / MARKER
+    return marker.is_file() and not marker.is_symlink()
+
+
+def mark(folder: pathlib.Path) -> pathlib.Path:
+    """Put the scratch marker in a folder just made; returns the folder."""
+    (folder / MARKER).touch()
+    return folder
+
+
+def remove_tree(path: pathlib.Path) -> None:
+    """Remove a folder however deep it is (shutil.rmtree recurses, and a planted or runaway
+    folder can be deeper than Python's recursion limit); links are removed, never followed."""
+    stack = [pathlib.Path(path)]
+    folders = []
+    while stack:
+        folder = stack.pop()
+        folders.append(folder)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(pathlib.Path(entry.path))
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def sweep_stale_workdirs(root: pathlib.Path | None = None) -> list[pathlib.Path]:
@@ -56,8 +94,8 @@ def sweep_stale_workdirs(root: pathlib.Path | None = None) -> list[pathlib.Path]
     except OSError:
         return removed
     for path in candidates:
-        if path.is_dir() and not path.is_symlink() and is_stale(path):
-            shutil.rmtree(path, ignore_errors=True)
+        if _WORKDIR_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink() and is_stale(path):
+            remove_tree(path)
             removed.append(path)
     return removed
 
@@ -67,7 +105,7 @@ def make_workdir(kind: str = "") -> pathlib.Path:
     sweeping the stale ones. The caller removes it, or ties it to an owner with :func:`own`."""
     sweep_stale_workdirs()
     stem = f"{WORKDIR_PREFIX}{kind + '-' if kind else ''}{os.getpid()}-"
-    return pathlib.Path(tempfile.mkdtemp(prefix=stem))
+    return mark(pathlib.Path(tempfile.mkdtemp(prefix=stem)))
 
 
 def own(owner: Any, folder: pathlib.Path) -> None:

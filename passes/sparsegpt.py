@@ -15,15 +15,16 @@ Details that matter:
 * Adaptive mask selection: the mask of a range of ``block`` columns is chosen when the range is
   reached, from the weights as updated so far, by the score ``w^2 / [chol(H^-1)]_jj^2``; N:M
   groups are chosen group by group. :meth:`~sparsecc.sparsity.Pattern.mask_columns` makes the
-  ranges' masks add up to exactly the pattern the kernels expect (per block band, per group), so
+  ranges' masks add up to exactly the pattern the kernels expect (per row, block band, group), so
   the same code serves unstructured, block r x c and N:M patterns.
 * Unstructured selection (``selection``): ``"block"`` is the paper's: one threshold over all N
   rows of the range, so each range (and the layer) keeps exactly its share but rows keep
-  different counts, and the rows whose outputs matter more keep more weights; ``"row"`` forces
-  every row to the same count in every range (balanced CSR rows, Wanda's comparison group). At
-  70 % on SmolLM2 equal rows cost a large factor in perplexity (benchmarks/sparsegpt_selection.py).
-  CSR kernels take rows of any length, so ``"block"`` is the default. Per-row sparsities from a
-  row-wise allocation fix each row's count, so they always select by row.
+  different counts; ``"row"`` gives every row the same count in every range (balanced CSR rows,
+  Wanda's comparison group). ``"block"`` reconstructs each layer better (lower
+  ``tr(dW H dW^T)``), but on SmolLM2 at 70 % it did not lower perplexity (one calibration seed,
+  benchmarks/sparsegpt_selection.py: 126.7 against 112.0 on ``howto/``, the split that chose
+  the default), so ``"row"`` stays the default. Per-row sparsities from a row-wise allocation fix
+  each row's count, so they always select by row; N:M and block patterns have their own.
 * Lazy blocked updates: inside a range the updates are rank-1 on the range only; the rest of the
   matrix gets one matrix product per range.
 """
@@ -82,7 +83,7 @@ def selection_pattern(pattern: Pattern, sparsity: float | torch.Tensor, selectio
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsity: float, *,
                     block: int = 128, damp: float = 0.01, mask: torch.Tensor | None = None,
-                    selection: str = "block") -> SparseGPTResult:
+                    selection: str = "row") -> SparseGPTResult:
     """Prune ``weight`` (N, K) to ``pattern`` at ``sparsity`` with SparseGPT, given the sum of
     ``x x^T`` over the calibration rows (``hessian``, K x K). See the module docstring. With
     ``mask`` given, that keep-mask is used as is and only the kept weights are reconstructed."""

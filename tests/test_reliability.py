@@ -59,16 +59,20 @@ def copy_artifact(built: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
 
 
 def tree(root: pathlib.Path) -> dict[str, str]:
-    """Every path under ``root`` with a digest of its content (or its link target / 'dir')."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            found[rel] = "link:" + os.readlink(path)
-        elif path.is_dir():
-            found[rel] = "dir"
-        else:
-            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    """Every path under ``root`` with a digest of its content (or its link target / 'dir');
+    iterative, as a folder may be deeper than the recursion limit."""
+    found, stack, base = {}, [str(root)], len(str(root)) + 1
+    while stack:
+        for entry in os.scandir(stack.pop()):
+            rel = entry.path[base:]
+            if entry.is_symlink():
+                found[rel] = "link:" + os.readlink(entry.path)
+            elif entry.is_dir():
+                found[rel] = "dir"
+                stack.append(entry.path)
+            else:
+                with open(entry.path, "rb") as fh:
+                    found[rel] = hashlib.sha256(fh.read()).hexdigest()
     return found
 
 
@@ -396,19 +400,160 @@ def test_saved_artifacts_follow_the_umask(built, tmp_path):
 
 
 def test_stale_save_leftovers_are_swept_and_an_interrupted_swap_restored(built, tmp_path):
+    from sparsecc.workdirs import MARKER
+
     dead = _dead_pid()
     out = copy_artifact(built, tmp_path / "art")
-    (tmp_path / f".art.tmp-{dead}-abc123").mkdir()
-    (tmp_path / f".art.tmp-{dead}-abc123" / "model.so").write_bytes(b"half")
-    alive = tmp_path / f".art.tmp-{os.getppid()}-live01"
+    killed = tmp_path / f".art.tmp-{dead}-abc12345"  # a save killed while writing: it holds the marker
+    killed.mkdir()
+    (killed / MARKER).touch()
+    (killed / "model.so").write_bytes(b"half")
+    users = tmp_path / f".art.tmp-{dead}-mine0000"  # the same kind of name, but the user's folder
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    alive = tmp_path / f".art.tmp-{os.getppid()}-live0001"
     alive.mkdir()
+    (alive / MARKER).touch()
     sparsecc.load(built / "art").save(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".art.tmp-" + f"{os.getppid()}-live01", "art"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["art", alive.name, users.name])
     # a two-step swap killed between its renames: no folder, only the earlier artifact beside it
-    out.rename(tmp_path / f".art.old-{dead}-xyz789")
+    out.rename(tmp_path / f".art.old-{dead}-xyz78900")
     sparsecc.load(built / "art").save(out)
-    assert not (tmp_path / f".art.old-{dead}-xyz789").exists()
+    assert not (tmp_path / f".art.old-{dead}-xyz78900").exists()
     sparsecc.load(out)
+
+
+def test_a_users_folder_named_like_a_leftover_is_never_moved_or_removed(built, tmp_path):
+    dead = _dead_pid()
+    users = tmp_path / f".results.old-{dead}-abcdefgh"
+    users.mkdir()
+    (users / "thesis.tex").write_text("mine")
+    sparsecc.load(built / "art").save(tmp_path / "results")
+    assert (users / "thesis.tex").read_text() == "mine"
+    sparsecc.load(tmp_path / "results")
+
+
+def test_work_folder_sweep_leaves_user_folders_alone(tmp_path, monkeypatch):
+    import tempfile
+
+    from sparsecc.workdirs import make_workdir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = _dead_pid()
+    user_folders = [tmp_path / f"sparsecc-bench-{dead}-results", tmp_path / f"sparsecc-{dead}-abcdefgh"]
+    for folder in user_folders:
+        folder.mkdir()
+        (folder / "results.csv").write_text("1,2")
+    stale = tmp_path / f"sparsecc-{dead}-zzzzzzzz"
+    stale.mkdir()
+    (stale / ".sparsecc-scratch").touch()
+    fresh = make_workdir()
+    assert all((folder / "results.csv").exists() for folder in user_folders)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_deep_folders_neither_crash_nor_get_removed(built, tmp_path, capsys):
+    art = copy_artifact(built, tmp_path / "art")
+    subprocess.run(["mkdir", "-p", str(art) + "/d" * 1200], check=True)  # deeper than the recursion limit
+    try:
+        sparsecc.load(art)  # unlisted folders are ignored by load
+        refuse(capsys, ["compile", str(built / "model.pt2"), "-o", str(art), "-q"], tmp_path, contains="did not write")
+    finally:
+        subprocess.run(["rm", "-rf", str(art / "d")], check=True)  # pytest's own cleanup recurses
+
+
+@pytest.mark.parametrize("layout", ["only-empty-subfolder", "artifact-plus-empty-subfolder"])
+def test_empty_user_folders_are_not_replaced(built, tmp_path, layout):
+    out = tmp_path / "out"
+    if layout == "only-empty-subfolder":
+        (out / "sub").mkdir(parents=True)
+    else:
+        copy_artifact(built, out)
+        (out / "my_results").mkdir()
+    with pytest.raises(ArtifactError):
+        sparsecc.load(built / "art").save(out)
+    assert any(p.is_dir() for p in out.iterdir())
+
+
+def test_manifest_with_an_integer_past_the_digit_limit(built, tmp_path):
+    art = copy_artifact(built, tmp_path / "art")
+    text = (art / "manifest.json").read_text()
+    (art / "manifest.json").write_text(text.replace('"format_version": 2', '"format_version": ' + "9" * 5000))
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        sparsecc.load(art)
+
+
+def test_library_that_is_not_code_is_one_error(built, tmp_path):
+    art = copy_artifact(built, tmp_path / "art")
+    rewrite_manifest(art, lambda m: m.__setitem__("library", "plan.json"))
+    loaded = sparsecc.load(art)
+    with pytest.raises(ArtifactError, match="cannot be loaded as compiled code"):
+        loaded(*loaded.example_inputs)
+
+
+def test_program_swapped_for_another_models_is_one_error(built, tmp_path):
+    class Other(torch.nn.Module):
+        def forward(self, x):
+            return x.sum(-1)
+
+    art = copy_artifact(built, tmp_path / "art")
+    torch.export.save(torch.export.export(Other(), (torch.randn(4, 5, 16),)), art / "pruned.pt2")
+    rehash(art, "pruned.pt2")
+    loaded = sparsecc.load(art)
+    with pytest.raises(ArtifactError, match="pruned program failed"):
+        loaded.reference(*loaded.example_inputs)
+
+
+def test_empty_stage_file_is_handled(built, tmp_path, capsys):
+    art = copy_artifact(built, tmp_path / "art")
+    stage = next(p for p in (art / "stages").iterdir())
+    stage.write_text("")
+    rehash(art, f"stages/{stage.name}")
+    capsys.readouterr()
+    code = cli_main(["inspect", str(art), "--stage", "packed"])
+    out, err = capsys.readouterr()
+    assert code in (0, 2) and "Traceback" not in err
+
+
+def test_output_dot_in_an_empty_folder(built, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sparsecc.load(built / "art").save(".")
+    sparsecc.load(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_output_name_that_is_not_utf8(built, tmp_path):
+    out = pathlib.Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/out\xff"))
+    sparsecc.load(built / "art").save(out)
+    sparsecc.load(out)
+
+
+@pytest.mark.parametrize("case", ["user-file", "symlink", "inside-output"])
+def test_dump_dir_never_overwrites(built, tmp_path, capsys, case):
+    dumps = tmp_path / "dumps"
+    if case == "user-file":
+        dumps.mkdir()
+        (dumps / "notes.txt").write_text("mine")
+    elif case == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        dumps.symlink_to(tmp_path / "elsewhere")
+    else:
+        dumps = tmp_path / "out" / "dumps"
+    refuse(capsys, ["compile", str(built / "model.pt2"), "--dump-dir", str(dumps), "-o", str(tmp_path / "out"), "-q"],
+           tmp_path)
+
+
+@pytest.mark.parametrize("argv", [
+    ["inspect", "{art}", "--format", "html", "-o", "{other}/plan.json"],
+    ["compare", "{art}/plan.json", "{art}/plan.json", "-o", "{other}/x.txt"],
+    ["search", "{model}", "--sparsity", "0.5", "-o", "{other}/plan.json"],
+])
+def test_outputs_into_any_artifact_are_refused(built, tmp_path, capsys, argv):
+    art = copy_artifact(built, tmp_path / "art")
+    other = copy_artifact(built, tmp_path / "other")
+    shutil.copy(built / "model.pt2", tmp_path / "model.pt2")
+    paths = {"art": art, "other": other, "model": tmp_path / "model.pt2"}
+    refuse(capsys, [a.format(**paths) for a in argv], tmp_path, contains="inside the artifact folder")
 
 
 def _dead_pid() -> int:

@@ -86,6 +86,13 @@ class Guarded(torch.nn.Module):
         return x
 
 
+class DunderOp(torch.nn.Module):
+    """Calls aten::__and__ (a real operator with a dunder name, as MiniLM's attention mask does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x > 0) & (x < 1)).float() * x
+
+
 def _programs() -> dict[str, tuple[torch.export.ExportedProgram, tuple, dict]]:
     torch.manual_seed(0)
     dyn = torch.export.Dim.DYNAMIC
@@ -96,6 +103,7 @@ def _programs() -> dict[str, tuple[torch.export.ExportedProgram, tuple, dict]]:
         "pair_kwargs": (PairAndKeyword(), ((torch.randn(2, 3), torch.randn(2, 3)),), {"scale": torch.tensor(2.0)},
                         None),
         "guarded": (Guarded(), (torch.randn(8, 4), torch.randn(4, 4)), {}, {"x": {0: dyn}, "y": {0: dyn}}),
+        "dunder_op": (DunderOp(), (torch.randn(2, 3),), {}, None),
     }
     out = {}
     for name, (model, args, kwargs, dynamic) in cases.items():
@@ -250,6 +258,14 @@ def _operator_argument(archives, marker):
     return _rewrite(archives["mlp"], _edit_json(archives["mlp"], PROGRAM, edit)), PROGRAM
 
 
+def _node_target(archives, marker):
+    """A node calling a torch function that imports a module named by its string argument."""
+    def edit(doc):
+        node = doc["graph_module"]["graph"]["nodes"][0]
+        node["target"] = "torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch"
+    return _rewrite(archives["mlp"], _edit_json(archives["mlp"], PROGRAM, edit)), PROGRAM
+
+
 # Every place a .pt2 can hide code, and (where plain torch.export.load shows it) proof that it runs.
 HOSTILE = {
     "pickled_weight": (_pickled_weight, True),
@@ -267,6 +283,7 @@ HOSTILE = {
     "guards_code": (_guards_code, True),
     "quote_in_attribute_name": (_quoted_attribute, False),
     "operator_argument": (_operator_argument, False),
+    "node_target_function": (_node_target, False),
 }
 
 
@@ -315,7 +332,7 @@ def test_plain_torch_load_runs_the_payloads(archives, tmp_path):
     assert [kind for kind in provable if not markers[kind].exists()] == []
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv_bn", "constant", "pair_kwargs", "guarded"])
+@pytest.mark.parametrize("name", ["mlp", "conv_bn", "constant", "pair_kwargs", "guarded", "dunder_op"])
 def test_ordinary_programs_round_trip(name, programs, archives):
     ep, args, kwargs = programs[name]
     loaded = load_pt2_safely(archives[name], f"{name}.pt2")
