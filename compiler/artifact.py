@@ -102,6 +102,7 @@ class Artifact:
     _modules: dict[str, Any] = field(default_factory=dict)
     # sha256 of the compiled files of a loaded artifact, checked again right before they run
     _digests: dict[pathlib.Path, str] = field(default_factory=dict)
+    _bounds: dict[int, int] | None = None
 
     # -- running --------------------------------------------------------------------------------
 
@@ -116,7 +117,20 @@ class Artifact:
                     f"input {i} has shape {tuple(got.shape)} {got.dtype}; the model was compiled for "
                     f"{tuple(want.shape)} {want.dtype} (compile again with example inputs of this shape)")
             checked.append(got.contiguous())
+        for i, rows in self._index_bounds().items():
+            ids = checked[i]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+                raise ArtifactError(f"input {i} indexes an embedding of {rows} rows but holds ids from "
+                                    f"{int(ids.min())} to {int(ids.max())}; give ids in [0, {rows}) (the model's "
+                                    "tokenizer)")
         return tuple(checked)
+
+    def _index_bounds(self) -> dict[int, int]:
+        """Inputs the program uses as embedding indices, with the table's row count: compiled code
+        does not bound-check its reads, so an id outside the table must be refused here."""
+        if self._bounds is None:
+            self._bounds = embedding_index_bounds(self.pruned)
+        return self._bounds
 
     def _unflatten(self, flat: list[torch.Tensor]) -> Any:
         from torch.utils import _pytree
@@ -204,9 +218,11 @@ class Artifact:
             install_folder(tmp, out)
         except BaseException as exc:
             remove_tree(tmp)
-            if isinstance(exc, OSError):
-                raise ArtifactError(f"could not write the artifact to {out}: {exc.strerror or exc}; nothing there "
-                                    "was changed: free space or choose another folder") from None
+            if isinstance(exc, Exception) and not isinstance(exc, SparseccError):
+                # a full disk surfaces as OSError, or as RuntimeError from torch's and safetensors' writers
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+                raise ArtifactError(f"could not write the artifact to {out}: {why}; nothing there was changed: "
+                                    "free space or choose another folder") from None
             raise
         self.path = out
         return out
@@ -248,6 +264,23 @@ class Artifact:
             "files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files},
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def embedding_index_bounds(exported: torch.export.ExportedProgram) -> dict[int, int]:
+    """User input position -> rows of the embedding table it indexes directly."""
+    signature = exported.graph_signature
+    positions = {name: i for i, name in enumerate(signature.user_inputs)}
+    tensors = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    bounds: dict[int, int] = {}
+    for node in exported.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default:
+            continue
+        weight, ids = node.args[0], node.args[1]
+        if getattr(ids, "name", None) in positions and getattr(weight, "name", None) in tensors:
+            rows = int(exported.state_dict[tensors[weight.name]].shape[0])
+            position = positions[ids.name]
+            bounds[position] = min(rows, bounds.get(position, rows))
+    return bounds
 
 
 def _first_line(exc: BaseException) -> str:

@@ -25,7 +25,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +40,12 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def shown(rel: str) -> str:
+    """A file name as a message shows it: as is when printable, else quoted with escapes (a name
+    from a manifest can hold line breaks)."""
+    return rel if rel.isprintable() else repr(rel)
 
 
 def check_relative_path(rel: Any, folder: pathlib.Path) -> str:
@@ -65,8 +70,8 @@ def scan_folder(folder: pathlib.Path, folders: set[str] | None = None) -> set[st
         for entry in sorted(os.scandir(current), key=lambda e: e.name):
             rel = pathlib.Path(entry.path).relative_to(folder).as_posix()
             if entry.is_symlink():
-                raise ArtifactError(f"{folder} holds a symbolic link ({rel}); an artifact folder holds plain files "
-                                    "only: copy the artifact with links resolved, or recompile")
+                raise ArtifactError(f"{folder} holds a symbolic link ({shown(rel)}); an artifact folder holds plain "
+                                    "files only: copy the artifact with links resolved, or recompile")
             if entry.is_dir(follow_symlinks=False):
                 stack.append(pathlib.Path(entry.path))
                 if folders is not None:
@@ -74,7 +79,7 @@ def scan_folder(folder: pathlib.Path, folders: set[str] | None = None) -> set[st
             elif entry.is_file(follow_symlinks=False):
                 found.add(rel)
             else:
-                raise ArtifactError(f"{folder}/{rel} is not a regular file; recompile the artifact")
+                raise ArtifactError(f"{folder}/{shown(rel)} is not a regular file; recompile the artifact")
     return found
 
 
@@ -111,10 +116,10 @@ def verify_listed(folder: pathlib.Path, manifest: dict[str, Any], present: set[s
     """Every listed file is present and matches its digest."""
     for rel, digest in manifest["files"].items():
         if rel not in present:
-            raise ArtifactError(f"{folder} is incomplete: {rel} is missing (truncated copy?); copy the whole "
+            raise ArtifactError(f"{folder} is incomplete: {shown(rel)} is missing (truncated copy?); copy the whole "
                                 "folder again or recompile")
         if sha256_file(folder / rel) != digest:
-            raise ArtifactError(f"{folder}/{rel} is damaged: its sha256 does not match the manifest; copy "
+            raise ArtifactError(f"{folder}/{shown(rel)} is damaged: its sha256 does not match the manifest; copy "
                                 "the artifact again or recompile")
 
 
@@ -130,15 +135,15 @@ def read_verified(folder: pathlib.Path, manifest: dict[str, Any], rel: str) -> b
     """The bytes of listed file ``rel``, checked against the manifest's digest."""
     digest = manifest["files"].get(rel)
     if digest is None:
-        raise ArtifactError(f"{folder}/{MANIFEST} does not list {rel}, which loading needs; the artifact is "
+        raise ArtifactError(f"{folder}/{MANIFEST} does not list {shown(rel)}, which loading needs; the artifact is "
                             "damaged or was edited: recompile it")
     path = folder / rel
     if path.is_symlink() or not path.is_file():
-        raise ArtifactError(f"{folder} is incomplete: {rel} is missing (truncated copy?); copy the whole folder "
+        raise ArtifactError(f"{folder} is incomplete: {shown(rel)} is missing (truncated copy?); copy the whole folder "
                             "again or recompile")
     data = path.read_bytes()
     if sha256_bytes(data) != digest:
-        raise ArtifactError(f"{folder}/{rel} is damaged: its sha256 does not match the manifest; copy the "
+        raise ArtifactError(f"{folder}/{shown(rel)} is damaged: its sha256 does not match the manifest; copy the "
                             "artifact again or recompile")
     return data
 
@@ -260,10 +265,11 @@ def install_folder(tmp: pathlib.Path, out: pathlib.Path) -> None:
             tmp.rename(out)
             return
         if _exchange(tmp, out):
-            shutil.rmtree(tmp)  # now the earlier artifact
+            # now the earlier artifact; what cannot be removed (an immutable file) is swept later
+            remove_tree(tmp)
             return
         old = scratch_sibling(out, "old")
         old.rmdir()
         out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old)
+        remove_tree(old)

@@ -51,6 +51,10 @@ def as_batches(calibration: Any) -> list[tuple[Any, ...]]:
                                    "model's inputs (or one tensor)")
         if not batch:
             raise CalibrationError(f"calibration batch {i} is empty; give the model's inputs or drop it")
+        for pos, value in enumerate(batch):
+            if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+                raise CalibrationError(f"calibration batch {i}, input {pos} is a {value.layout} tensor; give dense "
+                                       "tensors (tensor.to_dense())")
         batches.append(batch)
     if not batches:
         raise CalibrationError("calibration data is an empty list; pass at least one batch")

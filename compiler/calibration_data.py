@@ -60,6 +60,8 @@ def text_batches(paths: Sequence[str | Path], tokenizer_file: str | Path, exampl
         from tokenizers import Tokenizer
     except ImportError as exc:
         raise CalibrationError("text calibration needs the tokenizers package: pip install tokenizers") from exc
+    if not Path(tokenizer_file).is_file():
+        raise CalibrationError(f"tokenizer {tokenizer_file} is not a regular file; give the model's tokenizer.json")
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
     except Exception as exc:  # noqa: BLE001 - the library raises plain exceptions for bad files
@@ -110,8 +112,10 @@ def image_batches(paths: Sequence[str | Path], example_inputs: Sequence[object],
                 left, top = (w - crop_w) // 2, (h - crop_h) // 2
                 img = img.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.BILINEAR)
                 data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        except OSError as exc:
-            raise CalibrationError(f"calibration image {path} cannot be read: {exc}") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise CalibrationError(f"calibration image {path} cannot be read ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); remove it or "
+                                   "give another image") from None
         pixels = data.reshape(height, width, channels).permute(2, 0, 1).float() / 255.0
         images.append(((pixels - shift) / scale).to(example.dtype))
     if len(images) < batch:

@@ -10,9 +10,12 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import pathlib
 import sys
+import typing
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -116,6 +119,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .capture import load_program
 
     get_target(args.target)
+    _check_search_budget(args)
     output = check_output_file(args.output, "-o", inputs=_input_paths(args))
     _check_plan_destination(output)
     program = load_program(args.model)
@@ -131,6 +135,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"plan written to {args.output}; compile it with: sparsecc compile {args.model} --target {args.target} "
           f"--plan {args.output}")
     return 0
+
+
+def _check_search_budget(args: argparse.Namespace) -> None:
+    budget = next(v for v in (args.latency, args.sparsity, args.max_error) if v is not None)
+    if not (math.isfinite(budget) and budget > 0):
+        raise SparseccError(f"the search budget {budget} is not a positive number; e.g. --latency 0.6, --sparsity 0.6 "
+                            "or --max-error 0.05")
+    if args.sparsities is not None:
+        ladder = [v.strip() for v in args.sparsities.split(";")]
+        values = _floats(",".join(ladder)) if all(ladder) else []
+        if not values or any(not 0 < v < 1 for v in values):
+            raise SparseccError(f"--sparsities {args.sparsities!r}: give ';'-separated sparsities in (0, 1), e.g. "
+                                "'0.5;0.7;0.9'")
 
 
 def _input_paths(args: argparse.Namespace) -> list[str]:
@@ -215,6 +232,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.dump_dir:
         check_dump_dir(pathlib.Path(args.dump_dir), pathlib.Path(args.output))
     recover_element(args.recover, steps=args.recover_steps, measure=args.recover_measure, soup=args.soup)
+    if args.plan:
+        from .plan import Plan
+
+        Plan.load(args.plan)  # a bad plan file is reported before the model is even loaded
     program = load_program(args.model)
     calibration = _calibration(args, program)
     with warnings.catch_warnings():
@@ -343,13 +364,21 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.threads < 1:
+        raise SparseccError(f"--threads {args.threads}: give at least 1")
     if args.output:
         check_destination(pathlib.Path(args.output))
     return run_demo(pattern=args.pattern, sparsity=args.sparsity, output=args.output, threads=args.threads)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SparseccError(f"{flag} {text!r}: give comma-separated positive integers, e.g. 1,8,128")
+    return values
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -364,18 +393,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise SparseccError(f"--shapes {args.shapes!r}: give NxK pairs such as 768x768,3072x768") from None
     if any(len(s) != 2 or min(s) < 1 for s in shapes):
         raise SparseccError(f"--shapes {args.shapes!r}: give NxK pairs such as 768x768,3072x768")
-    sparsities = [float(v) for v in args.sparsities.split(",") if v]
+    sparsities = _floats(args.sparsities)
     for value in sparsities:
         check_sparsity_value(value)
+    if args.rounds < 1 or args.threads < 0:
+        raise SparseccError("--rounds must be at least 1 and --threads at least 0 (0: all cores)")
+    rows = _int_list(args.m, "--m")
     weights = tuple(weight_storage(w.strip()) for w in args.weights.split(",") if w.strip())
-    table = tune(args.target, shapes, _int_list(args.m), args.patterns.split(","), sparsities,
+    table = tune(args.target, shapes, rows, args.patterns.split(","), sparsities,
                  table_path=args.table, rounds=args.rounds, weights=weights)
     print(f"cost table: {table.path} ({len(table.entries)} problems)")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with sparsecc's error form: one line and status 2, no usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"sparsecc: error: {_one_line(message)}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsecc", description="hardware-aware sparsity compiler for PyTorch")
+    parser = _Parser(prog="sparsecc", description="hardware-aware sparsity compiler for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile a torch.export .pt2 model for a target")
@@ -510,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     130; anything else is a bug and keeps its traceback (all of them with SPARSECC_DEBUG=1)."""
     args = build_parser().parse_args(argv)
     try:
-        with quiet_torch_logs():
+        with quiet_torch_logs(), warnings.catch_warnings():
+            # torch's own deprecation notices say nothing the user can act on
+            warnings.simplefilter("ignore", FutureWarning)
             return args.func(args)
     except KeyboardInterrupt:
         if os.environ.get("SPARSECC_DEBUG"):

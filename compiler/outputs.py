@@ -44,6 +44,8 @@ def check_output_file(path: str | os.PathLike[str], flag: str, inputs: Iterable[
                                 "no longer verify as an artifact: write it elsewhere")
     if out.is_dir():
         raise SparseccError(f"{flag} {out} is a folder; give a file path")
+    if out.exists() and not out.is_file():
+        raise SparseccError(f"{flag} {out} exists and is not a regular file; give a file path")
     if not out.parent.is_dir():
         raise SparseccError(f"{flag} {out}: the folder {out.parent} does not exist; create it first or choose another "
                             "path")

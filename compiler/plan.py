@@ -153,6 +153,8 @@ _OPTIONAL_NUMBERS = ("predicted_s", "dense_s", "error")
 def _read_json(path: pathlib.Path, source: str) -> Any:
     """The parsed JSON of ``path``; every way a file can fail is one PlanError line."""
     try:
+        if path.exists() and not path.is_file():
+            raise PlanError(f"{source} is not a regular file; give a plan JSON file")
         raw = path.read_bytes()
     except FileNotFoundError:
         raise PlanError(f"{source} does not exist; give the path of a plan JSON file (sparsecc search -o "

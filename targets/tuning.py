@@ -182,7 +182,7 @@ class CostTable:
             return {}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not JSON, oversized integers
             raise CostTableError(f"cost table {self.path} is unreadable ({exc}); delete it and run "
                                  "`sparsecc tune` again") from None
         if data.get("version") != TABLE_VERSION:

@@ -70,6 +70,8 @@ def tree(root: pathlib.Path) -> dict[str, str]:
             elif entry.is_dir():
                 found[rel] = "dir"
                 stack.append(entry.path)
+            elif not entry.is_file():
+                found[rel] = "special"  # a FIFO: reading it would block
             else:
                 with open(entry.path, "rb") as fh:
                     found[rel] = hashlib.sha256(fh.read()).hexdigest()
@@ -692,3 +694,67 @@ def test_api_errors_are_sparsecc_errors(built, tmp_path):
         sparsecc.load(built / "in.pt")
     with pytest.raises(SparseccError):
         sparsecc.load(built / "art").save(built / "in.pt")
+
+
+@pytest.mark.parametrize("argv, contains", [
+    ([], "required: command"),
+    (["frobnicate"], "invalid choice"),
+    (["compile", "m.pt2"], "-o/--output"),
+    (["compile", "m.pt2", "--sparsity", "abc", "-o", "x"], "invalid float value"),
+    (["tune", "--shapes", "64x64", "--m", "abc"], "positive integers"),
+    (["tune", "--shapes", "64x64", "--m", "0"], "positive integers"),
+    (["tune", "--shapes", "64x64", "--sparsities", "abc"], "not a comma-separated list"),
+    (["tune", "--shapes", "64x64", "--rounds", "0"], "--rounds"),
+    (["search", "{model}", "--max-error", "nan", "-o", "{tmp}/p.json"], "not a positive number"),
+    (["search", "{model}", "--sparsity", "0.5", "--sparsities", "1.5", "-o", "{tmp}/p.json"], "in (0, 1)"),
+    (["search", "{model}", "--sparsity", "0.5", "--sparsities", ";;", "-o", "{tmp}/p.json"], "in (0, 1)"),
+    (["demo", "--threads", "0"], "at least 1"),
+])
+def test_bad_arguments_are_one_line(built, tmp_path, capsys, argv, contains):
+    argv = [a.format(model=built / "model.pt2", tmp=tmp_path) for a in argv]
+    capsys.readouterr()
+    try:
+        code = cli_main(argv)
+    except SystemExit as exc:  # argparse's own refusals exit from inside the parser
+        code = exc.code
+    _, err = capsys.readouterr()
+    assert_one_error(code, err, contains=contains)
+
+
+@pytest.mark.parametrize("what", ["plan", "search-output", "tokenizer"])
+def test_fifos_are_refused_without_blocking(built, tmp_path, capsys, what):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    model = str(built / "model.pt2")
+    argv = {"plan": ["compile", model, "--plan", str(fifo), "-o", str(tmp_path / "o"), "-q"],
+            "search-output": ["search", model, "--sparsity", "0.5", "-o", str(fifo)],
+            "tokenizer": ["compile", model, "--calib-text", str(tmp_path), "--tokenizer", str(fifo), "-o",
+                          str(tmp_path / "o"), "-q"]}[what]
+    refuse(capsys, argv, tmp_path)
+
+
+def test_sparse_calibration_tensors_are_refused(built, tmp_path, capsys):
+    batch = torch.load(built / "in.pt")
+    torch.save([(batch[0].to_sparse(),)], tmp_path / "calib.pt")
+    refuse(capsys, ["compile", str(built / "model.pt2"), "--calib", str(tmp_path / "calib.pt"), "-o",
+                    str(tmp_path / "o"), "-q"], tmp_path, contains="to_dense")
+
+
+def test_token_ids_outside_the_embedding_are_refused_before_compiled_code_reads_them():
+    class LM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        artifact = sparsecc.compile(LM().eval(), (ids,), target="x86", sparsity=0.5, pattern="unstructured",
+                                    progress=False)
+    for bad in (torch.full_like(ids, 50), torch.full_like(ids, -1)):
+        with pytest.raises(ArtifactError, match=r"give ids in \[0, 50\)"):
+            artifact(bad)
+    assert artifact(ids).shape == (2, 8, 50)
