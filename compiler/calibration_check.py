@@ -63,9 +63,18 @@ def as_batches(calibration: Any) -> list[tuple[Any, ...]]:
 
 def check_calibration(batches: Sequence[tuple[Any, ...]], program: Program) -> None:
     """Refuse (CalibrationError, one line) the first batch that does not fit ``program``."""
+    from .artifact import embedding_index_bounds
+
     specs = _input_specs(program)
+    bounds = embedding_index_bounds(program.exported)
     for index, batch in enumerate(batches):
         _check_batch(index, batch, program.example_inputs, specs, program.exported.range_constraints)
+        for pos, rows in bounds.items():
+            ids = batch[pos]
+            if isinstance(ids, torch.Tensor) and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+                raise CalibrationError(f"calibration batch {index}, input {pos} holds ids from {int(ids.min())} to "
+                                       f"{int(ids.max())}, outside the {rows}-row embedding it indexes; tokenize with "
+                                       "the model's own tokenizer")
 
 
 def _input_specs(program: Program) -> list[list[_InputSpec]]:

@@ -263,8 +263,11 @@ class SnapshotInstrument(Instrument):
 
     def _write(self, label: str, text: str) -> None:
         if self.folder is not None:
+            from .outputs import write_file
+
             self.folder.mkdir(parents=True, exist_ok=True)
-            (self.folder / f"{label}.txt").write_text(text)
+            # replaced, not written in place: a hard link under a dump's name keeps its other file
+            write_file(self.folder / f"{label}.txt", text)
 
     def before_pass(self, pass_, program, ctx, index):
         from .inspect import format_program

@@ -757,4 +757,7 @@ def test_token_ids_outside_the_embedding_are_refused_before_compiled_code_reads_
     for bad in (torch.full_like(ids, 50), torch.full_like(ids, -1)):
         with pytest.raises(ArtifactError, match=r"give ids in \[0, 50\)"):
             artifact(bad)
+        with pytest.raises(SparseccError, match="outside the 50-row embedding"):
+            sparsecc.compile(LM().eval(), (ids,), target="x86", sparsity=0.5, calibration=[(ids,), (bad,)],
+                             progress=False)
     assert artifact(ids).shape == (2, 8, 50)
