@@ -71,6 +71,13 @@ def _artifacts_above(path: pathlib.Path) -> list[pathlib.Path]:
 DUMP_NAME = re.compile(r"\d{2}-(before|after)-[a-z0-9-]+\.txt")
 
 
+def _starts_like_a_dump(path: pathlib.Path) -> bool:
+    """A file sparsecc dumped starts with the printed program's header; a user's file of the same
+    name does not."""
+    with path.open("rb") as fh:
+        return fh.read(64).startswith(b"# sparsecc program, stage ")
+
+
 def check_dump_dir(folder: pathlib.Path, output: pathlib.Path) -> None:
     """``--dump-dir`` takes a new or empty folder, or one holding only earlier dumps (plain
     ``NN-before-PASS.txt`` / ``NN-after-PASS.txt`` files), outside the artifact folder."""
@@ -82,7 +89,8 @@ def check_dump_dir(folder: pathlib.Path, output: pathlib.Path) -> None:
     if not folder.exists():
         return
     foreign = sorted(entry.name for entry in os.scandir(folder)
-                     if not (entry.is_file(follow_symlinks=False) and DUMP_NAME.fullmatch(entry.name)))
+                     if not (entry.is_file(follow_symlinks=False) and DUMP_NAME.fullmatch(entry.name)
+                             and _starts_like_a_dump(pathlib.Path(entry.path))))
     if foreign:
         raise SparseccError(f"--dump-dir {folder} holds files that are not sparsecc dumps ({', '.join(foreign[:3])}); "
                             "refusing to overwrite them: choose a new or empty folder")

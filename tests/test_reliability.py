@@ -530,12 +530,15 @@ def test_output_name_that_is_not_utf8(built, tmp_path):
     sparsecc.load(out)
 
 
-@pytest.mark.parametrize("case", ["user-file", "symlink", "inside-output"])
+@pytest.mark.parametrize("case", ["user-file", "user-file-named-like-a-dump", "symlink", "inside-output"])
 def test_dump_dir_never_overwrites(built, tmp_path, capsys, case):
     dumps = tmp_path / "dumps"
     if case == "user-file":
         dumps.mkdir()
         (dumps / "notes.txt").write_text("mine")
+    elif case == "user-file-named-like-a-dump":
+        dumps.mkdir()
+        (dumps / "01-before-plan-uniform.txt").write_text("mine")
     elif case == "symlink":
         (tmp_path / "elsewhere").mkdir()
         dumps.symlink_to(tmp_path / "elsewhere")
